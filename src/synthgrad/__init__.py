@@ -1,0 +1,31 @@
+"""synthgrad: Decoupled Neural Interfaces (synthetic gradients) for PyTorch.
+
+The public API, enough to decouple any model given as a list of stages::
+
+    import synthgrad as sg
+    dni = sg.DNI.build(stages, sample=x[:2], conditioned=True, num_classes=10)
+    stats = dni.step(x, y)          # every stage updates without waiting for the ones above
+    net = dni.network()             # the plain network, for evaluation
+"""
+
+__version__ = "0.1.0"
+
+from synthgrad.interfaces import BackwardInterface, ForwardInterface, Interface, adam  # noqa: E402
+from synthgrad.rules import DNI, Backprop, StepRule, stage_step, true_gradient  # noqa: E402
+from synthgrad.synthesizers import ConvSynthesizer, VectorSynthesizer, make_synthesizer  # noqa: E402
+
+__all__ = [
+    "DNI",
+    "BackwardInterface",
+    "Backprop",
+    "ConvSynthesizer",
+    "ForwardInterface",
+    "Interface",
+    "StepRule",
+    "VectorSynthesizer",
+    "__version__",
+    "adam",
+    "make_synthesizer",
+    "stage_step",
+    "true_gradient",
+]

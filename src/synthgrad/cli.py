@@ -1,0 +1,263 @@
+"""The `synthgrad` command: train, plot, data and models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from synthgrad import __version__, data, models
+from synthgrad.config import METHOD_DEFAULTS, TrainConfig
+from synthgrad.errors import ConfigError, SynthgradError
+from synthgrad.rules import METHODS, TARGETS
+
+
+def _int(lo: int, hi: int | None = None):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: allowed {lo}..{hi if hi is not None else 'inf'}")
+        return v
+    return parse
+
+
+def _float(lo: float, hi: float, lo_open: bool = False):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not (lo < v if lo_open else lo <= v) or not v <= hi or v != v:
+            raise argparse.ArgumentTypeError(
+                f"{s} is out of range: allowed {'(' if lo_open else '['}{lo}, {hi}]")
+        return v
+    return parse
+
+
+def _model(s: str) -> str:
+    try:
+        models.get_spec(s)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s
+
+
+def _device(s: str) -> str:
+    if s == "cpu" or s == "cuda" or (s.startswith("cuda:") and s[5:].isdigit()):
+        return s
+    raise argparse.ArgumentTypeError(f"{s!r} is not a device: use cpu, cuda or cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="synthgrad", formatter_class=fmt,
+                                description="Train neural networks with Decoupled Neural Interfaces "
+                                            "(synthetic gradients).")
+    p.add_argument("--version", action="version", version=f"synthgrad {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,plot,data,models}")
+
+    t = sub.add_parser("train", formatter_class=fmt, help="train a model; writes a run directory",
+                       description="Train a registered model. Model-dependent defaults (epochs, "
+                                   "batch size, lr, width) are listed by `synthgrad models`.")
+    g = t.add_argument_group("what to train")
+    g.add_argument("--model", type=_model, default="mlp", help="mlp, cnn, cnn-deep or fcn-N")
+    g.add_argument("--dataset", choices=sorted(data.DATASETS), default="mnist")
+    g.add_argument("--method", choices=METHODS, default="dni",
+                   help="backprop; dni (synthetic gradients); cdni (conditioned on the label)")
+    g.add_argument("--target", choices=TARGETS, default="bootstrap",
+                   help="what synthesizers regress onto: bootstrap (paper) or backprop (true gradient "
+                        "of a full backward pass, the original reimplementation's simulation)")
+    g.add_argument("--width", type=_int(1, 65536), default=None,
+                   help="hidden width (mlp/fcn) or base channels (cnn); default: the model's")
+    g.add_argument("--stages", type=_int(2, 64), default=None,
+                   help="run the pipeline engine: cut the model into K stages, one process each")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=_int(1, 100000), default=None, help="default: the model's")
+    o.add_argument("--batch-size", type=_int(2, 60000), default=None, help="default: the model's")
+    o.add_argument("--lr", type=_float(0, 10, lo_open=True), default=None,
+                   help="Adam learning rate of the stages; default: the model's")
+    o.add_argument("--update-prob", type=_float(0, 1), default=1.0,
+                   help="each stage's backward pass and update happen with this probability per step")
+    o.add_argument("--seed", type=_int(0, 2**31 - 1), default=0)
+    s = t.add_argument_group("synthesizers (dni, cdni)")
+    s.add_argument("--synth-lr", type=_float(0, 10, lo_open=True), default=None,
+                   help=f"Adam learning rate of the synthesizers; default {METHOD_DEFAULTS['dni']['synth_lr']}")
+    s.add_argument("--synth-hidden", type=_int(0, 16), default=None,
+                   help="hidden layers per synthesizer; default 2 for dni, 0 (linear) for cdni")
+    s.add_argument("--synth-width", type=_int(1, 65536), default=None,
+                   help="synthesizer hidden width; default 1024 (vectors) or 64 channels (feature maps)")
+    s.add_argument("--synth-scale", type=_float(0, 100, lo_open=True), default=1.0,
+                   help="multiply the synthetic gradient the stage applies")
+    s.add_argument("--synth-warmup", type=_int(0), default=0,
+                   help="ramp the synthetic gradient's scale from 0 over this many steps")
+    r = t.add_argument_group("run")
+    r.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    r.add_argument("--threads", type=_int(1, 1024), default=None,
+                   help="torch intra-op threads per process; default: torch's choice")
+    r.add_argument("--run-dir", type=Path, default=None, help="default: runs/<time>-<model>-<method>-s<seed>")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
+    r.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint (its saved config is used)")
+    r.add_argument("--max-steps", type=_int(1), default=None, help="stop after this many steps")
+    r.add_argument("--dry-run", action="store_true", help="a 20-step smoke run (sets --max-steps 20)")
+    r.add_argument("--log-every", type=_int(1), default=50, help="steps between metric records")
+    r.add_argument("--diagnose-every", type=_int(1), default=200,
+                   help="steps between measurements of the synthetic gradient against the true one")
+    r.add_argument("--checkpoint-every", type=_int(1), default=500, help="steps between checkpoints")
+    r.add_argument("--no-plots", action="store_true", help="do not write the PNG plots at the end")
+    r.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
+    d = t.add_argument_group("data")
+    _data_args(d)
+
+    pl = sub.add_parser("plot", formatter_class=fmt, help="plot one or more runs")
+    pl.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    pl.add_argument("--out", type=Path, default=None,
+                    help="output folder; default: the run directory for one run, ./plots for several")
+
+    da = sub.add_parser("data", formatter_class=fmt, help="fetch or inspect datasets")
+    da.add_argument("action", choices=["fetch", "info"])
+    da.add_argument("--dataset", choices=sorted(data.DATASETS) + ["all"], default="all")
+    _data_args(da)
+
+    sub.add_parser("models", formatter_class=fmt, help="list the models and their defaults")
+    return p
+
+
+def _data_args(g: argparse._ActionsContainer) -> None:
+    g.add_argument("--data-dir", type=Path, default=None,
+                   help="folder holding the four IDX files (raw or .gz); tried first")
+    g.add_argument("--cache-dir", type=Path, default=None,
+                   help=f"data cache; default ${data.CACHE_ENV} or ~/.cache/synthgrad")
+    g.add_argument("--no-verify-md5", action="store_true",
+                   help="accept IDX files whose MD5 differs from the published one")
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model=a.model, dataset=a.dataset, method=a.method, target=a.target, epochs=a.epochs,
+        batch_size=a.batch_size, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
+        synth_hidden=a.synth_hidden, synth_width=a.synth_width, synth_scale=a.synth_scale,
+        synth_warmup=a.synth_warmup, update_prob=a.update_prob, seed=a.seed, device=a.device,
+        threads=a.threads, stages=a.stages, max_steps=20 if a.dry_run else a.max_steps,
+        log_every=a.log_every, diagnose_every=a.diagnose_every, checkpoint_every=a.checkpoint_every,
+        data_dir=str(a.data_dir) if a.data_dir else None,
+        cache_dir=str(a.cache_dir) if a.cache_dir else None, verify_md5=not a.no_verify_md5,
+    ).resolve()
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    import torch
+
+    from synthgrad.trainer import CONFIG, Progress, Trainer, new_run_dir, prepare_run_dir
+
+    if a.resume is not None:
+        cfg_path = a.resume / CONFIG
+        if not cfg_path.is_file():
+            raise ConfigError(f"--resume {a.resume}: no {CONFIG} there; give the directory of a synthgrad run")
+        try:
+            cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text())).resolve()
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ConfigError(f"{cfg_path} is unreadable ({e}); the run cannot be resumed") from e
+        run_dir = a.resume
+    else:
+        cfg = config_from_args(a)
+        run_dir = a.run_dir or new_run_dir(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dataset = data.load(cfg.dataset, cfg.data_dir, cfg.cache_dir, check_md5=cfg.verify_md5)
+    if cfg.stages is not None:
+        from synthgrad.pipeline import run_pipeline
+
+        if a.resume is None:
+            prepare_run_dir(run_dir, a.overwrite)
+        result = run_pipeline(cfg, dataset, run_dir, resume=a.resume is not None, quiet=a.quiet)
+    else:
+        if a.resume is None:
+            prepare_run_dir(run_dir, a.overwrite)
+        trainer = Trainer(cfg, dataset, run_dir, progress=Progress(enabled=not a.quiet))
+        if a.resume is not None:
+            trainer.resume()
+        else:
+            trainer.start()
+        if not a.quiet:
+            print(f"training {cfg.model} on {cfg.dataset} with {cfg.method} "
+                  f"({dataset.source}); run directory {run_dir}", file=sys.stderr, flush=True)
+        result = trainer.fit()
+    if not a.no_plots:
+        from synthgrad.plots import plot_runs
+
+        plot_runs([run_dir], run_dir)
+    print(f"final test accuracy {result.final_accuracy:.4f} (best {result.best_accuracy:.4f}) "
+          f"after {result.steps} steps, {result.wall_time_s:.1f}s; run directory {run_dir}", flush=True)
+    return 0
+
+
+def cmd_plot(a: argparse.Namespace) -> int:
+    from synthgrad.plots import plot_runs
+
+    for d in a.run_dirs:
+        if not d.is_dir():
+            raise ConfigError(f"{d} is not a directory; give run directories written by `synthgrad train`")
+    out = a.out or (a.run_dirs[0] if len(a.run_dirs) == 1 else Path("plots"))
+    for p in plot_runs(a.run_dirs, out):
+        print(p)
+    return 0
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    names = sorted(data.DATASETS) if a.dataset == "all" else [a.dataset]
+    cache = a.cache_dir or data.default_cache_dir()
+    status = 0
+    for name in names:
+        if a.action == "fetch":
+            f = data.fetch(name, a.data_dir, a.cache_dir, check_md5=not a.no_verify_md5)
+            print(f"{name}: verified, from {f.source}; cached in {Path(cache) / name}")
+        else:
+            try:
+                f = data.fetch(name, a.data_dir, a.cache_dir, check_md5=not a.no_verify_md5,
+                               allow_download=False)
+                ds = data.to_dataset(name, f.files, data.DATASETS[name].classes, f.source)
+                print(f"{name}: {len(ds.train_y)} train / {len(ds.test_y)} test, "
+                      f"{ds.num_classes} classes, images {list(ds.input_shape)}, from {f.source}")
+            except SynthgradError as e:
+                print(f"{name}: not available offline ({str(e).splitlines()[0]}); "
+                      f"run `synthgrad data fetch --dataset {name}`")
+                status = 1
+    return status
+
+
+def cmd_models(_: argparse.Namespace) -> int:
+    print(f"{'model':10s} {'epochs':>6s} {'batch':>6s} {'lr':>8s} {'width':>6s}  description")
+    for name in ("mlp", "fcn-3", "cnn", "cnn-deep"):
+        spec = models.get_spec(name)
+        d = spec.defaults
+        shown = "fcn-N" if name.startswith("fcn") else name
+        print(f"{shown:10s} {d['epochs']:6d} {d['batch_size']:6d} {d['lr']:8.0e} {d['width']:6d}  "
+              f"{spec.description}")
+    print("\nmethod defaults: " + "; ".join(f"{m}: {v or 'none'}" for m, v in METHOD_DEFAULTS.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "plot": cmd_plot, "data": cmd_data, "models": cmd_models}[args.command]
+    try:
+        return handler(args)
+    except SynthgradError as e:
+        print(f"synthgrad: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("synthgrad: interrupted; a run can be continued with `synthgrad train --resume RUN_DIR`",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 (a bug: say so in one line, traceback on request)
+        if os.environ.get("SYNTHGRAD_DEBUG"):
+            raise
+        print(f"synthgrad: internal error: {type(e).__name__}: {e} (set SYNTHGRAD_DEBUG=1 for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1

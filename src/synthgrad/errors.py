@@ -1,0 +1,31 @@
+"""Exceptions that carry a message a user can act on."""
+
+
+class SynthgradError(Exception):
+    """Base class: the CLI prints these as one line and exits non-zero, never with a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(SynthgradError):
+    """A flag, a combination of flags or a run directory that cannot work."""
+
+    exit_code = 2
+
+
+class DataError(SynthgradError):
+    """A dataset that cannot be found, read or trusted."""
+
+    exit_code = 3
+
+
+class DivergenceError(SynthgradError):
+    """A non-finite loss or synthetic gradient: training stopped, last good checkpoint kept."""
+
+    exit_code = 4
+
+
+class StageFailure(SynthgradError):
+    """A stage of the pipeline engine raised or died."""
+
+    exit_code = 5

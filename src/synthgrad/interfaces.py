@@ -1,0 +1,112 @@
+"""Interfaces: the boundaries where a network is cut, each owning its predictor and optimizer.
+
+One abstraction serves every kind of boundary: after stage k in depth, at the end
+of a truncation window in time (RNN), or in front of a stage as a synthetic input.
+An interface *predicts* something at its boundary and is later *regressed* onto
+what really happened there:
+
+- ``BackwardInterface`` predicts the gradient dL/dh from h (and the context);
+  its target is the gradient that reaches h from above.
+- ``ForwardInterface`` predicts the activation h from the network input (and the
+  context); its target is the real h when it arrives.
+
+Gradient units: a backward interface's synthesizer predicts the *per-example*
+gradient, ``B * dL/dh`` for a batch of B examples and the batch-mean loss L. That
+keeps its targets O(1) whatever the batch size, which Adam needs, since its step
+size does not shrink with the gradient's scale. ``stage_gradient`` converts back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+
+
+def adam(lr: float) -> OptimizerFactory:
+    """An optimizer factory: Adam with learning rate `lr`."""
+    return lambda params: torch.optim.Adam(params, lr=lr)
+
+
+class Interface:
+    """A predictor at a boundary, trained by regression (MSE) with its own optimizer."""
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory | torch.optim.Optimizer):
+        self.model = model
+        self.optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer(
+            model.parameters())
+
+    def regress(self, prediction: torch.Tensor, target: torch.Tensor) -> float:
+        """One optimizer step on mse(prediction, target); `prediction` must still hold its graph."""
+        loss = F.mse_loss(prediction, target.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    # -- bookkeeping shared with nn.Module-like callers
+    def to(self, device: torch.device | str) -> Interface:
+        self.model.to(device)
+        for state in self.optimizer.state.values():
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and k != "step":
+                    state[k] = v.to(device)
+        return self
+
+    def train(self, mode: bool = True) -> Interface:
+        self.model.train(mode)
+        return self
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class BackwardInterface(Interface):
+    """Carries a synthetic gradient down across a boundary (removes the update lock).
+
+    scale: multiplies the synthetic gradient that the stage below applies.
+    warmup_steps: the applied scale ramps linearly from 0 to `scale` over these steps,
+        so the stage below waits for a synthesizer that has learnt something.
+    """
+
+    def __init__(self, synthesizer: nn.Module, optimizer: OptimizerFactory | torch.optim.Optimizer,
+                 scale: float = 1.0, warmup_steps: int = 0):
+        super().__init__(synthesizer, optimizer)
+        self.scale, self.warmup_steps = scale, warmup_steps
+
+    @property
+    def synthesizer(self) -> nn.Module:
+        return self.model
+
+    def predict(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The synthesizer's per-example gradient B * dL/dh, shaped like h, graph kept for `update`."""
+        return self.model(h.detach(), context)
+
+    def stage_gradient(self, prediction: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """What the stage below backpropagates: the prediction in batch-mean units, scaled and warmed up."""
+        ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        return prediction.detach() * (self.scale * ramp / prediction.shape[0])
+
+    def update(self, prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
+        """Regress onto the gradient that reached h from above, given in batch-mean units."""
+        return self.regress(prediction, target_grad * target_grad.shape[0])
+
+
+class ForwardInterface(Interface):
+    """Carries a synthetic input up to a stage, predicted from the network input (removes the forward lock)."""
+
+    def predict(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The predicted activation that the stage would receive from below."""
+        return self.model(x.detach(), context)
+
+    def update(self, prediction: torch.Tensor, activation: torch.Tensor) -> float:
+        """Regress onto the real activation once the stage below has produced it."""
+        return self.regress(prediction, activation)

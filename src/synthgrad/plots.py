@@ -1,0 +1,117 @@
+"""Plots from run directories: loss, synthesizer loss (log scale), test accuracy, gradient cosine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from synthgrad.errors import ConfigError  # noqa: E402
+from synthgrad.metrics import read_metrics  # noqa: E402
+
+
+def run_label(run_dir: Path) -> str:
+    """'model method' (plus seed and target when not default) from the run's config.json."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return run_dir.name
+    label = f"{cfg.get('model')} {cfg.get('method')}"
+    if cfg.get("target", "bootstrap") != "bootstrap" and cfg.get("method") != "backprop":
+        label += f" ({cfg['target']} targets)"
+    if cfg.get("stages"):
+        label += f" K={cfg['stages']}"
+    if cfg.get("update_prob", 1.0) < 1.0:
+        label += f" p={cfg['update_prob']}"
+    return label + f" s{cfg.get('seed', 0)}"
+
+
+def _load(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no metrics.jsonl; give the directory of a synthgrad run")
+    return read_metrics(path)
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def _series(records: list[dict], key: str, index: int | None = None) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        if r.get("kind") != "step" or r.get(key) is None:
+            continue
+        v = r[key] if index is None else (r[key][index] if index < len(r[key]) else None)
+        if v is not None:
+            xs.append(r["step"])
+            ys.append(v)
+    return xs, ys
+
+
+def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """Write loss.png, accuracy.png and, for DNI runs, synth_loss.png and grad_cosine.png."""
+    runs = [(Path(d), _load(Path(d))) for d in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def save(fig: plt.Figure, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(out / name)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for d, recs in runs:
+        xs, ys = _series(recs, "train_loss")
+        if xs:
+            ax.plot(xs, _smooth(ys, 5), label=run_label(d))
+    ax.set(xlabel="step", ylabel="training loss (cross-entropy)", title="Classification loss", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "loss.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for d, recs in runs:
+        ep = [r for r in recs if r.get("kind") == "epoch"]
+        if ep:
+            ax.plot([r["epoch"] + 1 for r in ep], [100 * r["test_accuracy"] for r in ep], marker="o",
+                    ms=3, label=run_label(d))
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "accuracy.png")
+
+    for key, name, title, ylabel, log in (
+        ("synth_loss", "synth_loss.png", "Synthesizer loss per interface", "MSE to target", True),
+        ("grad_cosine", "grad_cosine.png", "Synthetic vs true gradient",
+         "cosine similarity", False),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        drawn = False
+        for d, recs in runs:
+            n = max((len(r[key]) for r in recs if isinstance(r.get(key), list)), default=0)
+            for i in range(n):
+                xs, ys = _series(recs, key, i)
+                if xs:
+                    ax.plot(xs, ys, label=f"{run_label(d)} h{i + 1}")
+                    drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set(xlabel="step", ylabel=ylabel, title=title, yscale="log" if log else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, name)
+    return written

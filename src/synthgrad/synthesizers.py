@@ -1,0 +1,85 @@
+"""Synthesizers: small models that predict the gradient dL/dh of a boundary activation.
+
+A synthesizer is any ``nn.Module`` called as ``synth(h, context)`` that returns a
+tensor shaped like ``h``. ``context`` is None for DNI and the one-hot label
+[B, num_classes] for cDNI. The last layer starts at zero, so a fresh synthesizer
+predicts a zero gradient (the paper's initialisation).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _zero_(module: nn.Module) -> nn.Module:
+    nn.init.zeros_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+    return module
+
+
+class VectorSynthesizer(nn.Module):
+    """For activations [B, D]: `hidden_layers` x (Linear + BN + ReLU) of `width`, then a zero Linear.
+
+    With a context [B, C] the input is the concatenation [h, context] of size D + C.
+    hidden_layers=0 gives the linear synthesizer the paper uses for cDNI.
+    """
+
+    def __init__(self, dim: int, hidden_layers: int = 2, width: int = 1024, context_dim: int = 0):
+        super().__init__()
+        self.dim, self.context_dim = dim, context_dim
+        layers: list[nn.Module] = []
+        d = dim + context_dim
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU()]
+            d = width
+        layers.append(_zero_(nn.Linear(d, dim)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        flat = h.flatten(1)  # [B, D]; accepts any [B, ...] activation with D features
+        if self.context_dim:
+            if context is None:
+                raise ValueError("this synthesizer was built for cDNI and needs the context (one-hot labels)")
+            flat = torch.cat([flat, context.to(flat.dtype)], dim=1)  # [B, D + C]
+        return self.net(flat).view_as(h)
+
+
+class ConvSynthesizer(nn.Module):
+    """For feature maps [B, C, H, W]: resolution-preserving convolutions, the last one zero.
+
+    `hidden_layers` x (Conv kxk + BN + ReLU) of `width` channels, then a zero Conv back to C
+    channels. A context [B, K] is broadcast to K extra constant input channels [B, K, H, W].
+    """
+
+    def __init__(self, channels: int, hidden_layers: int = 2, width: int = 64, kernel_size: int = 5,
+                 context_dim: int = 0):
+        super().__init__()
+        self.channels, self.context_dim = channels, context_dim
+        pad = kernel_size // 2
+        layers: list[nn.Module] = []
+        c = channels + context_dim
+        for _ in range(hidden_layers):
+            layers += [nn.Conv2d(c, width, kernel_size, padding=pad), nn.BatchNorm2d(width), nn.ReLU()]
+            c = width
+        layers.append(_zero_(nn.Conv2d(c, channels, kernel_size, padding=pad)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.context_dim:
+            if context is None:
+                raise ValueError("this synthesizer was built for cDNI and needs the context (one-hot labels)")
+            b, _, hh, ww = h.shape
+            planes = context.to(h.dtype).view(b, -1, 1, 1).expand(b, self.context_dim, hh, ww)
+            h = torch.cat([h, planes], dim=1)  # [B, C + K, H, W]
+        return self.net(h)
+
+
+def make_synthesizer(activation_shape: tuple[int, ...], hidden_layers: int, width: int | None = None,
+                     context_dim: int = 0, kernel_size: int = 5) -> nn.Module:
+    """A synthesizer that fits an activation of shape [C, H, W] (conv) or [D] / other (vector)."""
+    if len(activation_shape) == 3:
+        return ConvSynthesizer(activation_shape[0], hidden_layers, width or 64, kernel_size, context_dim)
+    dim = int(torch.tensor(activation_shape).prod())
+    return VectorSynthesizer(dim, hidden_layers, width or 1024, context_dim)

@@ -1,0 +1,291 @@
+"""The single-process trainer: loop, evaluation, metrics, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synthgrad import __version__, checkpoint, data, models
+from synthgrad.config import TrainConfig
+from synthgrad.errors import ConfigError
+from synthgrad.metrics import MetricsLog
+from synthgrad.rules import DNI, Backprop, StepRule
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+
+
+def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> StepRule:
+    """The model's stages and the method's step rule, initialised from cfg.seed."""
+    torch.manual_seed(cfg.seed)
+    stages = models.build_stages(cfg.model, input_shape, num_classes, cfg.stages, cfg.width)
+    if cfg.method == "backprop":
+        return Backprop(stages, lr=cfg.lr, update_prob=cfg.update_prob, seed=cfg.seed)
+    sample = torch.zeros(2, *input_shape)
+    return DNI.build(stages, sample, conditioned=cfg.method == "cdni", num_classes=num_classes,
+                     lr=cfg.lr, synth_lr=cfg.synth_lr, synth_hidden=cfg.synth_hidden,
+                     synth_width=cfg.synth_width, synth_scale=cfg.synth_scale,
+                     synth_warmup=cfg.synth_warmup, target=cfg.target,
+                     update_prob=cfg.update_prob, seed=cfg.seed)
+
+
+@torch.no_grad()
+def evaluate(network: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """(accuracy in 0..1, mean cross-entropy) of the plain network in eval mode."""
+    was = network.training
+    network.eval()
+    correct, loss_sum = 0, 0.0
+    for xb, yb in data.batches(x, y, batch_size, drop_last=False):
+        logits = network(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    network.train(was)
+    return correct / len(y), loss_sum / len(y)
+
+
+def new_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{stamp}-{cfg.model}-{cfg.method}-s{cfg.seed}"
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create the run directory; never overwrite an existing run unless told to."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume {run_dir} to "
+                              "continue it, --overwrite to replace it, or choose another --run-dir")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class _Mean:
+    """Running means of a step's stats (scalars and per-interface lists; None entries skipped)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+        self.counts: dict[str, list[int]] = {}
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            vals = v if isinstance(v, list) else [v]
+            s = self.sums.setdefault(k, [0.0] * len(vals))
+            c = self.counts.setdefault(k, [0] * len(vals))
+            for i, val in enumerate(vals):
+                if val is not None:
+                    s[i] += val
+                    c[i] += 1
+
+    def means(self, scalar_keys: tuple[str, ...] = ("train_loss",)) -> dict:
+        out = {}
+        for k, s in self.sums.items():
+            m = [si / ci if ci else None for si, ci in zip(s, self.counts[k], strict=True)]
+            out[k] = m[0] if k in scalar_keys else m
+        return out
+
+    def state(self) -> dict:
+        return {"sums": self.sums, "counts": self.counts}
+
+    @classmethod
+    def from_state(cls, state: dict) -> _Mean:
+        m = cls()
+        m.sums, m.counts = state["sums"], state["counts"]
+        return m
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_accuracy: float
+    best_accuracy: float
+    steps: int
+    wall_time_s: float
+
+
+class Progress:
+    """A tqdm bar per epoch on a terminal; plain lines otherwise (CI, logs, pipes)."""
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.fancy = enabled and self.stream.isatty()
+        self.bar = None
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, initial: int) -> None:
+        if self.fancy:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}",
+                            file=self.stream, leave=True, dynamic_ncols=True)
+
+    def update(self, n: int, loss: float | None, samples_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_s:,.0f}", refresh=False)
+
+    def end_epoch(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.enabled:
+            print(line, file=self.stream, flush=True)
+
+
+class Trainer:
+    """Runs a StepRule over a dataset, writing config, metrics and checkpoints to a run directory."""
+
+    def __init__(self, cfg: TrainConfig, dataset: data.Dataset, run_dir: Path,
+                 rule: StepRule | None = None, progress: Progress | None = None,
+                 on_step: Callable[[int], None] | None = None):
+        self.cfg, self.dataset, self.run_dir = cfg, dataset, Path(run_dir)
+        self.device = torch.device(cfg.device)
+        self.rule = rule or build_rule(cfg, dataset.input_shape, dataset.num_classes)
+        self.rule.to(self.device)
+        self.progress = progress or Progress()
+        self.on_step = on_step  # test hook: called after every step with the global step
+        # Position and bookkeeping, all part of the checkpoint.
+        self.epoch = self.batch = self.step = 0
+        self.elapsed = 0.0
+        self.best_accuracy = -1.0
+        self.final_accuracy = float("nan")
+        self.epoch_mean = _Mean()
+        self.metrics: MetricsLog | None = None
+
+    # -- run directory ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin a new run: write config.json and open an empty metrics log."""
+        cfg = self.cfg
+        cfg.extra.update({"synthgrad_version": __version__, "torch_version": torch.__version__,
+                          "python_version": sys.version.split()[0], "data_source": self.dataset.source,
+                          "started": datetime.now().isoformat(timespec="seconds")})
+        (self.run_dir / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self.metrics = MetricsLog(self.run_dir / METRICS)
+        self.save_checkpoint()
+
+    def resume(self) -> None:
+        """Continue from checkpoint.pt: same parameters, optimizers, RNG and data position."""
+        state = checkpoint.load(self.run_dir / checkpoint.LATEST)
+        self.rule.load_state_dict(state["rule"])
+        self.rule.to(self.device)
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.elapsed, self.best_accuracy = state["elapsed"], state["best_accuracy"]
+        self.final_accuracy = state.get("final_accuracy", float("nan"))
+        self.epoch_mean = _Mean.from_state(state["epoch_mean"])
+        torch.set_rng_state(state["torch_rng"])
+        # Drop metric lines written after this checkpoint, including a line torn by a kill.
+        self.metrics = MetricsLog(self.run_dir / METRICS)
+        self.metrics.truncate(state["metrics_offset"])
+
+    def save_checkpoint(self) -> None:
+        assert self.metrics is not None
+        self.metrics.sync()
+        checkpoint.save(self.run_dir / checkpoint.LATEST, {
+            "rule": self.rule.state_dict(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
+            "elapsed": self.elapsed, "best_accuracy": self.best_accuracy,
+            "final_accuracy": self.final_accuracy, "epoch_mean": self.epoch_mean.state(),
+            "torch_rng": torch.get_rng_state(), "metrics_offset": self.metrics.offset(),
+            "config": self.cfg.to_dict(),
+        })
+
+    def _save_model(self, name: str, accuracy: float) -> None:
+        checkpoint.save(self.run_dir / name, {"config": self.cfg.to_dict(), "step": self.step,
+                                              "test_accuracy": accuracy,
+                                              "stages": self.rule.stages.state_dict()})
+
+    # -- loop ------------------------------------------------------------------------------
+    def fit(self) -> RunResult:
+        cfg, ds = self.cfg, self.dataset
+        assert self.metrics is not None, "call start() or resume() first"
+        x_train, y_train = ds.train_x.to(self.device), ds.train_y.to(self.device)
+        x_test, y_test = ds.test_x.to(self.device), ds.test_y.to(self.device)
+        per_epoch = data.num_batches(len(x_train), cfg.batch_size)
+        diagnose = cfg.method != "backprop"
+        self.rule.train()
+        done = cfg.max_steps is not None and self.step >= cfg.max_steps
+        while self.epoch < cfg.epochs and not done:
+            order = data.epoch_order(len(x_train), cfg.seed, self.epoch).to(self.device)
+            self.progress.start_epoch(self.epoch, cfg.epochs, per_epoch, self.batch)
+            window, t_window, n_window = _Mean(), time.perf_counter(), 0
+            t_epoch, n_epoch = time.perf_counter(), 0
+            t_last = time.perf_counter()
+            for xb, yb in data.batches(x_train, y_train, cfg.batch_size, order, start=self.batch):
+                want_diag = diagnose and self.step % cfg.diagnose_every == 0
+                stats = self.rule.step(xb, yb, diagnose=want_diag)
+                self.step += 1
+                self.batch += 1
+                now = time.perf_counter()
+                self.elapsed += now - t_last
+                t_last = now
+                window.add(stats)
+                self.epoch_mean.add({"train_loss": stats["train_loss"]})
+                n_window += len(xb)
+                n_epoch += len(xb)
+                if self.on_step is not None:
+                    self.on_step(self.step)
+                if self.step % cfg.log_every == 0 or want_diag:
+                    sps = n_window / max(now - t_window, 1e-9)
+                    record = {"kind": "step", "epoch": self.epoch, "step": self.step,
+                              **window.means(), "wall_time_s": round(self.elapsed, 3),
+                              "samples_per_s": round(sps, 1)}
+                    if want_diag:  # this step's agreement with the true gradient
+                        record["grad_cosine"] = stats["grad_cosine"]
+                        record["grad_rel_error"] = stats["grad_rel_error"]
+                    self.metrics.write(record)
+                    self.progress.update(0, record["train_loss"], sps)
+                    window, t_window, n_window = _Mean(), now, 0
+                self.progress.update(1, None, 0.0)
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    done = True
+                    break
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    t_last = time.perf_counter()
+            epoch_time = time.perf_counter() - t_epoch
+            accuracy, test_loss = evaluate(self.rule.network(), x_test, y_test, cfg.eval_batch_size)
+            self.elapsed += time.perf_counter() - t_last
+            finished_epoch = self.batch >= per_epoch
+            record = {"kind": "epoch", "epoch": self.epoch, "step": self.step,
+                      "train_loss": self.epoch_mean.means()["train_loss"],
+                      "test_accuracy": accuracy, "test_loss": test_loss,
+                      "wall_time_s": round(self.elapsed, 3),
+                      "samples_per_s": round(n_epoch / max(epoch_time, 1e-9), 1),
+                      "epoch_time_s": round(epoch_time, 3), "complete": finished_epoch}
+            self.metrics.write(record)
+            self.progress.end_epoch(
+                f"epoch {self.epoch + 1}/{cfg.epochs}  step {self.step}  "
+                f"train_loss {record['train_loss']:.4f}  test_accuracy {accuracy:.4f}  "
+                f"{record['samples_per_s']:,.0f} samples/s  {epoch_time:.1f}s")
+            self.final_accuracy = accuracy
+            if accuracy > self.best_accuracy:
+                self.best_accuracy = accuracy
+                self._save_model(checkpoint.BEST, accuracy)
+            if finished_epoch:
+                self.epoch += 1
+                self.batch = 0
+                self.epoch_mean = _Mean()
+            self.save_checkpoint()
+            t_last = time.perf_counter()
+        self._save_model(checkpoint.FINAL, self.final_accuracy)
+        self.metrics.close()
+        return RunResult(self.run_dir, self.final_accuracy, self.best_accuracy, self.step, self.elapsed)
+
+
+def load_network(path: str | Path) -> tuple[nn.Sequential, TrainConfig]:
+    """The plain network saved in final.pt or best.pt, in eval mode, with its config."""
+    state = checkpoint.load(path)
+    cfg = TrainConfig.from_dict(state["config"])
+    spec = data.DATASETS[cfg.dataset]
+    stages = models.build_stages(cfg.model, (1, 28, 28), len(spec.classes), cfg.stages, cfg.width)
+    net = models.compose(stages)
+    net.load_state_dict(state["stages"])
+    return net.eval(), cfg
