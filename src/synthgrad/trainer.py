@@ -158,7 +158,8 @@ class Trainer:
         self.elapsed = 0.0
         self.best_accuracy = -1.0
         self.final_accuracy = float("nan")
-        self.epoch_mean = _Mean()
+        self.epoch_mean = _Mean()  # this epoch's training loss so far
+        self.window = _Mean()  # stats since the last step record
         self.metrics: MetricsLog | None = None
 
     # -- run directory ---------------------------------------------------------------------
@@ -181,6 +182,7 @@ class Trainer:
         self.elapsed, self.best_accuracy = state["elapsed"], state["best_accuracy"]
         self.final_accuracy = state.get("final_accuracy", float("nan"))
         self.epoch_mean = _Mean.from_state(state["epoch_mean"])
+        self.window = _Mean.from_state(state["window"])
         torch.set_rng_state(state["torch_rng"])
         # Drop metric lines written after this checkpoint, including a line torn by a kill.
         self.metrics = MetricsLog(self.run_dir / METRICS)
@@ -193,6 +195,7 @@ class Trainer:
             "rule": self.rule.state_dict(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
             "elapsed": self.elapsed, "best_accuracy": self.best_accuracy,
             "final_accuracy": self.final_accuracy, "epoch_mean": self.epoch_mean.state(),
+            "window": self.window.state(),
             "torch_rng": torch.get_rng_state(), "metrics_offset": self.metrics.offset(),
             "config": self.cfg.to_dict(),
         })
@@ -215,7 +218,7 @@ class Trainer:
         while self.epoch < cfg.epochs and not done:
             order = data.epoch_order(len(x_train), cfg.seed, self.epoch).to(self.device)
             self.progress.start_epoch(self.epoch, cfg.epochs, per_epoch, self.batch)
-            window, t_window, n_window = _Mean(), time.perf_counter(), 0
+            t_window, n_window = time.perf_counter(), 0
             t_epoch, n_epoch = time.perf_counter(), 0
             t_last = time.perf_counter()
             for xb, yb in data.batches(x_train, y_train, cfg.batch_size, order, start=self.batch):
@@ -226,7 +229,7 @@ class Trainer:
                 now = time.perf_counter()
                 self.elapsed += now - t_last
                 t_last = now
-                window.add(stats)
+                self.window.add(stats)
                 self.epoch_mean.add({"train_loss": stats["train_loss"]})
                 n_window += len(xb)
                 n_epoch += len(xb)
@@ -235,14 +238,14 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or want_diag:
                     sps = n_window / max(now - t_window, 1e-9)
                     record = {"kind": "step", "epoch": self.epoch, "step": self.step,
-                              **window.means(), "wall_time_s": round(self.elapsed, 3),
+                              **self.window.means(), "wall_time_s": round(self.elapsed, 3),
                               "samples_per_s": round(sps, 1)}
                     if want_diag:  # this step's agreement with the true gradient
                         record["grad_cosine"] = stats["grad_cosine"]
                         record["grad_rel_error"] = stats["grad_rel_error"]
                     self.metrics.write(record)
                     self.progress.update(0, record["train_loss"], sps)
-                    window, t_window, n_window = _Mean(), now, 0
+                    self.window, t_window, n_window = _Mean(), now, 0
                 self.progress.update(1, None, 0.0)
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     done = True

@@ -1,0 +1,49 @@
+"""The model registry and the partition of layers into stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from synthgrad import models
+from synthgrad.errors import ConfigError
+
+
+@pytest.mark.parametrize("name,n_stages", [("mlp", 2), ("fcn-1", 2), ("fcn-3", 4), ("fcn-6", 7), ("cnn", 3),
+                                          ("cnn-deep", 4)])
+def test_registry_builds_stages_that_compose_to_logits(name: str, n_stages: int) -> None:
+    stages = models.build_stages(name, (1, 28, 28), 10)
+    assert len(stages) == n_stages
+    out = models.compose(stages)(torch.randn(4, 1, 28, 28))
+    assert out.shape == (4, 10)
+
+
+def test_original_architectures() -> None:
+    mlp = models.build_stages("mlp", (1, 28, 28), 10)
+    assert [m.weight.shape for m in models.compose(mlp).modules() if isinstance(m, torch.nn.Linear)] == [
+        (256, 784), (10, 256)]
+    cnn = models.build_stages("cnn", (1, 28, 28), 10)
+    convs = [m for m in models.compose(cnn).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(16, (5, 5)), (32, (5, 5))]
+
+
+@pytest.mark.parametrize("name", ["fcn-0", "fcn-x", "resnet", ""])
+def test_unknown_model_lists_the_choices(name: str) -> None:
+    with pytest.raises(ConfigError, match="choose one of"):
+        models.get_spec(name)
+
+
+def test_partition_balances_cost_and_keeps_order() -> None:
+    layers = models.build_layers("fcn-4", (1, 28, 28), 10, width=1024)
+    stages = models.partition(layers, 2, (1, 28, 28))
+    assert len(stages) == 2
+    costs = models.layer_costs(layers, (1, 28, 28))
+    # 784*1024 + 1024^2 | 1024^2 + 1024^2 + 1024*10: the balanced cut is after layer 2.
+    assert len(stages[0]) == 2 and sum(costs[:2]) <= sum(costs)
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(models.compose(stages).eval()(x), models.compose(layers).eval()(x))
+
+
+def test_more_stages_than_layers_is_refused() -> None:
+    with pytest.raises(ConfigError, match="cannot cut 2 layers into 3 stages"):
+        models.build_stages("mlp", (1, 28, 28), 10, num_stages=3)
