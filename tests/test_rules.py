@@ -94,7 +94,8 @@ def test_bootstrap_target_is_next_synthetic_gradient_backpropagated_through_next
 
     dni.interfaces[0].update = spy
     # The expected target, computed by hand before the step changes anything.
-    stage0, stage1, iface1 = copy.deepcopy(dni.stages[0]), copy.deepcopy(dni.stages[1]), copy.deepcopy(dni.interfaces[1])
+    stage0, stage1 = copy.deepcopy(dni.stages[0]), copy.deepcopy(dni.stages[1])
+    iface1 = copy.deepcopy(dni.interfaces[1])
     h0 = stage0(x).detach().requires_grad_(True)
     h1 = stage1(h0)
     g1 = iface1.stage_gradient(iface1.predict(h1))

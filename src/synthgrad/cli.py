@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from synthgrad import __version__, data, models
-from synthgrad.config import METHOD_DEFAULTS, TrainConfig
+from synthgrad.config import METHOD_DEFAULTS, SCHEDULES, TrainConfig
 from synthgrad.errors import ConfigError, SynthgradError
 from synthgrad.rules import METHODS, TARGETS
 
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=_int(2, 60000), default=None, help="default: the model's")
     o.add_argument("--lr", type=_float(0, 10, lo_open=True), default=None,
                    help="Adam learning rate of the stages; default: the model's")
+    o.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="learning-rate schedule of stages and synthesizers: constant, or cosine decay to 0")
     o.add_argument("--update-prob", type=_float(0, 1), default=1.0,
                    help="each stage's backward pass and update happen with this probability per step")
     o.add_argument("--seed", type=_int(0, 2**31 - 1), default=0)
@@ -142,7 +144,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         model=a.model, dataset=a.dataset, method=a.method, target=a.target, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
         synth_hidden=a.synth_hidden, synth_width=a.synth_width, synth_scale=a.synth_scale,
-        synth_warmup=a.synth_warmup, update_prob=a.update_prob, seed=a.seed, device=a.device,
+        synth_warmup=a.synth_warmup, schedule=a.schedule, update_prob=a.update_prob, seed=a.seed, device=a.device,
         threads=a.threads, stages=a.stages, max_steps=20 if a.dry_run else a.max_steps,
         log_every=a.log_every, diagnose_every=a.diagnose_every, checkpoint_every=a.checkpoint_every,
         data_dir=str(a.data_dir) if a.data_dir else None,

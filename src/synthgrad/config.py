@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from synthgrad import data, models
 from synthgrad.errors import ConfigError
 from synthgrad.rules import METHODS, TARGETS
+
+SCHEDULES = ("constant", "cosine")
 
 # Defaults tuned for results in minutes rather than the paper's 500k steps at lr 3e-5
 # (see benchmarks/results/ for what they reach). None in TrainConfig means "take these".
@@ -37,6 +40,7 @@ class TrainConfig:
     synth_width: int | None = None  # 1024 for vectors, 64 channels for feature maps
     synth_scale: float = 1.0
     synth_warmup: int = 0
+    schedule: str = "constant"  # learning-rate schedule: constant, or cosine decay to 0 over the run
     update_prob: float = 1.0
     seed: int = 0
     device: str = "cpu"
@@ -89,6 +93,7 @@ class TrainConfig:
              f"--synth-width must be in 1..65536, got {self.synth_width}")
         need(0 < self.synth_scale <= 100, f"--synth-scale must be in (0, 100], got {self.synth_scale}")
         need(self.synth_warmup >= 0, f"--synth-warmup must be >= 0, got {self.synth_warmup}")
+        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(0 <= self.update_prob <= 1, f"--update-prob must be in [0, 1], got {self.update_prob}")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         need(self.threads is None or 1 <= self.threads <= 1024, f"--threads must be >= 1, got {self.threads}")
@@ -110,6 +115,17 @@ class TrainConfig:
                  "use --target bootstrap with --stages")
         elif self.method != "backprop":
             need(n_layers >= 2, f"{self.model} has a single layer: nothing to decouple")
+
+    def total_steps(self, num_train: int) -> int:
+        """Steps in the whole run: epochs x batches per epoch, capped by max_steps."""
+        steps = self.epochs * (num_train // self.batch_size)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The schedule's multiplier of every learning rate at `step` (0-based) of `total`."""
+        if self.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        return 1.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -150,6 +150,13 @@ class StepRule:
     def step(self, x: torch.Tensor, y: torch.Tensor, diagnose: bool = False) -> dict:
         raise NotImplementedError
 
+    def set_lr_factor(self, factor: float) -> None:
+        """Scale every learning rate (stages and synthesizers) to `factor` x its initial value."""
+        for opt in self.optimizers + [i.optimizer for i in self.interfaces]:
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * factor
+
     def train(self, mode: bool = True) -> StepRule:
         self.stages.train(mode)
         for i in self.interfaces:

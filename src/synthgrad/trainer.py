@@ -212,6 +212,7 @@ class Trainer:
         x_train, y_train = ds.train_x.to(self.device), ds.train_y.to(self.device)
         x_test, y_test = ds.test_x.to(self.device), ds.test_y.to(self.device)
         per_epoch = data.num_batches(len(x_train), cfg.batch_size)
+        total_steps = cfg.total_steps(len(x_train))
         diagnose = cfg.method != "backprop"
         self.rule.train()
         done = cfg.max_steps is not None and self.step >= cfg.max_steps
@@ -223,6 +224,8 @@ class Trainer:
             t_last = time.perf_counter()
             for xb, yb in data.batches(x_train, y_train, cfg.batch_size, order, start=self.batch):
                 want_diag = diagnose and self.step % cfg.diagnose_every == 0
+                if cfg.schedule != "constant":
+                    self.rule.set_lr_factor(cfg.lr_factor(self.step, total_steps))
                 stats = self.rule.step(xb, yb, diagnose=want_diag)
                 self.step += 1
                 self.batch += 1

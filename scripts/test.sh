@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up with the dev tools, then lint and run the test suite (no network, no real MNIST needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/python -m pytest "$@"

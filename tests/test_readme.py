@@ -1,0 +1,26 @@
+"""The README: two commands first, and its library example runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def test_readme_opens_with_exactly_two_commands() -> None:
+    first_block = re.search(r"```bash\n(.*?)```", README, re.S)
+    assert first_block is not None and README.index("```bash") < README.index("\n## ")
+    commands = [line for line in first_block.group(1).splitlines() if line.strip()]
+    assert [c.split("#")[0].strip() for c in commands] == ["bash scripts/main.sh", "bash scripts/test.sh"]
+    ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in ci
+
+
+def test_library_example_runs() -> None:
+    example = re.search(r"## Use it on your own model\n\n```python\n(.*?)```", README, re.S)
+    assert example is not None
+    scope: dict = {}
+    exec(compile(example.group(1), "README example", "exec"), scope)  # noqa: S102
+    assert scope["stats"]["train_loss"] > 0 and len(scope["stats"]["synth_loss"]) == 2
+    assert scope["net"](scope["x"][:4]).shape == (4, 3)
