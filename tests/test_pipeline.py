@@ -1,0 +1,137 @@
+"""The pipeline engine: it trains, a locked pipeline is transparent, and a failed stage stops everything."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from synthgrad import checkpoint, data
+from synthgrad.cli import main
+from synthgrad.config import TrainConfig
+from synthgrad.errors import ConfigError, StageFailure
+from synthgrad.metrics import read_metrics
+from synthgrad.pipeline import run_pipeline
+from synthgrad.trainer import build_rule, load_network
+
+
+def _dataset(fake: Path, tmp: Path) -> data.Dataset:
+    return data.load("mnist", fake, cache_dir=tmp / "c", check_md5=False)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = {"model": "fcn-2", "width": 32, "synth_width": 32, "stages": 2, "batch_size": 32, "threads": 1,
+            "log_every": 4}
+    return TrainConfig(**{**base, **kw}).resolve()
+
+
+def _no_stage_left(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        return False
+    return not multiprocessing.active_children()
+
+
+def test_dni_pipeline_trains_and_writes_the_run_directory(fake_data_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(method="dni", epochs=3)
+    run = tmp_path / "run"
+    result = run_pipeline(cfg, _dataset(fake_data_dir, tmp_path), run, quiet=True)
+    assert result.steps == 3 * (512 // 32) and result.final_accuracy > 0.3  # chance is 0.1
+    records = read_metrics(run / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 3 and all(r["test_accuracy"] is not None for r in epochs)
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"]
+    # Targets arrive late by design, and every boundary's staleness is logged.
+    assert all(len(r["staleness"]) == 1 for r in steps) and epochs[-1]["staleness_max"][0] >= 0
+    assert {"wall_time_s", "samples_per_s", "synth_loss"} <= set(steps[0])
+    assert json.loads((run / "config.json").read_text())["stages"] == 2
+    net, loaded = load_network(run / checkpoint.FINAL)
+    assert loaded.method == "dni" and len(net) == 2
+    assert checkpoint.load(run / checkpoint.LATEST)["rule"]["method"] == "dni"
+
+
+def test_locked_pipeline_matches_single_process_backprop(fake_data_dir: Path, tmp_path: Path) -> None:
+    """Transparency: stages that wait for the true gradient give backprop's parameters."""
+    ds = _dataset(fake_data_dir, tmp_path)
+    cfg = _cfg(method="backprop", epochs=1, max_steps=6)
+    run_pipeline(cfg, ds, tmp_path / "run", quiet=True)
+    piped = checkpoint.load(tmp_path / "run" / checkpoint.FINAL)["stages"]
+
+    torch.set_num_threads(1)
+    rule = build_rule(cfg, ds.input_shape, ds.num_classes)
+    order = data.epoch_order(len(ds.train_y), cfg.seed, 0)
+    for i, (xb, yb) in enumerate(data.batches(ds.train_x, ds.train_y, cfg.batch_size, order)):
+        if i == 6:
+            break
+        rule.step(xb, yb)
+    plain = rule.stages.state_dict()
+    assert piped.keys() == plain.keys()
+    moved = [k for k, v in plain.items() if v.is_floating_point() and not torch.equal(v, build_rule(
+        cfg, ds.input_shape, ds.num_classes).stages.state_dict()[k])]
+    assert moved  # the comparison is not vacuous: training changed the parameters
+    for k, v in plain.items():
+        torch.testing.assert_close(piped[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_killed_stage_stops_the_run_with_a_clear_error(fake_data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    killed: dict[str, float] = {}
+    pids: list[int] = []
+
+    def kill_stage_two_once_training() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            children = {p.name: p.pid for p in multiprocessing.active_children()}
+            pids[:] = list(children.values())
+            metrics = run / "metrics.jsonl"
+            if "synthgrad-stage2" in children and metrics.exists() and metrics.stat().st_size > 0:
+                killed["at"] = time.monotonic()
+                os.kill(children["synthgrad-stage2"], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_stage_two_once_training, daemon=True)
+    killer.start()
+    with pytest.raises(StageFailure, match=r"stage 2 of 2 died \(signal SIGKILL\)"):
+        run_pipeline(_cfg(method="dni", epochs=10_000), _dataset(fake_data_dir, tmp_path), run, quiet=True)
+    killer.join(timeout=5)
+    assert "at" in killed and time.monotonic() - killed["at"] < 15
+    assert _no_stage_left(pids)
+
+
+def test_stage_that_raises_is_named_and_nothing_is_left_behind(fake_data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(StageFailure, match=r"stage 2 of 2 failed: RuntimeError: injected fault") as info:
+        run_pipeline(_cfg(method="dni", epochs=2), _dataset(fake_data_dir, tmp_path), tmp_path / "run",
+                     quiet=True, _fault=(1, 3))
+    assert "other stages were stopped" in str(info.value)
+    assert not multiprocessing.active_children()
+
+
+def test_resume_and_bad_combinations_are_refused_clearly(fake_data_dir: Path, tmp_path: Path) -> None:
+    ds = _dataset(fake_data_dir, tmp_path)
+    with pytest.raises(ConfigError, match="--resume is not supported"):
+        run_pipeline(_cfg(method="dni"), ds, tmp_path / "r", resume=True)
+    with pytest.raises(ConfigError, match="--update-prob"):
+        run_pipeline(_cfg(method="backprop", update_prob=0.5), ds, tmp_path / "r")
+
+
+def test_cli_train_with_stages(fake_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    code = main(["train", "--stages", "2", "--model", "fcn-2", "--width", "32", "--synth-width", "32",
+                 "--method", "cdni", "--max-steps", "10", "--log-every", "2", "--quiet", "--run-dir", str(run),
+                 "--data-dir", str(fake_data_dir), "--no-verify-md5", "--cache-dir", str(tmp_path / "c")])
+    assert code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("final test accuracy")
+    assert {"config.json", "metrics.jsonl", "final.pt", "best.pt", "checkpoint.pt", "loss.png"} <= {
+        p.name for p in run.iterdir()}
