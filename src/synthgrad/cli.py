@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("what to train")
     g.add_argument("--model", type=_model, default="mlp", help="mlp, cnn, cnn-deep or fcn-N")
     g.add_argument("--dataset", choices=sorted(data.DATASETS), default="mnist")
-    g.add_argument("--method", choices=METHODS, default="dni",
-                   help="backprop; dni (synthetic gradients); cdni (conditioned on the label)")
+    g.add_argument("--method", choices=(*METHODS, "bptt"), default="dni",
+                   help="backprop; dni (synthetic gradients); cdni (conditioned on the label); "
+                        "bptt (truncated BPTT, with --task only)")
     g.add_argument("--target", choices=TARGETS, default="bootstrap",
                    help="what synthesizers regress onto: bootstrap (paper) or backprop (true gradient "
                         "of a full backward pass, the original reimplementation's simulation)")
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
     d = t.add_argument_group("data")
     _data_args(d)
+    from synthgrad import seqtrain  # sequence tasks: their own flags and trainer
+
+    seqtrain.add_arguments(t.add_argument_group("sequence tasks (LSTM, truncated BPTT or DNI through time)"))
 
     pl = sub.add_parser("plot", formatter_class=fmt, help="plot one or more runs")
     pl.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -155,7 +159,11 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 def cmd_train(a: argparse.Namespace) -> int:
     import torch
 
+    from synthgrad import seqtrain
     from synthgrad.trainer import CONFIG, Progress, Trainer, new_run_dir, prepare_run_dir
+
+    if seqtrain.wants_sequence(a):
+        return seqtrain.cmd_train_sequence(a)
 
     if a.resume is not None:
         cfg_path = a.resume / CONFIG
@@ -206,7 +214,10 @@ def cmd_plot(a: argparse.Namespace) -> int:
         if not d.is_dir():
             raise ConfigError(f"{d} is not a directory; give run directories written by `synthgrad train`")
     out = a.out or (a.run_dirs[0] if len(a.run_dirs) == 1 else Path("plots"))
-    for p in plot_runs(a.run_dirs, out):
+    from synthgrad.seqplots import is_sequence_run, plot_sequence_runs
+
+    plot = plot_sequence_runs if all(is_sequence_run(d) for d in a.run_dirs) else plot_runs
+    for p in plot(a.run_dirs, out):
         print(p)
     return 0
 

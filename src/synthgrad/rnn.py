@@ -1,0 +1,212 @@
+"""Synthetic gradients through time: an LSTM trained by truncated BPTT, with a BackwardInterface per window end.
+
+A truncation boundary is the same concept as a boundary in depth. The activation that
+crosses it is the carried LSTM state s = [h, c], one tensor [B, 2H]; the "stage" is a
+window of T time steps. The rule for one window is written once, in ``window_step``:
+
+- ``bptt`` (interface None): plain truncated BPTT. The state is detached at the window
+  end, so no gradient arrives from the future.
+- ``dni``: at the window end the interface predicts B * dL_future/ds from s, and the
+  window's backward pass receives that prediction (via ``stage_gradient``) as the
+  gradient arriving from the future. The synthesizer is regressed onto the bootstrapped
+  target: the gradient that reaches the start state of the *next* window once that
+  window's own backward pass (with its own synthetic gradient at its end) is done.
+
+Units: a window's loss is the sum over its time steps of the per-step batch-mean loss, so
+the loss of a whole sequence is the sum of its windows' losses and gradients from
+different windows add up exactly as in full BPTT over the sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from synthgrad.errors import ConfigError
+from synthgrad.interfaces import BackwardInterface, OptimizerFactory, adam
+from synthgrad.rules import check_finite
+from synthgrad.synthesizers import VectorSynthesizer
+
+# loss_fn(logits [T, B, O], *targets sliced to the window) -> scalar: sum over steps of batch-mean loss
+SequenceLoss = Callable[..., torch.Tensor]
+SEQUENCE_METHODS = ("bptt", "dni")
+
+
+class LSTMCore(nn.Module):
+    """A one-layer LSTM and a linear readout; the carried state is the single tensor [h, c] of shape [B, 2H].
+
+    vocab: when given, inputs are token indices [T, B] fed through an embedding of size
+        `input_size`; otherwise inputs are float vectors [T, B, input_size].
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int, vocab: int | None = None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.embed = nn.Embedding(vocab, input_size) if vocab else None
+        self.lstm = nn.LSTM(input_size, hidden_size)  # time-major; one fused call per window
+        self.readout = nn.Linear(hidden_size, output_size)
+
+    @property
+    def state_size(self) -> int:
+        return 2 * self.hidden_size
+
+    def zero_state(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.zeros(batch, self.state_size, device=device or self.readout.weight.device,
+                           dtype=self.readout.weight.dtype)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [T, B, O], end state [B, 2H]) from inputs x and the start state (None: zeros)."""
+        if self.embed is not None:
+            x = self.embed(x)  # [T, B] -> [T, B, E]
+        if state is None:
+            state = self.zero_state(x.shape[1], x.device)
+        h0, c0 = state.chunk(2, dim=1)  # [B, H] each
+        out, (hn, cn) = self.lstm(x, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
+        return self.readout(out), torch.cat([hn[0], cn[0]], dim=1)
+
+
+@dataclass
+class WindowResult:
+    """What one window step produced."""
+
+    state: torch.Tensor  # s at the window end, detached: what crosses the boundary into the next window
+    start_grad: torch.Tensor | None  # dL/ds at the window start (batch-mean units): the bootstrap target
+    loss: torch.Tensor  # this window's loss, detached
+    logits: torch.Tensor  # [T, B, O], detached
+    prediction: torch.Tensor | None  # the synthetic gradient used at the end (per-example units), detached
+
+
+def window_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, x: torch.Tensor,
+                targets: tuple[torch.Tensor, ...], state: torch.Tensor | None, *, loss_fn: SequenceLoss,
+                interface: BackwardInterface | None = None, step: int = 0, last: bool = False,
+                start_grad: bool = False, clip: float | None = None) -> WindowResult:
+    """The per-window rule: forward from `state`, backward with the loss plus the synthetic future gradient, update.
+
+    x: the window's inputs [T, B, ...]; targets: the loss_fn's targets for the same T steps.
+    interface: None for plain truncated BPTT; otherwise its prediction at the end state is the
+        gradient arriving from the future. `last` (the end of an episode) means no future: none.
+    start_grad: keep dL/ds at the window start (the target for the previous window's synthesizer).
+    optimizer: None accumulates the gradients into .grad without stepping (tests, exact comparisons).
+    """
+    if start_grad:
+        state = (state if state is not None else model.zero_state(x.shape[1], x.device)).detach()
+        state.requires_grad_(True)
+    elif state is not None:
+        state = state.detach()
+    logits, end = model(x, state)
+    loss = loss_fn(logits, *targets)
+    check_finite(loss, "loss", 0, step)
+    prediction = None
+    if interface is not None and not last:
+        prediction = interface.predict(end).detach()  # B * dL_future/ds, [B, 2H]
+        check_finite(prediction, "synthetic gradient", 0, step)
+        # d(loss + <stage_gradient, end>)/dθ: the window's own loss plus the predicted future.
+        torch.autograd.backward([loss, end], [torch.ones_like(loss), interface.stage_gradient(prediction, step)])
+    else:
+        loss.backward()
+    grad = state.grad if start_grad else None
+    if optimizer is not None:
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return WindowResult(end.detach(), grad, loss.detach(), logits.detach(), prediction)
+
+
+class TruncatedBPTT:
+    """Trains a sequence model window by window: truncated BPTT, or DNI through time with an interface.
+
+    Episodes (`episode`): the state starts at zero and the sequence is cut into windows of
+    `truncation` steps; the last window has no future, so no synthetic gradient.
+    Streams (`window` called repeatedly): the state and the pending boundary carry over.
+    Every window is one optimizer step.
+    """
+
+    def __init__(self, model: nn.Module, truncation: int, loss_fn: SequenceLoss, lr: float = 1e-3,
+                 interface: BackwardInterface | None = None, clip: float | None = None,
+                 optimizer: OptimizerFactory | None = None):
+        if truncation < 1:
+            raise ConfigError(f"--truncation must be >= 1, got {truncation}")
+        self.model, self.truncation, self.loss_fn = model, truncation, loss_fn
+        self.optimizer = (optimizer or adam(lr))(model.parameters())
+        self.interface, self.clip = interface, clip
+        self.state: torch.Tensor | None = None  # carried state [B, 2H], detached
+        # The boundary state whose synthetic gradient awaits its bootstrapped target. Only the
+        # state is kept, not the prediction's graph: the same synthesizer serves every window,
+        # so its optimizer steps in between and would invalidate a saved graph. `update`
+        # re-predicts from this state with the current synthesizer, which is the regression
+        # of the current model onto the target anyway.
+        self.pending: torch.Tensor | None = None
+        self.steps = 0  # optimizer steps taken (windows)
+
+    @property
+    def method(self) -> str:
+        return "bptt" if self.interface is None else "dni"
+
+    def reset(self) -> None:
+        """Forget the carried state (a new episode, or the stream wrapped around)."""
+        self.state = self.pending = None
+
+    def window(self, x: torch.Tensor, *targets: torch.Tensor, last: bool = False) -> dict:
+        """One window of T steps and one update; returns its loss, logits and synthesizer loss."""
+        res = window_step(self.model, self.optimizer, x, targets, self.state, loss_fn=self.loss_fn,
+                          interface=self.interface, step=self.steps, last=last,
+                          start_grad=self.pending is not None, clip=self.clip)
+        synth_loss = None
+        if self.pending is not None:
+            assert self.interface is not None and res.start_grad is not None
+            # Bootstrapped target: the true gradient that reached this window's start state,
+            # which already contains this window's own synthetic gradient from its end.
+            synth_loss = self.interface.update(self.interface.predict(self.pending), res.start_grad)
+        self.pending = res.state if res.prediction is not None else None
+        self.state = None if last else res.state
+        self.steps += 1
+        return {"loss": res.loss.item(), "logits": res.logits, "synth_loss": synth_loss,
+                "prediction": res.prediction}
+
+    def episode(self, x: torch.Tensor, *targets: torch.Tensor) -> dict:
+        """A whole sequence from the zero state: x [L, B, ...] and targets [L, ...] cut into windows.
+
+        Returns the sequence loss (sum of window losses), logits [L, B, O] and the mean synthesizer loss.
+        """
+        self.reset()
+        length, total, logits, synth = x.shape[0], 0.0, [], []
+        for t in range(0, length, self.truncation):
+            end = min(t + self.truncation, length)
+            out = self.window(x[t:end], *(y[t:end] for y in targets), last=end == length)
+            total += out["loss"]
+            logits.append(out["logits"])
+            if out["synth_loss"] is not None:
+                synth.append(out["synth_loss"])
+        return {"loss": total, "logits": torch.cat(logits), "synth_loss": sum(synth) / len(synth) if synth else None,
+                "windows": len(logits)}
+
+    def state_dict(self) -> dict:
+        return {"method": self.method, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "interface": None if self.interface is None else self.interface.state_dict(),
+                "state": self.state, "pending": self.pending, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["method"] != self.method:
+            raise ConfigError(f"checkpoint was trained with {state['method']}, not {self.method}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.interface is not None:
+            self.interface.load_state_dict(state["interface"])
+        self.state, self.pending, self.steps = state["state"], state["pending"], state["steps"]
+
+
+def build_rule(model: LSTMCore, method: str, truncation: int, loss_fn: SequenceLoss, *, lr: float = 1e-3,
+               synth_lr: float = 1e-3, synth_hidden: int = 0, synth_width: int = 256, synth_scale: float = 1.0,
+               synth_warmup: int = 0, clip: float | None = None) -> TruncatedBPTT:
+    """Truncated BPTT (`bptt`) or DNI through time (`dni`) with a zero-initialised synthesizer on [h, c]."""
+    if method not in SEQUENCE_METHODS:
+        raise ConfigError(f"sequence tasks train with --method bptt or dni, not {method!r}")
+    interface = None
+    if method == "dni":
+        synth = VectorSynthesizer(model.state_size, synth_hidden, synth_width)
+        interface = BackwardInterface(synth, adam(synth_lr), synth_scale, synth_warmup)
+    return TruncatedBPTT(model, truncation, loss_fn, lr=lr, interface=interface, clip=clip)

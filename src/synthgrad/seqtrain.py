@@ -1,0 +1,378 @@
+"""Training sequence tasks (copy, repeat-copy, charlm) with truncated BPTT or DNI through time, into a run directory.
+
+`synthgrad train --task ...` lands here: the run directory is the same kind as for
+classification (config.json, metrics.jsonl, checkpoint.pt/final.pt, PNG plots).
+Step units: for copy tasks a step is one batch of sequences (one episode, several
+window updates); for charlm a step is one truncation window (one update).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from synthgrad import __version__, checkpoint
+from synthgrad.errors import ConfigError
+from synthgrad.metrics import MetricsLog
+from synthgrad.rnn import SEQUENCE_METHODS, LSTMCore, TruncatedBPTT, build_rule
+from synthgrad.tasks import CharCorpus, CopyTask, Curriculum, bit_errors, char_loss, copy_loss, evaluate_bpc, streams
+
+TASKS = ("copy", "repeat-copy", "charlm")
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+
+# Defaults tuned so that a run shows something within minutes on two CPU cores.
+TASK_DEFAULTS = {
+    "copy": {"hidden": 128, "batch_size": 32, "lr": 3e-3, "max_steps": 5000},
+    "repeat-copy": {"hidden": 128, "batch_size": 32, "lr": 3e-3, "max_steps": 5000},
+    "charlm": {"hidden": 256, "batch_size": 32, "lr": 3e-3, "max_steps": 3000},
+}
+
+
+@dataclass
+class SequenceConfig:
+    """A sequence run's resolved configuration; config.json is this, as JSON (with "task" set)."""
+
+    task: str = "copy"
+    method: str = "dni"
+    truncation: int = 5
+    hidden: int | None = None  # LSTM units (--width)
+    embed: int = 32  # charlm: character embedding size
+    batch_size: int | None = None
+    lr: float | None = None
+    clip: float | None = 1.0  # global gradient-norm clip per window update
+    synth_lr: float = 1e-3
+    synth_hidden: int = 2  # two hidden layers (Linear + BN + ReLU), then a zero Linear
+    synth_width: int = 256
+    synth_scale: float = 0.1  # the paper scales synthetic gradients through time by 0.1
+    synth_warmup: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    max_steps: int | None = None
+    log_every: int = 50
+    checkpoint_every: int = 500
+    # copy tasks
+    solve_threshold: float = 0.15  # bits per sequence, mean over the last solve_window batches
+    solve_window: int = 20
+    max_length: int = 1000
+    max_repeats: int = 3  # repeat-copy: R uniform in 1..max_repeats
+    # charlm
+    text: str | None = None
+    holdout: float = 0.1
+    eval_every: int = 500
+    eval_chars: int | None = 50000
+    extra: dict = field(default_factory=dict)
+
+    def resolve(self) -> SequenceConfig:
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
+        out = dataclasses.replace(self, extra=dict(self.extra))
+        for key, value in TASK_DEFAULTS[self.task].items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.method in SEQUENCE_METHODS,
+             f"--task {self.task} trains with --method bptt or dni, not {self.method!r}")
+        need(self.truncation >= 1, f"--truncation must be >= 1, got {self.truncation}")
+        need(self.hidden is not None and 1 <= self.hidden <= 65536, f"--width must be in 1..65536, got {self.hidden}")
+        need(self.batch_size is not None and self.batch_size >= 2,
+             f"--batch-size must be >= 2 (the synthesizer's BatchNorm needs two examples), got {self.batch_size}")
+        need(self.lr is not None and 0 < self.lr <= 10, f"--lr must be in (0, 10], got {self.lr}")
+        need(0 < self.synth_lr <= 10, f"--synth-lr must be in (0, 10], got {self.synth_lr}")
+        need(0 <= self.synth_hidden <= 16, f"--synth-hidden must be in 0..16, got {self.synth_hidden}")
+        need(self.synth_width >= 1, f"--synth-width must be >= 1, got {self.synth_width}")
+        need(0 < self.synth_scale <= 100, f"--synth-scale must be in (0, 100], got {self.synth_scale}")
+        need(self.synth_warmup >= 0, f"--synth-warmup must be >= 0, got {self.synth_warmup}")
+        need(self.clip is None or self.clip > 0, f"--clip must be > 0, got {self.clip}")
+        need(self.max_steps is not None and self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        need(self.solve_threshold > 0, f"--solve-threshold must be > 0, got {self.solve_threshold}")
+        need(self.max_length >= 1, f"--max-length must be >= 1, got {self.max_length}")
+        need(0 < self.holdout < 1, f"holdout must be in (0, 1), got {self.holdout}")
+        for key in ("log_every", "checkpoint_every", "eval_every", "solve_window", "max_repeats", "embed"):
+            need(getattr(self, key) >= 1, f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        need(self.eval_chars is None or self.eval_chars >= 100, f"--eval-chars must be >= 100, got {self.eval_chars}")
+        if self.task == "charlm":
+            need(self.text is not None, "--task charlm needs --text PATH: any plain-text file to model")
+        else:
+            need(self.text is None, f"--text applies to --task charlm only, not {self.task}")
+        if self.device.startswith("cuda"):
+            need(torch.cuda.is_available(), "--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SequenceConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"config has unknown keys {sorted(unknown)}; was it written by a newer synthgrad?")
+        return cls(**d)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def add_arguments(g: argparse._ActionsContainer) -> None:
+    """The flags only sequence tasks use; the shared ones (--method, --width, --lr, ...) are cli.py's."""
+    g.add_argument("--task", choices=TASKS, default=None,
+                   help="train an LSTM on a sequence task instead of a classifier; --method bptt or dni, "
+                        "--width sets the LSTM units")
+    g.add_argument("--truncation", type=int, default=5, metavar="T", help="truncated BPTT window length T")
+    g.add_argument("--text", type=Path, default=None, metavar="PATH",
+                   help="charlm: the plain-text file to model (its last 10%% is held out)")
+    g.add_argument("--eval-every", type=int, default=500, help="charlm: steps between held-out BPC measurements")
+    g.add_argument("--eval-chars", type=int, default=50000,
+                   help="charlm: held-out characters per measurement (the start of the held-out split)")
+    g.add_argument("--clip", type=float, default=1.0, help="clip each window's gradient norm to this")
+    g.add_argument("--solve-threshold", type=float, default=0.15,
+                   help="copy tasks: a length is solved when the mean bit error per sequence over the last "
+                        "20 batches is below this")
+    g.add_argument("--max-length", type=int, default=1000, help="copy tasks: the curriculum stops at this length")
+
+
+def wants_sequence(a: argparse.Namespace) -> bool:
+    """True for `train --task ...`, or `train --resume DIR` of a sequence run."""
+    if getattr(a, "task", None) is not None:
+        return True
+    resume = getattr(a, "resume", None)
+    if resume is None:
+        return False
+    try:
+        return "task" in json.loads((Path(resume) / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def config_from_args(a: argparse.Namespace) -> SequenceConfig:
+    for flag, value, default in (("--stages", a.stages, None), ("--epochs", a.epochs, None),
+                                 ("--target", a.target, "bootstrap"), ("--update-prob", a.update_prob, 1.0),
+                                 ("--schedule", getattr(a, "schedule", "constant"), "constant")):
+        if value != default:
+            raise ConfigError(f"{flag} applies to classification only; drop it with --task (use --max-steps "
+                              "for the length of a sequence run)")
+    pick = {k: v for k, v in {
+        "hidden": a.width, "batch_size": a.batch_size, "lr": a.lr, "synth_lr": a.synth_lr,
+        "synth_hidden": a.synth_hidden, "synth_width": a.synth_width}.items() if v is not None}
+    return SequenceConfig(
+        task=a.task, method=a.method, truncation=a.truncation, synth_scale=a.synth_scale,
+        synth_warmup=a.synth_warmup, seed=a.seed, device=a.device, threads=a.threads,
+        max_steps=20 if a.dry_run else a.max_steps, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
+        clip=a.clip, solve_threshold=a.solve_threshold, max_length=a.max_length,
+        text=str(a.text) if a.text else None, eval_every=a.eval_every, eval_chars=a.eval_chars, **pick,
+    ).resolve()
+
+
+def cmd_train_sequence(a: argparse.Namespace) -> int:
+    """`synthgrad train --task ...`: train, write the run directory and plots, print one final line."""
+    if a.resume is not None:
+        path = a.resume / CONFIG
+        try:
+            cfg = SequenceConfig.from_dict(json.loads(path.read_text())).resolve()
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise ConfigError(f"{path} is unreadable ({e}); the run cannot be resumed") from e
+        run_dir = a.resume
+    else:
+        cfg = config_from_args(a)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = a.run_dir or Path("runs") / f"{stamp}-{cfg.task}-{cfg.method}-T{cfg.truncation}-s{cfg.seed}"
+        from synthgrad.trainer import prepare_run_dir
+
+        prepare_run_dir(run_dir, a.overwrite)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    trainer = SequenceTrainer(cfg, run_dir, quiet=a.quiet)
+    if a.resume is not None:
+        trainer.resume()
+    else:
+        trainer.start()
+    result = trainer.fit()
+    if not a.no_plots:
+        from synthgrad.seqplots import plot_sequence_runs
+
+        plot_sequence_runs([run_dir], run_dir)
+    print(f"{result}; {trainer.step} steps, {trainer.elapsed:.1f}s; run directory {run_dir}", flush=True)
+    return 0
+
+
+# -- trainer -----------------------------------------------------------------------------------
+
+class SequenceTrainer:
+    """Runs TruncatedBPTT on a sequence task, writing config, metrics and checkpoints to a run directory."""
+
+    def __init__(self, cfg: SequenceConfig, run_dir: str | Path, quiet: bool = True):
+        self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.corpus: CharCorpus | None = None
+        self.task: CopyTask | None = None
+        if cfg.task == "charlm":
+            self.corpus = CharCorpus.from_file(cfg.text, cfg.holdout)
+            v = self.corpus.vocab_size
+            model = LSTMCore(cfg.embed, cfg.hidden, v, vocab=v)
+            loss_fn = char_loss
+            self.train_streams = streams(self.corpus.train, cfg.batch_size).to(self.device)  # [N, B]
+        else:
+            self.task = CopyTask(repeat=cfg.task == "repeat-copy", max_repeats=cfg.max_repeats)
+            model = LSTMCore(self.task.input_size, cfg.hidden, self.task.output_size)
+            loss_fn = copy_loss
+        self.rule: TruncatedBPTT = build_rule(
+            model.to(self.device), cfg.method, cfg.truncation, loss_fn, lr=cfg.lr, synth_lr=cfg.synth_lr,
+            synth_hidden=cfg.synth_hidden, synth_width=cfg.synth_width, synth_scale=cfg.synth_scale,
+            synth_warmup=cfg.synth_warmup, clip=cfg.clip)
+        if self.rule.interface is not None:
+            self.rule.interface.to(self.device)
+        self.curriculum = Curriculum(threshold=cfg.solve_threshold, window=cfg.solve_window,
+                                     max_length=cfg.max_length)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # copy-task data
+        self.step, self.position, self.elapsed = 0, 0, 0.0
+        self.best_bpc: float | None = None
+        self.last_bpc: float | None = None
+        self.metrics: MetricsLog | None = None
+
+    # -- run directory -------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        source = self.corpus.source if self.corpus else "generated"
+        cfg.extra.update({"synthgrad_version": __version__, "torch_version": torch.__version__,
+                          "python_version": sys.version.split()[0], "data_source": source,
+                          "started": datetime.now().isoformat(timespec="seconds")})
+        if self.corpus is not None:
+            cfg.extra.update({"vocab_size": self.corpus.vocab_size, "train_chars": len(self.corpus.train),
+                              "heldout_chars": len(self.corpus.valid)})
+        (self.run_dir / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self.metrics = MetricsLog(self.run_dir / METRICS)
+        self.save_checkpoint()
+
+    def resume(self) -> None:
+        state = checkpoint.load(self.run_dir / checkpoint.LATEST)
+        self.rule.load_state_dict(state["rule"])
+        self.curriculum.load_state_dict(state["curriculum"])
+        self.generator.set_state(state["generator"])
+        self.step, self.position, self.elapsed = state["step"], state["position"], state["elapsed"]
+        self.best_bpc, self.last_bpc = state["best_bpc"], state["last_bpc"]
+        torch.set_rng_state(state["torch_rng"])
+        self.metrics = MetricsLog(self.run_dir / METRICS)
+        self.metrics.truncate(state["metrics_offset"])
+
+    def save_checkpoint(self) -> None:
+        assert self.metrics is not None
+        self.metrics.sync()
+        checkpoint.save(self.run_dir / checkpoint.LATEST, {
+            "rule": self.rule.state_dict(), "curriculum": self.curriculum.state_dict(),
+            "generator": self.generator.get_state(), "step": self.step, "position": self.position,
+            "elapsed": self.elapsed, "best_bpc": self.best_bpc, "last_bpc": self.last_bpc,
+            "torch_rng": torch.get_rng_state(), "metrics_offset": self.metrics.offset(),
+            "config": self.cfg.to_dict()})
+
+    # -- one step --------------------------------------------------------------------------------
+    def _copy_step(self) -> dict:
+        assert self.task is not None
+        length = self.curriculum.length
+        ep = self.task.sample(length, self.cfg.batch_size, self.generator)
+        x, target, mask = ep.x.to(self.device), ep.target.to(self.device), ep.mask.to(self.device)
+        out = self.rule.episode(x, target, mask)
+        err = bit_errors(out["logits"], target, mask)
+        self.curriculum.record(err)
+        return {"train_loss": out["loss"], "bit_error": err, "length": length, "synth_loss": out["synth_loss"],
+                "samples": self.cfg.batch_size}
+
+    def _charlm_step(self) -> dict:
+        t, s = self.cfg.truncation, self.train_streams
+        if self.position + t + 1 > s.shape[0]:  # the streams ran out: start them again from zero state
+            self.position = 0
+            self.rule.reset()
+        x, y = s[self.position:self.position + t], s[self.position + 1:self.position + t + 1]
+        self.position += t
+        out = self.rule.window(x, y)
+        per_char = out["loss"] / t  # nats per character
+        return {"train_loss": per_char, "train_bpc": per_char / 0.6931471805599453,
+                "synth_loss": out["synth_loss"], "samples": t * s.shape[1]}
+
+    def _eval(self) -> float:
+        assert self.corpus is not None
+        bpc = evaluate_bpc(self.rule.model, self.corpus.valid.to(self.device), max_chars=self.cfg.eval_chars)
+        self.last_bpc = bpc
+        if self.best_bpc is None or bpc < self.best_bpc:
+            self.best_bpc = bpc
+        return bpc
+
+    # -- loop ------------------------------------------------------------------------------------
+    def fit(self) -> str:
+        cfg = self.cfg
+        assert self.metrics is not None, "call start() or resume() first"
+        charlm = cfg.task == "charlm"
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        samples, t_window = 0, time.perf_counter()
+        t_last = time.perf_counter()
+        self.rule.model.train()
+        while self.step < cfg.max_steps:
+            stats = self._charlm_step() if charlm else self._copy_step()
+            self.step += 1
+            now = time.perf_counter()
+            self.elapsed += now - t_last
+            t_last = now
+            samples += stats.pop("samples")
+            for k, v in stats.items():
+                if v is not None:
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                record = {"kind": "step", "step": self.step, **{k: sums[k] / counts[k] for k in sums},
+                          "wall_time_s": round(self.elapsed, 3),
+                          "samples_per_s": round(samples / max(now - t_window, 1e-9), 1)}
+                if not charlm:
+                    record["length"] = self.curriculum.length
+                    record["max_length_solved"] = self.curriculum.solved
+                self.metrics.write(record)
+                if not self.quiet:
+                    shown = (f"length {self.curriculum.length} solved {self.curriculum.solved} "
+                             f"bit_error {record['bit_error']:.2f}" if not charlm
+                             else f"train_bpc {record['train_bpc']:.3f}")
+                    print(f"step {self.step}  loss {record['train_loss']:.4f}  {shown}", file=sys.stderr, flush=True)
+                sums, counts, samples, t_window = {}, {}, 0, now
+            if charlm and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                t0 = time.perf_counter()
+                bpc = self._eval()
+                self.metrics.write({"kind": "eval", "step": self.step, "bpc": bpc,
+                                    "wall_time_s": round(self.elapsed, 3),
+                                    "eval_time_s": round(time.perf_counter() - t0, 3)})
+                if not self.quiet:
+                    print(f"step {self.step}  held-out bpc {bpc:.4f}", file=sys.stderr, flush=True)
+                t_last = time.perf_counter()  # evaluation is not training time
+            if self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+                t_last = time.perf_counter()
+        final = {"kind": "final", "step": self.step, "wall_time_s": round(self.elapsed, 3)}
+        if charlm:
+            if self.last_bpc is None:
+                self._eval()
+            final.update({"bpc": self.last_bpc, "best_bpc": self.best_bpc})
+            summary = f"held-out bpc {self.last_bpc:.4f} (best {self.best_bpc:.4f})"
+        else:
+            final.update({"max_length_solved": self.curriculum.solved, "length": self.curriculum.length,
+                          "bit_error": self.curriculum.recent_error()})
+            summary = f"longest length solved {self.curriculum.solved} (now training on {self.curriculum.length})"
+        self.metrics.write(final)
+        self.save_checkpoint()
+        checkpoint.save(self.run_dir / checkpoint.FINAL, {"config": self.cfg.to_dict(), "step": self.step,
+                                                          "model": self.rule.model.state_dict(), **{
+                                                              k: v for k, v in final.items() if k != "kind"}})
+        self.metrics.close()
+        return summary
