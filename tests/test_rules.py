@@ -232,3 +232,38 @@ def test_diagnostics_report_agreement_with_the_true_gradient() -> None:
     stats = dni.step(x, y, diagnose=True)
     assert stats["grad_cosine"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
     assert stats["grad_rel_error"] == pytest.approx([0.0, 0.0, 0.0], abs=1e-4)
+
+
+def test_complete_unlock_trains_input_synthesizers_toward_the_real_activation() -> None:
+    x, y = _batch(64)
+    torch.manual_seed(0)
+    stages = build_stages("fcn-2", (1, 28, 28), 10, width=32)
+    dni = DNI.build(stages, x[:2], unlock="complete", synth_width=32, input_width=64, synth_lr=1e-3)
+    losses = [dni.step(x, y)["input_loss"] for _ in range(60)]
+    assert all(late < 0.5 * early for early, late in zip(losses[0], losses[-1], strict=True))
+
+
+def test_complete_unlock_stages_do_not_use_the_activation_from_below() -> None:
+    # Stage 2's update depends only on x (through its synthetic input), not on stage 1's output:
+    # perturbing stage 1 leaves stage 2's parameters after one step unchanged.
+    x, y = _batch()
+    results = []
+    for perturb in (False, True):
+        torch.manual_seed(0)
+        stages = build_stages("fcn-2", (1, 28, 28), 10, width=32)
+        dni = DNI.build(stages, x[:2], unlock="complete", synth_width=32, input_width=32)
+        if perturb:
+            with torch.no_grad():
+                stages[0][1].weight.mul_(3.0)
+        dni.step(x, y)
+        results.append([p.clone() for p in stages[1].parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_complete_unlock_keeps_bn_statistics_of_the_real_network() -> None:
+    x, y = _batch()
+    torch.manual_seed(0)
+    stages = build_stages("fcn-2", (1, 28, 28), 10, width=32)
+    dni = DNI.build(stages, x[:2], unlock="complete", synth_width=32, input_width=32)
+    dni.step(x, y)
+    assert int(stages[1][1].num_batches_tracked) == 1  # one real forward pass, not two

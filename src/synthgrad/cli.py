@@ -11,7 +11,7 @@ from pathlib import Path
 from synthgrad import __version__, data, models
 from synthgrad.config import METHOD_DEFAULTS, SCHEDULES, TrainConfig
 from synthgrad.errors import ConfigError, SynthgradError
-from synthgrad.rules import METHODS, TARGETS
+from synthgrad.rules import METHODS, TARGETS, UNLOCKS
 
 
 def _int(lo: int, hi: int | None = None):
@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiply the synthetic gradient the stage applies")
     s.add_argument("--synth-warmup", type=_int(0), default=0,
                    help="ramp the synthetic gradient's scale from 0 over this many steps")
+    s.add_argument("--unlock", choices=UNLOCKS, default="update",
+                   help="update: synthetic gradients remove the update lock; complete: synthetic inputs "
+                        "predicted from the network input also remove the forward lock")
+    s.add_argument("--input-hidden", type=_int(0, 16), default=1, help="hidden layers of input synthesizers")
+    s.add_argument("--input-width", type=_int(1, 65536), default=1024, help="width of input synthesizers")
     r = t.add_argument_group("run")
     r.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     r.add_argument("--threads", type=_int(1, 1024), default=None,
@@ -148,7 +153,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         model=a.model, dataset=a.dataset, method=a.method, target=a.target, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
         synth_hidden=a.synth_hidden, synth_width=a.synth_width, synth_scale=a.synth_scale,
-        synth_warmup=a.synth_warmup, schedule=a.schedule, update_prob=a.update_prob, seed=a.seed, device=a.device,
+        synth_warmup=a.synth_warmup, schedule=a.schedule, unlock=a.unlock, input_hidden=a.input_hidden,
+        input_width=a.input_width, update_prob=a.update_prob, seed=a.seed, device=a.device,
         threads=a.threads, stages=a.stages, max_steps=20 if a.dry_run else a.max_steps,
         log_every=a.log_every, diagnose_every=a.diagnose_every, checkpoint_every=a.checkpoint_every,
         data_dir=str(a.data_dir) if a.data_dir else None,

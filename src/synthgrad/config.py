@@ -10,7 +10,7 @@ import torch
 
 from synthgrad import data, models
 from synthgrad.errors import ConfigError
-from synthgrad.rules import METHODS, TARGETS
+from synthgrad.rules import METHODS, TARGETS, UNLOCKS
 
 SCHEDULES = ("constant", "cosine")
 
@@ -42,6 +42,9 @@ class TrainConfig:
     synth_warmup: int = 0
     schedule: str = "constant"  # learning-rate schedule: constant, or cosine decay to 0 over the run
     update_prob: float = 1.0
+    unlock: str = "update"  # update: synthetic gradients; complete: also synthetic inputs (forward interfaces)
+    input_hidden: int = 1  # hidden layers of each input synthesizer (complete unlock)
+    input_width: int = 1024
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None: torch's default
@@ -104,8 +107,12 @@ class TrainConfig:
              f"--device must be cpu or cuda[:N], got {self.device!r}")
         if self.device.startswith("cuda"):
             need(torch.cuda.is_available(), "--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+        need(self.unlock in UNLOCKS, f"--unlock must be one of {', '.join(UNLOCKS)}, got {self.unlock!r}")
+        need(0 <= self.input_hidden <= 16, f"--input-hidden must be in 0..16, got {self.input_hidden}")
+        need(1 <= self.input_width <= 65536, f"--input-width must be in 1..65536, got {self.input_width}")
         if self.method == "backprop":
             need(self.target == "bootstrap", "--target applies to dni and cdni only; drop it for backprop")
+            need(self.unlock == "update", "--unlock complete needs synthetic gradients: use --method dni or cdni")
         n_layers = len(models.build_layers(self.model, (1, 28, 28), 10, self.width))
         if self.stages is not None:
             need(2 <= self.stages <= n_layers,

@@ -25,6 +25,8 @@ def run_label(run_dir: Path) -> str:
         label += f" ({cfg['target']} targets)"
     if cfg.get("stages"):
         label += f" K={cfg['stages']}"
+    if cfg.get("unlock", "update") == "complete":
+        label += " complete unlock"
     if cfg.get("update_prob", 1.0) < 1.0:
         label += f" p={cfg['update_prob']}"
     return label + f" s{cfg.get('seed', 0)}"
@@ -97,6 +99,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         ("synth_loss", "synth_loss.png", "Synthesizer loss per interface", "MSE to target", True),
         ("grad_cosine", "grad_cosine.png", "Synthetic vs true gradient",
          "cosine similarity", False),
+        ("input_loss", "input_loss.png", "Synthetic input loss per stage (complete unlock)",
+         "MSE to the real activation", True),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = False

@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgrad.errors import ConfigError, DivergenceError
-from synthgrad.interfaces import BackwardInterface, OptimizerFactory, adam
-from synthgrad.synthesizers import make_synthesizer
+from synthgrad.interfaces import BackwardInterface, ForwardInterface, Interface, OptimizerFactory, adam
+from synthgrad.synthesizers import InputSynthesizer, make_synthesizer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("backprop", "dni", "cdni")
 TARGETS = ("bootstrap", "backprop")
+UNLOCKS = ("update", "complete")
 
 
 @dataclass
@@ -133,6 +134,7 @@ class StepRule:
         self.optimizers = [make(s.parameters()) for s in self.stages]
         self.loss_fn, self.update_prob = loss_fn, update_prob
         self.interfaces: list[BackwardInterface] = []
+        self.forward_interfaces: list[ForwardInterface] = []
         self.steps = 0
         # Which stages update on a step is drawn from this generator (part of the checkpoint).
         self.generator = torch.Generator().manual_seed(seed)
@@ -152,14 +154,17 @@ class StepRule:
 
     def set_lr_factor(self, factor: float) -> None:
         """Scale every learning rate (stages and synthesizers) to `factor` x its initial value."""
-        for opt in self.optimizers + [i.optimizer for i in self.interfaces]:
+        for opt in self.optimizers + [i.optimizer for i in self.all_interfaces()]:
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
                 group["lr"] = group["initial_lr"] * factor
 
+    def all_interfaces(self) -> list[Interface]:
+        return [*self.interfaces, *self.forward_interfaces]
+
     def train(self, mode: bool = True) -> StepRule:
         self.stages.train(mode)
-        for i in self.interfaces:
+        for i in self.all_interfaces():
             i.train(mode)
         return self
 
@@ -170,7 +175,7 @@ class StepRule:
                 for k, v in state.items():
                     if isinstance(v, torch.Tensor) and k != "step":
                         state[k] = v.to(device)
-        for i in self.interfaces:
+        for i in self.all_interfaces():
             i.to(device)
         return self
 
@@ -180,6 +185,7 @@ class StepRule:
             "stages": self.stages.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "interfaces": [i.state_dict() for i in self.interfaces],
+            "forward_interfaces": [i.state_dict() for i in self.forward_interfaces],
             "steps": self.steps,
             "generator": self.generator.get_state(),
         }
@@ -191,6 +197,8 @@ class StepRule:
         for o, s in zip(self.optimizers, state["optimizers"], strict=True):
             o.load_state_dict(s)
         for i, s in zip(self.interfaces, state["interfaces"], strict=True):
+            i.load_state_dict(s)
+        for i, s in zip(self.forward_interfaces, state.get("forward_interfaces", []), strict=True):
             i.load_state_dict(s)
         self.steps = state["steps"]
         self.generator.set_state(state["generator"])
@@ -226,6 +234,9 @@ class DNI(StepRule):
         gradient that reaches stage k+1's input, itself made of stage k+1's synthetic gradient;
         only the last interface sees the true loss gradient. "backprop": onto the true gradient
         of the loss through all stages above (the original reimplementation's simulation).
+    forward_interfaces: for the complete unlock, one per stage k >= 1: stage k then runs on a
+        synthetic input predicted from the network input instead of waiting for stage k-1; each
+        forward interface regresses onto the real activation, computed by a forward-only pass.
     """
 
     method = "dni"
@@ -234,15 +245,20 @@ class DNI(StepRule):
                  lr: float = 1e-3, optimizer: OptimizerFactory | None = None,
                  loss_fn: LossFn = F.cross_entropy, conditioned: bool = False,
                  num_classes: int | None = None, target: str = "bootstrap",
-                 update_prob: float = 1.0, seed: int = 0):
+                 update_prob: float = 1.0, seed: int = 0,
+                 forward_interfaces: Sequence[ForwardInterface] | None = None):
         super().__init__(stages, lr, optimizer, loss_fn, update_prob, seed)
         if len(interfaces) != len(stages) - 1:
             raise ConfigError(f"{len(stages)} stages need {len(stages) - 1} interfaces, got {len(interfaces)}")
+        if forward_interfaces and len(forward_interfaces) != len(stages) - 1:
+            raise ConfigError(f"{len(stages)} stages need {len(stages) - 1} forward interfaces, "
+                              f"got {len(forward_interfaces)}")
         if target not in TARGETS:
             raise ConfigError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
         if conditioned and not num_classes:
             raise ConfigError("cDNI needs num_classes to build the one-hot context")
         self.interfaces = list(interfaces)
+        self.forward_interfaces = list(forward_interfaces or [])
         self.conditioned, self.num_classes, self.target = conditioned, num_classes, target
         if conditioned:
             self.method = "cdni"
@@ -251,12 +267,17 @@ class DNI(StepRule):
     def build(cls, stages: Sequence[nn.Module], sample: torch.Tensor, *, conditioned: bool = False,
               num_classes: int | None = None, lr: float = 1e-3, synth_lr: float = 1e-4,
               synth_hidden: int | None = None, synth_width: int | None = None,
-              synth_scale: float = 1.0, synth_warmup: int = 0, **kwargs) -> DNI:
+              synth_scale: float = 1.0, synth_warmup: int = 0, unlock: str = "update",
+              input_hidden: int = 1, input_width: int = 1024, **kwargs) -> DNI:
         """DNI over `stages` with a default synthesizer at every boundary.
 
         sample: one input batch [B, ...], used to find each boundary's activation shape.
         synth_hidden: hidden layers per synthesizer; default 2 for DNI and 0 (linear) for cDNI.
+        unlock: "update" (synthetic gradients) or "complete" (also synthetic inputs, with
+            input synthesizers of `input_hidden` layers of `input_width`, trained at synth_lr).
         """
+        if unlock not in UNLOCKS:
+            raise ConfigError(f"unknown unlock {unlock!r}; choose one of: {', '.join(UNLOCKS)}")
         hidden = synth_hidden if synth_hidden is not None else (0 if conditioned else 2)
         shapes = activation_shapes(stages, sample)
         ctx = num_classes if conditioned else 0
@@ -265,7 +286,13 @@ class DNI(StepRule):
                               synth_scale, synth_warmup)
             for shape in shapes[:-1]
         ]
-        return cls(stages, interfaces, lr=lr, conditioned=conditioned, num_classes=num_classes, **kwargs)
+        forward = None
+        if unlock == "complete":
+            forward = [ForwardInterface(InputSynthesizer(tuple(sample.shape[1:]), shape, input_hidden, input_width,
+                                                         ctx), adam(synth_lr))
+                       for shape in shapes[:-1]]
+        return cls(stages, interfaces, lr=lr, conditioned=conditioned, num_classes=num_classes,
+                   forward_interfaces=forward, **kwargs)
 
     def context(self, y: torch.Tensor) -> torch.Tensor | None:
         """The synthesizers' context: the one-hot label [B, num_classes] for cDNI, else None."""
@@ -275,15 +302,28 @@ class DNI(StepRule):
         ctx = self.context(y)
         last = len(self.stages) - 1
         updates = self._updates()
+        complete = bool(self.forward_interfaces)
         synth_loss: list[float | None] = [None] * last
+        input_loss: list[float | None] = [None] * last
         cosine: list[float | None] = [None] * last
         rel_error: list[float | None] = [None] * last
         pending: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (prediction, true grad) below
         h, loss = x, None
+        real = x  # complete unlock: the real activation h_(k-1), from a forward-only pass
         for k, stage in enumerate(self.stages):
-            res = stage_step(stage, self.optimizers[k], h, index=k, step=self.steps,
-                             interface=None if k == last else self.interfaces[k], context=ctx,
-                             labels=y, loss_fn=self.loss_fn, input_grad=k > 0, update=updates[k])
+            synthetic_input = None
+            if complete and k > 0:
+                # Stage k does not wait for stage k-1: it runs on a synthetic input predicted from x.
+                synthetic_input = self.forward_interfaces[k - 1].predict(x, ctx)
+                h = synthetic_input.detach()
+            # Batch statistics of a synthetic input must not leak into BN running statistics;
+            # the forward-only pass on the real input below updates them.
+            with frozen_batchnorm_stats([stage]) if complete else contextlib.nullcontext():
+                res = stage_step(stage, self.optimizers[k], h, index=k, step=self.steps,
+                                 interface=None if k == last else self.interfaces[k], context=ctx,
+                                 labels=y, loss_fn=self.loss_fn, input_grad=k > 0, update=updates[k])
+            if synthetic_input is not None and updates[k]:
+                input_loss[k - 1] = self.forward_interfaces[k - 1].update(synthetic_input, real)
             # The interface below regresses onto what reached this stage's input.
             if k > 0 and pending is not None and res.input_grad is not None:
                 prediction, true_below = pending
@@ -299,9 +339,16 @@ class DNI(StepRule):
                         cosine[k], rel_error[k] = gradient_agreement(res.prediction, true_here)
                 pending = (res.prediction, true_here)
             h, loss = res.output, res.loss
+            if complete:
+                with torch.no_grad():
+                    real = stage(real)
+        if complete:  # report the real network's loss, not the synthetic-input path's
+            loss = self.loss_fn(real, y).detach()
         self.steps += 1
         stats: dict = {"train_loss": loss.item() if loss is not None else None,
                        "synth_loss": synth_loss}
+        if complete:
+            stats["input_loss"] = input_loss
         if diagnose:
             stats["grad_cosine"], stats["grad_rel_error"] = cosine, rel_error
         return stats

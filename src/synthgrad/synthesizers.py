@@ -76,6 +76,35 @@ class ConvSynthesizer(nn.Module):
         return self.net(h)
 
 
+class InputSynthesizer(nn.Module):
+    """Predicts a stage's input activation (any shape) from the network input (any shape).
+
+    `hidden_layers` x (Linear + BN + ReLU) of `width` on the flattened input [B, prod(in)]
+    (plus the context [B, C] for cDNI), then a Linear to prod(out), reshaped to [B, *out].
+    Used by forward interfaces (synthetic inputs, the complete unlock).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...], hidden_layers: int = 1,
+                 width: int = 1024, context_dim: int = 0):
+        super().__init__()
+        self.output_shape, self.context_dim = tuple(output_shape), context_dim
+        d = int(torch.tensor(input_shape).prod()) + context_dim
+        layers: list[nn.Module] = []
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU()]
+            d = width
+        layers.append(nn.Linear(d, int(torch.tensor(output_shape).prod())))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        flat = x.flatten(1)  # [B, prod(input_shape)]
+        if self.context_dim:
+            if context is None:
+                raise ValueError("this input synthesizer was built for cDNI and needs the context (one-hot labels)")
+            flat = torch.cat([flat, context.to(flat.dtype)], dim=1)
+        return self.net(flat).view(x.shape[0], *self.output_shape)
+
+
 def make_synthesizer(activation_shape: tuple[int, ...], hidden_layers: int, width: int | None = None,
                      context_dim: int = 0, kernel_size: int = 5) -> nn.Module:
     """A synthesizer that fits an activation of shape [C, H, W] (conv) or [D] / other (vector)."""

@@ -1,0 +1,171 @@
+"""Accuracy benchmarks: backprop baselines and the DNI/cDNI reproduction, as tables and plots.
+
+Each run is a plain `synthgrad train` subprocess writing its own run directory under
+--runs-root; a run whose final.pt exists is reused, so an interrupted benchmark continues
+where it stopped. Results go to benchmarks/results/<suite>.md (+ .json, + plots).
+
+    python benchmarks/accuracy.py --suite baselines       # issue 2: backprop, 10 epochs
+    python benchmarks/accuracy.py --suite reproduction    # issue 3: backprop/DNI/cDNI x 3 seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@dataclass
+class Run:
+    """One training run of a suite."""
+
+    model: str
+    method: str
+    seed: int
+    dataset: str = "mnist"
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-{self.model}-{self.method}-s{self.seed}"
+
+
+def suite_runs(suite: str, seeds: list[int], models: list[str] | None) -> list[Run]:
+    if suite == "baselines":
+        runs = [Run(m, "backprop", s, flags=["--epochs", "10"]) for m in ("mlp", "fcn-3", "cnn") for s in seeds]
+    elif suite == "reproduction":
+        runs = [Run(m, method, s, flags=["--epochs", "20"])
+                for m in ("mlp", "fcn-3", "fcn-6", "cnn") for method in ("backprop", "dni", "cdni") for s in seeds]
+        runs += [Run("fcn-3", method, s, "fashion-mnist", ["--epochs", "20"])
+                 for method in ("backprop", "dni", "cdni") for s in seeds]
+    else:
+        raise SystemExit(f"unknown suite {suite!r}: use baselines or reproduction")
+    return [r for r in runs if models is None or r.model in models]
+
+
+def train(run: Run, runs_root: Path, threads: int, extra: list[str]) -> Path:
+    run_dir = runs_root / run.name
+    if (run_dir / "final.pt").exists():
+        return run_dir
+    cmd = [sys.executable, "-m", "synthgrad", "train", "--model", run.model, "--method", run.method,
+           "--dataset", run.dataset, "--seed", str(run.seed), "--threads", str(threads), "--quiet",
+           "--no-plots", "--run-dir", str(run_dir), "--overwrite", *run.flags, *extra]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    status = "ok" if r.returncode == 0 else f"FAILED ({r.returncode}): {r.stderr.strip()[-300:]}"
+    print(f"[{time.time() - t0:6.0f}s] {run.name}: {r.stdout.strip().splitlines()[-1] if r.stdout else status}",
+          flush=True)
+    return run_dir
+
+
+def summarise(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics.jsonl"
+    if not (run_dir / "final.pt").exists() or not path.exists():
+        return None
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    cfg = json.loads((run_dir / "config.json").read_text())
+    return {
+        "final_accuracy": epochs[-1]["test_accuracy"],
+        "best_accuracy": max(r["test_accuracy"] for r in epochs),
+        "epochs": len(epochs),
+        "wall_time_s": epochs[-1]["wall_time_s"],
+        "epoch_time_s": statistics.median(r["epoch_time_s"] for r in epochs),
+        "samples_per_s": statistics.median(r["samples_per_s"] for r in epochs),
+        "config": {k: cfg[k] for k in ("lr", "synth_lr", "synth_hidden", "schedule", "batch_size", "target")},
+    }
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def write_report(suite: str, runs: list[Run], runs_root: Path, command: str) -> str:
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for run in runs:
+        s = summarise(runs_root / run.name)
+        if s is not None:
+            groups.setdefault((run.dataset, run.model, run.method), []).append(s)
+    lines = [
+        f"# {suite}", "",
+        f"- command: `{command}`",
+        f"- date: {date.today().isoformat()}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), "
+        f"Python {platform.python_version()}",
+        "- accuracy: MNIST/Fashion-MNIST test set, in %, mean ± std over seeds; final = after the last epoch",
+        "",
+        "| dataset | model | method | seeds | final acc. | best acc. | epochs | s/epoch | samples/s | "
+        "lr | synth lr | synth hidden | schedule |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (dataset, model, method), ss in groups.items():
+        c = ss[0]["config"]
+        lines.append(
+            f"| {dataset} | {model} | {method} | {len(ss)} | {mean_std([100 * s['final_accuracy'] for s in ss])} | "
+            f"{mean_std([100 * s['best_accuracy'] for s in ss])} | {ss[0]['epochs']} | "
+            f"{statistics.median(s['epoch_time_s'] for s in ss):.1f} | "
+            f"{statistics.median(s['samples_per_s'] for s in ss):,.0f} | {c['lr']} | "
+            f"{c['synth_lr'] if method != 'backprop' else '-'} | "
+            f"{c['synth_hidden'] if method != 'backprop' else '-'} | {c['schedule']} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{suite}.json").write_text(json.dumps(
+        {f"{d}/{m}/{me}": ss for (d, m, me), ss in groups.items()}, indent=1) + "\n")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / f"{suite}.md").write_text(text)
+    return text
+
+
+def plot(suite: str, runs: list[Run], runs_root: Path) -> None:
+    from synthgrad.plots import plot_runs
+
+    by_model: dict[tuple[str, str], list[Path]] = {}
+    for run in runs:
+        d = runs_root / run.name
+        if run.seed == min(r.seed for r in runs) and (d / "final.pt").exists():
+            by_model.setdefault((run.dataset, run.model), []).append(d)
+    for (dataset, model), dirs in by_model.items():
+        out = RESULTS / f"{suite}-{dataset}-{model}"
+        plot_runs(dirs, out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--suite", choices=["baselines", "reproduction"], default="reproduction")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--models", nargs="+", default=None, help="only these models")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each is fastest here)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--runs-root", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra flags for every `synthgrad train`")
+    a = p.parse_args()
+    extra = [x for x in a.extra if x != "--"]
+    runs = suite_runs(a.suite, a.seeds, a.models)
+    root = a.runs_root / a.suite
+    if not a.report_only:
+        # Slowest first, so the parallel jobs finish together.
+        order = sorted(runs, key=lambda r: (r.method == "backprop", r.model.startswith("fcn-6") is False))
+        with ThreadPoolExecutor(a.jobs) as pool:
+            list(pool.map(lambda r: train(r, root, a.threads, extra), order))
+    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    print(write_report(a.suite, runs, root, command))
+    plot(a.suite, runs, root)
+
+
+if __name__ == "__main__":
+    main()
