@@ -1,0 +1,332 @@
+"""Benchmark: throughput of the DNI pipeline against backprop (1 and all threads), the locked pipeline and GPipe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from synthgrad import data
+from synthgrad.config import TrainConfig
+from synthgrad.metrics import read_metrics
+from synthgrad.pipeline import free_port, run_pipeline
+from synthgrad.trainer import build_rule
+
+METHODS = ["backprop-1t", "backprop-all", "locked-pipeline", "gpipe", "dni-pipeline"]
+LABELS = {"backprop-1t": "backprop, 1 process, 1 thread", "backprop-all": "backprop, 1 process, {n} threads",
+          "locked-pipeline": "locked pipeline, {k} processes", "gpipe": "GPipe ({mb} micro-batches), {k} processes",
+          "dni-pipeline": "DNI pipeline, {k} processes"}
+
+
+def make_cfg(a: argparse.Namespace, method: str, width: int, **kw) -> TrainConfig:
+    return TrainConfig(model=a.model, method=method, width=width, batch_size=a.batch_size, stages=a.stages,
+                       synth_hidden=a.synth_hidden, synth_width=a.synth_width, epochs=1,
+                       log_every=min(10, max(1, a.steps // 4)), seed=a.seed, **kw).resolve()
+
+
+def single_process(a: argparse.Namespace, ds: data.Dataset, width: int, threads: int) -> float:
+    """samples/s of single-process backprop over the same stages, timed after `warmup` steps."""
+    torch.set_num_threads(threads)
+    cfg = make_cfg(a, "backprop", width)
+    rule = build_rule(cfg, ds.input_shape, ds.num_classes).train()
+    order = data.epoch_order(len(ds.train_y), cfg.seed, 0)
+    t0 = 0.0
+    for i, (xb, yb) in enumerate(data.batches(ds.train_x, ds.train_y, cfg.batch_size, order)):
+        if i == a.warmup:
+            t0 = time.perf_counter()
+        if i == a.warmup + a.steps:
+            break
+        rule.step(xb, yb)
+    return a.steps * cfg.batch_size / (time.perf_counter() - t0)
+
+
+def pipeline(a: argparse.Namespace, ds: data.Dataset, width: int, method: str, tmp: Path) -> tuple[float, dict]:
+    """samples/s of the pipeline engine, from the last stage's step records after the warmup steps."""
+    cfg = make_cfg(a, method, width, threads=a.threads_per_stage, max_steps=a.warmup + a.steps)
+    run = tmp / f"{method}-{width}"
+    run_pipeline(cfg, ds, run, quiet=True)
+    recs = read_metrics(run / "metrics.jsonl")
+    steps = [r for r in recs if r["kind"] == "step" and r["step"] >= a.warmup]
+    first, last = steps[0], steps[-1]
+    sps = (last["step"] - first["step"]) * cfg.batch_size / (last["wall_time_s"] - first["wall_time_s"])
+    epoch = [r for r in recs if r["kind"] == "epoch"][-1]
+    profile = {k: epoch.get(k) for k in ("stage_busy_s", "stage_idle_s", "stage_synth_s", "staleness",
+                                         "staleness_max")}
+    return sps, profile
+
+
+def _gpipe_rank(rank: int, world: int, port: int, cfg_dict: dict, ds: data.Dataset, a: dict, out: str) -> None:
+    """One rank of a torch.distributed.pipelining schedule over the same stages and data."""
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(a["threads_per_stage"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = TrainConfig.from_dict(cfg_dict)
+        rule = build_rule(cfg, ds.input_shape, ds.num_classes).train()
+        module = rule.stages[rank]
+        stage = PipelineStage(module, rank, world, torch.device("cpu"))
+        sched_cls = Schedule1F1B if a["schedule"] == "1f1b" else ScheduleGPipe
+        sched = sched_cls(stage, n_microbatches=a["microbatches"], loss_fn=F.cross_entropy)
+        opt = rule.optimizers[rank]
+        order = data.epoch_order(len(ds.train_y), cfg.seed, 0)
+        t0 = 0.0
+        for i, (xb, yb) in enumerate(data.batches(ds.train_x, ds.train_y, cfg.batch_size, order)):
+            if i == a["warmup"]:
+                dist.barrier()
+                t0 = time.perf_counter()
+            if i == a["warmup"] + a["steps"]:
+                break
+            if rank == 0:
+                sched.step(xb)
+            elif rank == world - 1:
+                sched.step(target=yb, losses=[])
+            else:
+                sched.step()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        if rank == world - 1:
+            Path(out).write_text(json.dumps({"sps": a["steps"] * cfg.batch_size / (time.perf_counter() - t0)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def gpipe(a: argparse.Namespace, ds: data.Dataset, width: int, tmp: Path) -> float:
+    import torch.multiprocessing as mp
+
+    cfg = make_cfg(a, "backprop", width)
+    out = tmp / f"gpipe-{width}.json"
+    opts = {"threads_per_stage": a.threads_per_stage, "schedule": a.schedule, "microbatches": a.microbatches,
+            "warmup": a.warmup, "steps": a.steps}
+    mp.spawn(_gpipe_rank, args=(a.stages, free_port(), cfg.to_dict(), ds, opts, str(out)), nprocs=a.stages)
+    return json.loads(out.read_text())["sps"]
+
+
+def time_to_accuracy(a: argparse.Namespace, ds: data.Dataset, method: str, tmp: Path) -> float | None:
+    """Wall seconds (evaluations included) to the first epoch-end test accuracy >= the target; None if never."""
+    if method.startswith("backprop"):
+        from synthgrad.trainer import Progress, Trainer
+
+        threads = 1 if method == "backprop-1t" else a.threads_all
+        torch.set_num_threads(threads)
+        cfg = make_cfg(a, "backprop", a.width)
+        cfg.epochs = a.tta_epochs
+        run = tmp / f"tta-{method}"
+        run.mkdir()
+        trainer = Trainer(cfg, ds, run, progress=Progress(enabled=False))
+        trainer.start()
+        trainer.fit()
+    else:
+        m = {"locked-pipeline": "backprop", "dni-pipeline": "dni"}[method]
+        cfg = make_cfg(a, m, a.width, threads=a.threads_per_stage)
+        cfg.epochs = a.tta_epochs
+        run = tmp / f"tta-{method}"
+        run_pipeline(cfg, ds, run, quiet=True)
+    for r in read_metrics(run / "metrics.jsonl"):
+        if r["kind"] == "epoch" and r["test_accuracy"] >= a.target_accuracy:
+            return r["wall_time_s"]
+    return None
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
+    except (OSError, subprocess.SubprocessError):
+        model = platform.processor() or "?"
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {model}, torch {torch.__version__}; "
+            f"load average at the end {load} (the machine is shared: other jobs ran during the measurement)")
+
+
+def measure(a: argparse.Namespace, ds: data.Dataset, width: int, tmp: Path, methods: list[str]) -> dict:
+    res: dict[str, dict] = {}
+    for m in methods:
+        print(f"width {width}: {m} ...", file=sys.stderr, flush=True)
+        try:
+            if m == "backprop-1t":
+                res[m] = {"sps": single_process(a, ds, width, 1)}
+            elif m == "backprop-all":
+                res[m] = {"sps": single_process(a, ds, width, a.threads_all)}
+            elif m == "gpipe":
+                res[m] = {"sps": gpipe(a, ds, width, tmp)}
+            else:
+                sps, prof = pipeline(a, ds, width, "dni" if m == "dni-pipeline" else "backprop", tmp)
+                res[m] = {"sps": sps, "profile": prof}
+        except Exception as e:  # noqa: BLE001 (a baseline that cannot run is reported, not fatal)
+            traceback.print_exc()
+            res[m] = {"sps": None, "error": f"{type(e).__name__}: {e}"}
+        print(f"  {res[m]}", file=sys.stderr, flush=True)
+    return res
+
+
+def plot(path: Path, a: argparse.Namespace, main_res: dict, sweep: dict, tta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 1 + bool(sweep) + bool(tta)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    ax = axes[0][0]
+    names = [m for m in METHODS if main_res.get(m, {}).get("sps")]
+    vals = [main_res[m]["sps"] for m in names]
+    bars = ax.bar(range(len(names)), vals, color=["#888", "#555", "#c84", "#48c", "#2a2"][:len(names)])
+    base = main_res["backprop-1t"]["sps"]
+    for b, v in zip(bars, vals, strict=True):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v / base:.2f}x", ha="center", va="bottom")
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_ylabel("samples/s")
+    ax.set_title(f"{a.model} width {a.width}, batch {a.batch_size}, K={a.stages}")
+    i = 1
+    if sweep:
+        ax = axes[0][i]
+        i += 1
+        widths = sorted(sweep)
+        for m in METHODS:
+            ys = [sweep[w].get(m, {}).get("sps") for w in widths]
+            base_w = [sweep[w]["backprop-1t"]["sps"] for w in widths]
+            pts = [(w, y / b) for w, y, b in zip(widths, ys, base_w, strict=True) if y]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("layer width")
+        ax.set_ylabel("throughput / backprop 1 thread")
+        ax.axhline(1, color="k", lw=0.5)
+        ax.legend(fontsize=8)
+        ax.set_title("width sweep")
+    if tta:
+        ax = axes[0][i]
+        names = [m for m in tta if tta[m] is not None]
+        ax.bar(range(len(names)), [tta[m] for m in names])
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set_ylabel(f"seconds to {a.target_accuracy:.0%} test accuracy")
+        ax.set_title("time to accuracy (evaluated at epoch ends)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: dict, sweep: dict, tta: dict,
+                 elapsed: float) -> None:
+    n = a.threads_all
+    base = main_res["backprop-1t"]["sps"]
+    lines = [
+        "# Pipeline engine benchmark: K = 2 stages on CPU", "",
+        f"- date: {datetime.now().isoformat(timespec='seconds')}",
+        f"- machine: {machine()}",
+        f"- command: `{' '.join(['python', 'benchmarks/pipeline.py', *argv])}` ({elapsed:.0f} s)",
+        f"- model: `{a.model}` width {a.width}, batch {a.batch_size}, cut into {a.stages} cost-balanced stages; "
+        f"{a.steps} timed steps after {a.warmup} warm-up steps; the pipelines run {a.threads_per_stage} thread(s) "
+        f"per process, so every method uses the same {n} cores (backprop 1 thread uses one)",
+        f"- DNI synthesizer: {a.synth_hidden} hidden layer(s) of width {a.synth_width} (Linear + BN + ReLU; a "
+        "low-rank bottleneck), so that the stage below spends its time on its own layers, not on the synthesizer "
+        "(a linear width x width synthesizer costs as much as a layer, and is run twice per step: once to predict, "
+        "once more to regress onto the target when it arrives)",
+        "- why this model: at width >= 1024 one step is tens of milliseconds of matrix products while a message "
+        "is one [batch, width] float32 tensor (0.5 MB at width 1024) over loopback gloo, well under a "
+        "millisecond, so compute dominates communication", "",
+        "| method | samples/s | vs backprop 1 thread |", "|---|---:|---:|"]
+    for m in METHODS:
+        r = main_res.get(m, {})
+        label = LABELS[m].format(n=n, k=a.stages, mb=a.microbatches)
+        if r.get("sps"):
+            lines.append(f"| {label} | {r['sps']:,.0f} | {r['sps'] / base:.2f}x |")
+        else:
+            lines.append(f"| {label} | failed: {r.get('error', '?')} | |")
+    dni = main_res.get("dni-pipeline", {}).get("sps")
+    if dni:
+        lines += ["", "DNI pipeline against the others: " + ", ".join(
+            f"{dni / main_res[m]['sps']:.2f}x {m}" for m in METHODS if m != "dni-pipeline" and main_res[m].get("sps"))]
+    lines += ["", "Where each pipeline stage's time went (seconds over the whole run, warm-up included; busy = "
+              "computing, idle = waiting for a peer, synth = synthesizer updates, a part of busy or idle):", ""]
+    for m in ("locked-pipeline", "dni-pipeline"):
+        prof = main_res.get(m, {}).get("profile")
+        if prof:
+            lines.append(f"- {m}: busy {prof['stage_busy_s']}, idle {prof['stage_idle_s']}, synth "
+                         f"{prof['stage_synth_s']}, target staleness mean {prof['staleness']} "
+                         f"max {prof['staleness_max']}")
+    if sweep:
+        lines += ["", "## Width sweep (samples/s; ratio to backprop 1 thread)", "",
+                  "| width | " + " | ".join(METHODS) + " |", "|---:|" + "---:|" * len(METHODS)]
+        for w in sorted(sweep):
+            b = sweep[w]["backprop-1t"]["sps"]
+            cells = [f"{sweep[w][m]['sps']:,.0f} ({sweep[w][m]['sps'] / b:.2f}x)" if sweep[w].get(m, {}).get("sps")
+                     else "-" for m in METHODS]
+            lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    if tta:
+        lines += ["", f"## Wall time to {a.target_accuracy:.0%} MNIST test accuracy (at most {a.tta_epochs} epochs, "
+                  "evaluated at epoch ends, evaluation time included)", "", "| method | seconds |", "|---|---:|"]
+        for m, s in tta.items():
+            lines.append(f"| {m} | {'not reached' if s is None else f'{s:.1f}'} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="fcn-4")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--steps", type=int, default=150, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--synth-hidden", type=int, default=1, help="DNI synthesizer hidden layers (0: linear)")
+    p.add_argument("--synth-width", type=int, default=64,
+                   help="DNI synthesizer hidden width: small = a cheap low-rank synthesizer")
+    p.add_argument("--threads-all", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe")
+    p.add_argument("--sweep", default="", help="comma-separated widths for a sweep, e.g. 128,256,512,1024,2048")
+    p.add_argument("--sweep-steps", type=int, default=60)
+    p.add_argument("--tta-epochs", type=int, default=0, help="also measure time to --target-accuracy (0: skip)")
+    p.add_argument("--target-accuracy", type=float, default=0.97)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes, to check that everything runs")
+    a = p.parse_args(argv)
+    a.threads_per_stage = max(1, a.threads_all // a.stages)
+    if a.dry_run:
+        a.width, a.steps, a.warmup, a.sweep, a.sweep_steps = 64, 10, 2, "", 10
+    ds = data.load("mnist", a.data_dir)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        main_res = measure(a, ds, a.width, tmp, METHODS)
+        sweep: dict[int, dict] = {}
+        if a.sweep:
+            steps = a.steps
+            a.steps = a.sweep_steps
+            for w in (int(s) for s in a.sweep.split(",")):
+                sweep[w] = main_res if w == a.width else measure(a, ds, w, tmp, METHODS)
+            a.steps = steps
+        tta: dict[str, float | None] = {}
+        if a.tta_epochs:
+            for m in ("backprop-1t", "backprop-all", "locked-pipeline", "dni-pipeline"):
+                print(f"time to accuracy: {m} ...", file=sys.stderr, flush=True)
+                tta[m] = time_to_accuracy(a, ds, m, tmp)
+                print(f"  {tta[m]}", file=sys.stderr, flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    name = "pipeline-dry-run" if a.dry_run else "pipeline"
+    write_report(a.out / f"{name}.md", a, argv, main_res, sweep, tta, time.perf_counter() - t0)
+    plot(a.out / f"{name}.png", a, main_res, sweep, tta)
+    print((a.out / f"{name}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
