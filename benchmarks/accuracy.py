@@ -148,6 +148,8 @@ def main() -> None:
     p.add_argument("--suite", choices=["baselines", "reproduction"], default="reproduction")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--models", nargs="+", default=None, help="only these models")
+    p.add_argument("--methods", nargs="+", default=None, help="only these methods")
+    p.add_argument("--datasets", nargs="+", default=None, help="only these datasets")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each is fastest here)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--runs-root", type=Path, default=ROOT / "runs" / "bench")
@@ -155,16 +157,24 @@ def main() -> None:
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra flags for every `synthgrad train`")
     a = p.parse_args()
     extra = [x for x in a.extra if x != "--"]
-    runs = suite_runs(a.suite, a.seeds, a.models)
+    runs = [r for r in suite_runs(a.suite, a.seeds, a.models)
+            if (a.methods is None or r.method in a.methods) and (a.datasets is None or r.dataset in a.datasets)]
     root = a.runs_root / a.suite
     if not a.report_only:
         # Slowest first, so the parallel jobs finish together.
         order = sorted(runs, key=lambda r: (r.method == "backprop", r.model.startswith("fcn-6") is False))
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(lambda r: train(r, root, a.threads, extra), order))
-    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
-    print(write_report(a.suite, runs, root, command))
-    plot(a.suite, runs, root)
+    # The report covers every run of the suite found on disk, so a suite can be run in slices.
+    log = RESULTS / f"{a.suite}-commands.txt"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not a.report_only:
+        with log.open("a") as f:
+            f.write(f"{date.today().isoformat()}  python benchmarks/accuracy.py {' '.join(sys.argv[1:])}\n")
+    commands = log.read_text().strip().replace("\n", "`; `") if log.exists() else ""
+    everything = suite_runs(a.suite, [0, 1, 2], None)
+    print(write_report(a.suite, everything, root, commands))
+    plot(a.suite, everything, root)
 
 
 if __name__ == "__main__":

@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--epochs", type=_int(1, 100000), default=None, help="default: the model's")
     o.add_argument("--batch-size", type=_int(2, 60000), default=None, help="default: the model's")
     o.add_argument("--lr", type=_float(0, 10, lo_open=True), default=None,
-                   help="Adam learning rate of the stages; default: the model's")
-    o.add_argument("--schedule", choices=SCHEDULES, default="constant",
-                   help="learning-rate schedule of stages and synthesizers: constant, or cosine decay to 0")
+                   help="Adam learning rate of the stages; default: 3e-4 for dni, else the model's")
+    o.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                   help="learning-rate schedule of stages and synthesizers: cosine decay to 0, or constant")
     o.add_argument("--update-prob", type=_float(0, 1), default=1.0,
                    help="each stage's backward pass and update happen with this probability per step")
     o.add_argument("--seed", type=_int(0, 2**31 - 1), default=0)

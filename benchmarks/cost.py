@@ -1,0 +1,102 @@
+"""Step cost of DNI and cDNI against backprop, per synthesizer size, measured side by side.
+
+Every variant trains on the same batch in one process; the variants take turns (round
+robin, several rounds), and each figure is the median of its rounds, so slow drifts of
+the shared machine hit all variants alike. Ratios are to backprop on the same model.
+
+    python benchmarks/cost.py                 # writes benchmarks/results/cost.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from synthgrad import DNI, Backprop, StepRule
+from synthgrad.models import build_stages
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+# (label, method, synth_hidden, synth_width); width None = the default (1024 vector, 64 conv channels)
+VARIANTS = [
+    ("backprop", "backprop", None, None),
+    ("cdni linear", "cdni", 0, None),
+    ("dni linear", "dni", 0, None),
+    ("dni 1x256", "dni", 1, 256),
+    ("dni 2x256", "dni", 2, 256),
+    ("dni 2x1024 (paper)", "dni", 2, 1024),
+]
+CONV_VARIANTS = [
+    ("backprop", "backprop", None, None),
+    ("cdni linear (one 5x5 conv)", "cdni", 0, None),
+    ("dni linear (one 5x5 conv)", "dni", 0, None),
+    ("dni 1x16ch", "dni", 1, 16),
+    ("dni 2x64ch", "dni", 2, 64),
+]
+
+
+def make(model: str, method: str, hidden: int | None, width: int | None, x: torch.Tensor) -> StepRule:
+    torch.manual_seed(0)
+    stages = build_stages(model, (1, 28, 28), 10)
+    if method == "backprop":
+        return Backprop(stages)
+    return DNI.build(stages, x[:2], conditioned=method == "cdni", num_classes=10, synth_hidden=hidden,
+                     synth_width=width)
+
+
+def measure(model: str, batch: int, steps: int, rounds: int) -> list[tuple[str, float, float]]:
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    variants = CONV_VARIANTS if model.startswith("cnn") else VARIANTS
+    rules = [(label, make(model, m, h, w, x)) for label, m, h, w in variants]
+    times: dict[str, list[float]] = {label: [] for label, _ in rules}
+    for rule in (r for _, r in rules):  # warm-up
+        for _ in range(3):
+            rule.step(x, y)
+    for _ in range(rounds):
+        for label, rule in rules:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                rule.step(x, y)
+            times[label].append((time.perf_counter() - t0) / steps)
+    base = statistics.median(times["backprop"])
+    return [(label, 1000 * statistics.median(ts), statistics.median(ts) / base) for label, ts in times.items()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["mlp", "fcn-3", "cnn"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    lines = [
+        "# Step cost per synthesizer size", "",
+        f"- command: `python benchmarks/cost.py {' '.join(sys.argv[1:])}`",
+        f"- date: {date.today().isoformat()}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{a.threads} thread(s), batch {a.batch_size}",
+        f"- median over {a.rounds} interleaved rounds of {a.steps} steps; ratio = step time / backprop step time",
+        "",
+        "| model | variant | ms/step | × backprop |",
+        "|---|---|---|---|",
+    ]
+    for model in a.models:
+        for label, ms, ratio in measure(model, a.batch_size, a.steps, a.rounds):
+            lines.append(f"| {model} | {label} | {ms:.1f} | {ratio:.2f} |")
+            print(lines[-1], flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cost.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
