@@ -162,7 +162,7 @@ def wants_sequence(a: argparse.Namespace) -> bool:
 def config_from_args(a: argparse.Namespace) -> SequenceConfig:
     for flag, value, default in (("--stages", a.stages, None), ("--epochs", a.epochs, None),
                                  ("--target", a.target, "bootstrap"), ("--update-prob", a.update_prob, 1.0),
-                                 ("--schedule", getattr(a, "schedule", "constant"), "constant")):
+                                 ("--schedule", getattr(a, "schedule", "cosine"), "cosine")):
         if value != default:
             raise ConfigError(f"{flag} applies to classification only; drop it with --task (use --max-steps "
                               "for the length of a sequence run)")
