@@ -138,13 +138,16 @@ def layer_costs(layers: list[nn.Module], input_shape: tuple[int, ...]) -> list[f
 
 
 def partition(layers: list[nn.Module], num_stages: int, input_shape: tuple[int, ...]) -> list[nn.Module]:
-    """Group layers into `num_stages` contiguous stages, minimising the most expensive stage."""
+    """Group layers into `num_stages` contiguous stages, minimising the most expensive stage's training step."""
     if not 1 <= num_stages <= len(layers):
         raise ConfigError(f"cannot cut {len(layers)} layers into {num_stages} stages; "
                           f"use --stages between 1 and {len(layers)}")
     if num_stages == len(layers):
         return list(layers)
-    costs = layer_costs(layers, input_shape)
+    # A training step costs forward + backward = 3x the forward MACs (backward computes the gradient
+    # of the input and of the weights), except the first layer, which needs no gradient of the network
+    # input: 2x. Balancing forward MACs alone leaves the upper stage ~30% busier on an FCN.
+    costs = [c * (2 if i == 0 else 3) for i, c in enumerate(layer_costs(layers, input_shape))]
     best_cuts, best_max = None, float("inf")
     for cuts in itertools.combinations(range(1, len(layers)), num_stages - 1):
         bounds = (0, *cuts, len(layers))
