@@ -107,7 +107,7 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def write_report(suite: str, runs: list[Run], runs_root: Path, command: str) -> str:
+def write_report(suite: str, runs: list[Run], runs_root: Path, command: str, setup: str) -> str:
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for run in runs:
         s = summarise(runs_root / run.name)
@@ -119,6 +119,7 @@ def write_report(suite: str, runs: list[Run], runs_root: Path, command: str) -> 
         f"- date: {date.today().isoformat()}",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), "
         f"Python {platform.python_version()}",
+        f"- {setup}",
         "- accuracy: MNIST/Fashion-MNIST test set, in %, mean ± std over seeds; final = after the last epoch",
         "",
         "| dataset | model | method | seeds | final acc. | best acc. | epochs | s/epoch | samples/s | "
@@ -186,7 +187,9 @@ def main() -> None:
             f.write(f"{date.today().isoformat()}  python benchmarks/accuracy.py {' '.join(sys.argv[1:])}\n")
     commands = log.read_text().strip().replace("\n", "`; `") if log.exists() else ""
     everything = suite_runs(a.suite, [0, 1, 2], None)
-    print(write_report(a.suite, everything, root, commands))
+    setup = (f"each run: `synthgrad train` with {a.threads} torch thread(s), {a.jobs} runs side by side, so "
+             "s/epoch and samples/s are per core")
+    print(write_report(a.suite, everything, root, commands, setup))
     plot(a.suite, everything, root)
 
 
