@@ -11,8 +11,14 @@ The public API, enough to decouple any model given as a list of stages::
 __version__ = "0.1.0"
 
 from synthgrad.interfaces import BackwardInterface, ForwardInterface, Interface, adam  # noqa: E402
+from synthgrad.rnn import LSTMCore, TruncatedBPTT, window_step  # noqa: E402
 from synthgrad.rules import DNI, Backprop, StepRule, stage_step, true_gradient  # noqa: E402
-from synthgrad.synthesizers import ConvSynthesizer, VectorSynthesizer, make_synthesizer  # noqa: E402
+from synthgrad.synthesizers import (  # noqa: E402
+    ConvSynthesizer,
+    InputSynthesizer,
+    VectorSynthesizer,
+    make_synthesizer,
+)
 
 __all__ = [
     "DNI",
@@ -20,12 +26,16 @@ __all__ = [
     "Backprop",
     "ConvSynthesizer",
     "ForwardInterface",
+    "InputSynthesizer",
     "Interface",
+    "LSTMCore",
     "StepRule",
+    "TruncatedBPTT",
     "VectorSynthesizer",
     "__version__",
     "adam",
     "make_synthesizer",
     "stage_step",
     "true_gradient",
+    "window_step",
 ]
