@@ -135,3 +135,34 @@ def test_cli_train_with_stages(fake_data_dir: Path, tmp_path: Path, capsys: pyte
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("final test accuracy")
     assert {"config.json", "metrics.jsonl", "final.pt", "best.pt", "checkpoint.pt", "loss.png"} <= {
         p.name for p in run.iterdir()}
+
+
+def test_complete_unlock_pipeline_trains(fake_data_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(method="dni", unlock="complete", epochs=4, input_width=32, synth_lr=1e-3)
+    run = tmp_path / "run"
+    result = run_pipeline(cfg, _dataset(fake_data_dir, tmp_path), run, quiet=True)
+    assert result.steps == 4 * (512 // 32) and result.best_accuracy > 0.25  # chance is 0.1
+    records = read_metrics(run / "metrics.jsonl")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert len(epochs) == 4 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]  # the real network's loss
+    assert all(r["input_loss"][0] is not None for r in steps)  # the forward interface regressed every time
+    # The forward interface's state is gathered into the checkpoint, and the real network is what is saved.
+    state = checkpoint.load(run / checkpoint.LATEST)["rule"]
+    assert len(state["forward_interfaces"]) == 1 and state["forward_interfaces"][0]["optimizer"]["state"]
+    net, loaded = load_network(run / checkpoint.FINAL)
+    assert loaded.unlock == "complete" and len(net) == 2
+
+
+def test_complete_unlock_pipeline_never_blocks_on_the_stage_below(fake_data_dir: Path, tmp_path: Path) -> None:
+    """Stage 1 sleeps 0.2 s in each step; stages 2 and 3 run on synthetic inputs and finish their steps at once."""
+    cfg = _cfg(model="fcn-3", stages=3, method="dni", unlock="complete", epochs=1, max_steps=10, input_width=32)
+    run = tmp_path / "run"
+    result = run_pipeline(cfg, _dataset(fake_data_dir, tmp_path), run, quiet=True, _slow=(0, 0.2))
+    assert result.steps == 10
+    (epoch,) = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "epoch"]
+    first, *upper = epoch["stage_steps_done_s"]
+    assert first >= 10 * 0.2  # stage 1 slept through its 10 steps
+    assert all(t < 0.5 * first for t in upper), epoch["stage_steps_done_s"]  # without waiting for stage 1
+    # The real chain still flowed up to the last stage: it logged the real network's loss for every step.
+    assert epoch["train_loss"] is not None and epoch["test_accuracy"] is not None

@@ -8,6 +8,17 @@ synthesizer onto targets as they arrive (their staleness is logged). Method
 ``backprop`` gives the *locked* pipeline: each stage waits for the true gradient
 from above, through the very same code path.
 
+With the complete unlock (``unlock="complete"``) stage k >= 1 does not wait for the
+activation from below either. Rank 0 broadcasts the training set once; every rank
+walks the same batches, and stage k runs its step at once on a synthetic input
+that its forward interface predicts from the network input. The real activations
+still flow up (forward-only passes, which also update BN running statistics):
+when the one of a past step arrives, stage k regresses its forward interface onto
+it and sends its own real activation up. Targets from a stage that runs ahead wait
+for their step in a bounded buffer, and a stage drops the targets that the stage
+below is too slow to take rather than wait. Only an evaluation, which runs the real
+composed network, waits for the real chain to catch up.
+
 Launch locally with ``run_pipeline`` (``synthgrad train --stages K`` calls it): it
 spawns K processes on 127.0.0.1 and a free port. Across machines, run this module
 under torchrun, one process per stage, with a config.json (for instance that of an
@@ -59,9 +70,9 @@ from torch import nn
 from synthgrad import __version__, checkpoint, data
 from synthgrad.config import TrainConfig
 from synthgrad.errors import ConfigError, StageFailure, SynthgradError
-from synthgrad.interfaces import BackwardInterface
+from synthgrad.interfaces import BackwardInterface, ForwardInterface
 from synthgrad.metrics import MetricsLog, read_metrics
-from synthgrad.rules import DNI, StepRule, activation_shapes, stage_step
+from synthgrad.rules import DNI, StepRule, activation_shapes, frozen_batchnorm_stats, stage_step
 from synthgrad.trainer import CONFIG, METRICS, RunResult, build_rule, evaluate
 
 # Packet kinds: the first float of every message.
@@ -172,6 +183,16 @@ class Outbox:
         if idle is not None:
             idle[0] += time.perf_counter() - t0
 
+    def offer(self, msg: torch.Tensor) -> bool:
+        """Queue `msg` if there is room, never waiting; False when the queue is full (the caller drops it)."""
+        if self.error:
+            raise LinkDown(self.error)
+        try:
+            self.q.put_nowait(msg)
+        except queue.Full:
+            return False
+        return True
+
     def close(self, on_idle: Callable[[], None] | None = None) -> None:
         """Wait until every message is sent, then end the thread."""
         deadline = time.monotonic() + link_timeout()
@@ -228,6 +249,7 @@ class StageOptions:
     max_inflight: int = DEFAULT_INFLIGHT
     quiet: bool = False
     fault: tuple[int, int] | None = None  # test hook: (rank, step) at which that rank raises
+    slow: tuple[int, float] | None = None  # test hook: (rank, seconds) that rank sleeps in each of its steps
 
 
 class StageProcess:
@@ -251,6 +273,20 @@ class StageProcess:
         dist.broadcast_object_list(meta, src=0)
         self.input_shape, self.num_classes, self.num_train = meta[0]
         self.dataset = dataset
+        # Complete unlock: a stage with a synthetic input predicts it from the network input, so every
+        # rank needs the training batches itself; rank 0 broadcasts the training set once.
+        self.complete = cfg.unlock == "complete" and not self.locked
+        if self.complete:
+            tx = torch.empty(self.num_train, *self.input_shape, device=self.device)
+            ty = torch.empty(self.num_train, dtype=torch.int64, device=self.device)
+            if rank == 0:
+                assert dataset is not None
+                tx.copy_(dataset.train_x)
+                ty.copy_(dataset.train_y)
+            dist.broadcast(tx, src=0)
+            dist.broadcast(ty, src=0)
+            self.train_xy = (tx, ty)
+        self.orders: dict[int, torch.Tensor] = {}  # epoch -> example order (the last two epochs)
         # Every rank builds the whole model from cfg.seed (identical init), then keeps its own part.
         self.rule: StepRule = build_rule(cfg, self.input_shape, self.num_classes)
         # Message sizes: the per-example activation shape at every boundary (one CPU forward pass).
@@ -260,6 +296,10 @@ class StageProcess:
         self.interface = self.rule.interfaces[rank] if (not self.locked and not self.last) else None
         if self.interface is not None:
             self.interface.to(self.device)
+        # Complete unlock: the forward interface in front of this stage (none in front of stage 1).
+        self.forward_interface: ForwardInterface | None = None
+        if self.complete and rank > 0:
+            self.forward_interface = self.rule.forward_interfaces[rank - 1].to(self.device)  # type: ignore[assignment]
         if rank == 0:
             self.rule.stages.to(self.device)  # rank 0 assembles and evaluates the composed network
         self.rule.train()
@@ -270,6 +310,8 @@ class StageProcess:
         self.out_shape = shapes[rank]
         b = cfg.batch_size
         self.stats_len = 2 * (world - 1)  # per interface: staleness, synth_loss of the latest target
+        if self.complete:
+            self.stats_len += world - 1  # per forward interface: input_loss of its latest regression
         # Links: a process group per link and direction, so that no two threads share one.
         fwd_groups = [dist.new_group([k, k + 1]) for k in range(world - 1)]
         bwd_groups = [dist.new_group([k, k + 1]) for k in range(world - 1)]
@@ -287,6 +329,14 @@ class StageProcess:
             self.fwd_numel = FWD_HEAD + self.stats_len + b + b * n_out
         # DNI: (step, h, context) of recent steps, until their targets arrive.
         self.history: deque[tuple[int, torch.Tensor, torch.Tensor | None]] = deque(maxlen=2 * m + 8)
+        # Complete unlock: the stage above may run ahead, so targets can come for steps this stage has
+        # not run yet; up to this many wait here for their step (more are dropped).
+        self.early: deque[torch.Tensor] = deque()
+        self.early_max = 2 * m + 8
+        self.held: torch.Tensor | None = None  # complete unlock: an EVAL or STOP from below, not yet acted on
+        self.not_sent = 0  # complete unlock: targets dropped because the link down was full
+        self.input_loss = math.nan  # complete unlock: this stage's latest forward interface regression loss
+        self.steps_done_s = math.nan  # when this rank finished its own steps of the epoch (s since start)
         self.stopped_above = False
         # Bookkeeping.
         self.step = 0  # steps this stage has run
@@ -309,6 +359,8 @@ class StageProcess:
         """Apply every target that has arrived from above (DNI), without waiting for any."""
         if self.bwd_in is None or self.locked or self.stopped_above:
             return
+        while self.early and int(self.early[0][1]) < self.step:  # complete unlock: their step has run now
+            self.apply_target(self.early.popleft())
         while (msg := self.bwd_in.get(block=False)) is not None:
             self.apply_target(msg)
 
@@ -316,6 +368,12 @@ class StageProcess:
         kind, s = float(msg[0]), int(msg[1])
         if kind == STOP:
             self.stopped_above = True
+            return
+        if self.complete and s >= self.step:  # from a stage above that runs ahead: keep it until step s has run
+            if len(self.early) < self.early_max:
+                self.early.append(msg)
+            else:
+                self.dropped += 1
             return
         while self.history and self.history[0][0] < s:
             self.history.popleft()  # steps whose target never came (the stage above skipped its update)
@@ -352,6 +410,11 @@ class StageProcess:
         else:
             msg = torch.cat([torch.tensor([DATA, step], dtype=torch.float32, device=self.device),
                              grad.reshape(-1).float()])
+        if self.complete:
+            # Never wait for the stage below: when it is too slow to take its targets, drop them.
+            if not self.bwd_out.offer(msg):
+                self.not_sent += 1
+            return
         self.bwd_out.put(msg, on_idle=self.drain_targets, idle=self.idle)
 
     # -- one step ---------------------------------------------------------------------------
@@ -360,12 +423,21 @@ class StageProcess:
         cfg, step = self.cfg, self.step
         if self.opts.fault is not None and self.opts.fault == (self.rank, step):
             raise RuntimeError(f"injected fault at step {step} (test hook)")
+        if self.opts.slow is not None and self.opts.slow[0] == self.rank:
+            time.sleep(self.opts.slow[1])  # test hook: a slow stage
         if cfg.schedule != "constant":
             self.rule.set_lr_factor(cfg.lr_factor(step, cfg.total_steps(self.num_train)))
         update = cfg.update_prob >= 1.0 or bool(torch.rand(1, generator=self.updates) < cfg.update_prob)
         ctx = self.rule.context(y) if isinstance(self.rule, DNI) else None
-        boundary = None
-        if not self.last:
+        fi = self.forward_interface
+        boundary: Boundary | BackwardInterface | None = None
+        if fi is not None:
+            # Complete unlock: run on a synthetic input predicted from the network input x, at once; the
+            # real activation from below trains `fi` and goes up later (`run_real`), so nothing is sent here.
+            with torch.no_grad():
+                x = fi.predict(x, ctx)
+            boundary = self.interface
+        elif not self.last:
             stats = stats.clone()
             stats[2 * self.rank:2 * self.rank + 2] = torch.tensor(self.my_stats)
             self.my_stats = [math.nan, math.nan]
@@ -375,17 +447,76 @@ class StageProcess:
                                  on_idle=self.drain_targets, idle=self.idle)
 
             boundary = Boundary(self.interface, send, self.wait_gradient)
-        res = stage_step(self.stage, self.optimizer, x, index=self.rank, step=step,
-                         interface=boundary, context=ctx, labels=y,  # type: ignore[arg-type]
-                         input_grad=self.rank > 0, update=update)
-        if boundary is not None and not boundary.sent:  # no update: stage_step never predicted
+        # Batch statistics of a synthetic input must not reach BN running statistics (the real pass does).
+        with frozen_batchnorm_stats([self.stage]) if fi is not None else contextlib.nullcontext():
+            res = stage_step(self.stage, self.optimizer, x, index=self.rank, step=step,
+                             interface=boundary, context=ctx, labels=y,  # type: ignore[arg-type]
+                             input_grad=self.rank > 0, update=update)
+        if isinstance(boundary, Boundary) and not boundary.sent:  # no update: stage_step never predicted
             boundary.send(res.output)
         if self.interface is not None:
             self.history.append((step, res.output, ctx))
         self.step += 1
         self.send_down(step, res.input_grad)
         self.drain_targets()
+        if fi is not None:
+            self.drain_real()
         return None if res.loss is None else res.loss.item()
+
+    # -- complete unlock: the real chain ------------------------------------------------------
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self.orders:
+            if len(self.orders) >= 2:
+                del self.orders[min(self.orders)]
+            self.orders[epoch] = data.epoch_order(self.num_train, self.cfg.seed, epoch).to(self.device)
+        return self.orders[epoch]
+
+    def drain_real(self) -> None:
+        """Take every real activation that has arrived from below, without waiting; hold an EVAL or STOP."""
+        assert self.fwd_in is not None
+        while self.held is None and (msg := self.fwd_in.get(block=False)) is not None:
+            if float(msg[0]) == DATA:
+                self.run_real(msg)
+            else:
+                self.held = msg  # acted on once this rank has run its own steps of the epoch
+
+    def next_from_below(self) -> torch.Tensor:
+        """The held EVAL or STOP, else the next message from below (waiting for it)."""
+        assert self.fwd_in is not None
+        if self.held is not None:
+            msg, self.held = self.held, None
+            return msg
+        msg = self.fwd_in.get(on_idle=self.drain_targets, idle=self.idle)
+        assert msg is not None
+        return msg
+
+    def run_real(self, msg: torch.Tensor) -> None:
+        """The real activation of a past step came from below: regress the forward interface onto it, then
+        run the forward-only real pass (it updates BN running statistics) and send its result up."""
+        assert self.forward_interface is not None
+        b, n = self.cfg.batch_size, self.stats_len
+        _, s, epoch, batch = (int(v) for v in msg[:FWD_HEAD].tolist())
+        stats = msg[FWD_HEAD:FWD_HEAD + n].clone()
+        y = msg[FWD_HEAD + n:FWD_HEAD + n + b].long()
+        real = msg[FWD_HEAD + n + b:].view(b, *self.in_shape)
+        # The network input of step s, from the epoch order that every rank shares (no buffer needed).
+        idx = self.epoch_order(epoch)[batch * b:(batch + 1) * b]
+        x = self.train_xy[0][idx]
+        ctx = self.rule.context(y) if isinstance(self.rule, DNI) else None
+        t0 = time.perf_counter()
+        # Predict again: the forward interface has moved since step s, and graphs do not outlive a step.
+        self.input_loss = self.forward_interface.update(self.forward_interface.predict(x, ctx), real)
+        self.synth[0] += time.perf_counter() - t0
+        with torch.no_grad():
+            out = self.stage(real)
+        stats[2 * (self.world - 1) + self.rank - 1] = self.input_loss
+        if self.last:
+            self.log_step(self.rule.loss_fn(out, y).item(), stats, epoch, s + 1)
+            return
+        stats[2 * self.rank:2 * self.rank + 2] = torch.tensor(self.my_stats)
+        self.my_stats = [math.nan, math.nan]
+        self.fwd_out.put(self.forward_packet(DATA, s, epoch, batch, stats, y, out),
+                         on_idle=self.drain_targets, idle=self.idle)
 
     # -- the loops --------------------------------------------------------------------------
     def run(self) -> None:
@@ -393,17 +524,103 @@ class StageProcess:
         self.t0 = time.perf_counter()
         if self.rank == 0:
             self.run_first()
+        elif self.complete:
+            self.run_complete()
         else:
             self.run_upper()
 
+    def log_step(self, loss: float, stats: torch.Tensor, epoch: int, step: int) -> None:
+        """Last rank: add one step's loss and the lower stages' stats (carried up in the headers); every
+        log_every steps, a step record (shipped to rank 0 at the next EVAL)."""
+        self.loss_sum, self.loss_n = self.loss_sum + loss, self.loss_n + 1
+        self.epoch_loss_sum, self.epoch_loss_n = self.epoch_loss_sum + loss, self.epoch_loss_n + 1
+        st = stats.double().cpu()
+        ok = ~torch.isnan(st)
+        self.stats_sum[ok] += st[ok]
+        self.stats_n[ok] += 1
+        self.window_n += self.cfg.batch_size
+        if step % self.cfg.log_every == 0:
+            now = time.perf_counter()
+            means = (self.stats_sum / self.stats_n.clamp_min(1)).tolist()
+            have = self.stats_n.tolist()
+            n = self.world - 1
+            record = {
+                "kind": "step", "epoch": epoch, "step": step, "train_loss": self.loss_sum / self.loss_n,
+                "synth_loss": [means[2 * i + 1] if have[2 * i + 1] else None for i in range(n)],
+                "staleness": [means[2 * i] if have[2 * i] else None for i in range(n)],
+                "wall_time_s": round(now - self.t0, 3),
+                "samples_per_s": round(self.window_n / max(now - self.window_t, 1e-9), 1)}
+            if self.complete:
+                record["input_loss"] = [means[2 * n + i] if have[2 * n + i] else None for i in range(n)]
+            self.records.append(record)
+            self.loss_sum = self.loss_n = 0.0
+            self.stats_sum.zero_()
+            self.stats_n.zero_()
+            self.window_t, self.window_n = now, 0
+
+    def reset_log(self) -> None:
+        self.window_t, self.window_n = time.perf_counter(), 0
+        self.loss_sum = self.loss_n = self.epoch_loss_sum = self.epoch_loss_n = 0.0
+        self.stats_sum = torch.zeros(self.stats_len, dtype=torch.float64)
+        self.stats_n = torch.zeros(self.stats_len, dtype=torch.float64)
+
+    def send_report(self, msg: torch.Tensor) -> None:
+        """EVAL from below: pass it on, then send rank 0 this rank's state (and the last rank's records)."""
+        kind, step, epoch, batch = (int(v) for v in msg[:FWD_HEAD].tolist())
+        stats = msg[FWD_HEAD:FWD_HEAD + self.stats_len]
+        if self.fwd_out is not None:
+            self.fwd_out.put(self.forward_packet(EVAL, step, epoch, batch, stats),
+                             on_idle=self.drain_targets, idle=self.idle)
+        report = self.report()
+        if self.last:
+            report["records"], self.records = self.records, []
+            report["epoch_loss"] = self.epoch_loss_sum / self.epoch_loss_n if self.epoch_loss_n else None
+            if batch:  # the epoch is complete
+                self.epoch_loss_sum = self.epoch_loss_n = 0.0
+        dist.send_object_list([report], dst=0)
+        self.window_t, self.window_n = time.perf_counter(), 0
+
+    def pass_stop(self, msg: torch.Tensor) -> None:
+        """STOP from below: pass it on, then end this stage (`finish`)."""
+        _, step, epoch, batch = (int(v) for v in msg[:FWD_HEAD].tolist())
+        if self.fwd_out is not None:
+            self.fwd_out.put(self.forward_packet(STOP, step, epoch, batch, msg[FWD_HEAD:FWD_HEAD + self.stats_len]),
+                             on_idle=self.drain_targets, idle=self.idle)
+        self.finish()
+
+    def run_complete(self) -> None:
+        """Ranks 1..K-1 with the complete unlock: run this rank's own steps on synthetic inputs, never waiting
+        for the stage below; the real chain from below is taken between steps. Only at an evaluation (which
+        runs the real network) does this rank wait for the real chain to catch up."""
+        cfg = self.cfg
+        x_train, y_train = self.train_xy
+        self.reset_log()
+        done = False
+        for epoch in range(cfg.epochs):
+            for batch, (xb, yb) in enumerate(data.batches(x_train, y_train, cfg.batch_size,
+                                                          self.epoch_order(epoch))):
+                self.run_step(xb, yb, epoch, batch, None)  # type: ignore[arg-type]
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    done = True
+                    break
+            self.steps_done_s = time.perf_counter() - self.t0
+            while float((msg := self.next_from_below())[0]) == DATA:
+                self.run_real(msg)
+            if float(msg[0]) != EVAL:
+                raise RuntimeError(f"stage {self.rank + 1}: STOP from below before the evaluation of epoch {epoch}")
+            self.send_report(msg)
+            if done:
+                break
+        while float((msg := self.next_from_below())[0]) == DATA:
+            self.run_real(msg)
+        if float(msg[0]) != STOP:
+            raise RuntimeError(f"stage {self.rank + 1}: an evaluation from below after the last epoch")
+        self.pass_stop(msg)
+
     def run_upper(self) -> None:
         """Ranks 1..K-1: take what comes from below until STOP."""
-        cfg = self.cfg
-        b = cfg.batch_size
-        window_t, window_n = time.perf_counter(), 0
-        loss_sum = loss_n = epoch_loss_sum = epoch_loss_n = 0.0
-        stats_sum = torch.zeros(self.stats_len, dtype=torch.float64)
-        stats_n = torch.zeros(self.stats_len, dtype=torch.float64)
+        b = self.cfg.batch_size
+        self.reset_log()
         assert self.fwd_in is not None
         while True:
             msg = self.fwd_in.get(on_idle=self.drain_targets, idle=self.idle)
@@ -414,48 +631,13 @@ class StageProcess:
                 y = msg[FWD_HEAD + self.stats_len:FWD_HEAD + self.stats_len + b].long()
                 x = msg[FWD_HEAD + self.stats_len + b:].view(b, *self.in_shape)
                 loss = self.run_step(x, y, epoch, batch, stats)
-                if not self.last:
-                    continue
-                # The last rank logs: the loss, and the lower stages' stats carried up in the headers.
-                assert loss is not None
-                loss_sum, loss_n = loss_sum + loss, loss_n + 1
-                epoch_loss_sum, epoch_loss_n = epoch_loss_sum + loss, epoch_loss_n + 1
-                st = stats.double().cpu()
-                ok = ~torch.isnan(st)
-                stats_sum[ok] += st[ok]
-                stats_n[ok] += 1
-                window_n += b
-                if self.step % cfg.log_every == 0:
-                    now = time.perf_counter()
-                    means = (stats_sum / stats_n.clamp_min(1)).tolist()
-                    have = stats_n.tolist()
-                    self.records.append({
-                        "kind": "step", "epoch": epoch, "step": self.step, "train_loss": loss_sum / loss_n,
-                        "synth_loss": [means[2 * i + 1] if have[2 * i + 1] else None for i in range(self.world - 1)],
-                        "staleness": [means[2 * i] if have[2 * i] else None for i in range(self.world - 1)],
-                        "wall_time_s": round(now - self.t0, 3),
-                        "samples_per_s": round(window_n / max(now - window_t, 1e-9), 1)})
-                    loss_sum = loss_n = 0.0
-                    stats_sum.zero_()
-                    stats_n.zero_()
-                    window_t, window_n = now, 0
+                if self.last:  # the last rank logs: the loss, and the lower stages' stats carried up
+                    assert loss is not None
+                    self.log_step(loss, stats, epoch, self.step)
             elif kind == EVAL:
-                if self.fwd_out is not None:
-                    self.fwd_out.put(self.forward_packet(EVAL, step, epoch, batch, stats),
-                                     on_idle=self.drain_targets, idle=self.idle)
-                report = self.report()
-                if self.last:
-                    report["records"], self.records = self.records, []
-                    report["epoch_loss"] = epoch_loss_sum / epoch_loss_n if epoch_loss_n else None
-                    if batch:  # the epoch is complete
-                        epoch_loss_sum = epoch_loss_n = 0.0
-                dist.send_object_list([report], dst=0)
-                window_t, window_n = time.perf_counter(), 0
+                self.send_report(msg)
             elif kind == STOP:
-                if self.fwd_out is not None:
-                    self.fwd_out.put(self.forward_packet(STOP, step, epoch, batch, stats),
-                                     on_idle=self.drain_targets, idle=self.idle)
-                self.finish()
+                self.pass_stop(msg)
                 return
 
     def report(self) -> dict:
@@ -466,6 +648,10 @@ class StageProcess:
                "synth_s": self.synth[0],
                "staleness": self.stale_sum / self.stale_n if self.stale_n else None,
                "staleness_max": self.stale_max if self.stale_n else None, "dropped_targets": self.dropped}
+        if self.complete:
+            out["forward_interface"] = (None if self.forward_interface is None
+                                        else _cpu(self.forward_interface.state_dict()))
+            out["steps_done_s"], out["targets_not_sent"] = self.steps_done_s, self.not_sent
         self.stale_sum, self.stale_n, self.stale_max = 0.0, 0, 0
         return out
 
@@ -511,6 +697,7 @@ class StageProcess:
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     done = True
                     break
+            self.steps_done_s = time.perf_counter() - self.t0
             complete = batch >= per_epoch
             # Evaluation: every stage reports its state once it has run all of this epoch's steps.
             self.fwd_out.put(self.forward_packet(EVAL, self.step, epoch, int(complete), no_stats),
@@ -537,6 +724,9 @@ class StageProcess:
                       "stage_busy_s": [round(r["busy_s"], 3) for r in reports],
                       "stage_idle_s": [round(r["idle_s"], 3) for r in reports],
                       "stage_synth_s": [round(r["synth_s"], 3) for r in reports]}
+            if self.complete:  # when each stage had run its own steps of the epoch (s since the start)
+                record["stage_steps_done_s"] = [round(r["steps_done_s"], 3) for r in reports]
+                record["targets_not_sent"] = [r["targets_not_sent"] for r in reports[1:]]
             metrics.write(record)
             if not self.opts.quiet:
                 loss = record["train_loss"]
@@ -563,6 +753,8 @@ class StageProcess:
             self.rule.optimizers[k].load_state_dict(reports[k]["optimizer"])
             if reports[k]["interface"] is not None:
                 self.rule.interfaces[k].load_state_dict(reports[k]["interface"])
+            if reports[k].get("forward_interface") is not None:
+                self.rule.forward_interfaces[k - 1].load_state_dict(reports[k]["forward_interface"])
         self.rule.steps = self.step
         metrics.sync()
         checkpoint.save(self.run_dir / checkpoint.LATEST, {
@@ -685,7 +877,7 @@ def _failure(procs: list, reports: list[tuple], world: int) -> StageFailure:
 
 def run_pipeline(cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path, resume: bool = False,
                  quiet: bool = False, max_inflight: int = DEFAULT_INFLIGHT,
-                 _fault: tuple[int, int] | None = None) -> RunResult:
+                 _fault: tuple[int, int] | None = None, _slow: tuple[int, float] | None = None) -> RunResult:
     """Train with one local process per stage (cfg.stages of them); the run directory as the trainer's."""
     run_dir = Path(run_dir)
     if resume:
@@ -703,7 +895,7 @@ def run_pipeline(cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path, r
     world = cfg.stages
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    opts = StageOptions(max_inflight=max_inflight, quiet=quiet, fault=_fault)
+    opts = StageOptions(max_inflight=max_inflight, quiet=quiet, fault=_fault, slow=_slow)
     port = free_port()
     procs = [ctx.Process(target=_spawned, name=f"synthgrad-stage{k + 1}", daemon=True,
                          args=(k, world, port, cfg.to_dict(), str(run_dir), dataset if k == 0 else None,
