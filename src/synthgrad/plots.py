@@ -81,7 +81,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
             ax.plot(xs, _smooth(ys, 5), label=run_label(d))
     ax.set(xlabel="step", ylabel="training loss (cross-entropy)", title="Classification loss", yscale="log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     save(fig, "loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -92,7 +93,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
                     ms=3, label=run_label(d))
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     save(fig, "accuracy.png")
 
     for key, name, title, ylabel, log in (

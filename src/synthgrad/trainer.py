@@ -161,6 +161,7 @@ class Trainer:
         self.final_accuracy = float("nan")
         self.epoch_mean = _Mean()  # this epoch's training loss so far
         self.window = _Mean()  # stats since the last step record
+        self.pending_diag: dict = {}  # the last diagnostic step's agreement, written with the next record
         self.metrics: MetricsLog | None = None
 
     # -- run directory ---------------------------------------------------------------------
@@ -184,6 +185,7 @@ class Trainer:
         self.final_accuracy = state.get("final_accuracy", float("nan"))
         self.epoch_mean = _Mean.from_state(state["epoch_mean"])
         self.window = _Mean.from_state(state["window"])
+        self.pending_diag = state.get("pending_diag", {})
         torch.set_rng_state(state["torch_rng"])
         # Drop metric lines written after this checkpoint, including a line torn by a kill.
         self.metrics = MetricsLog(self.run_dir / METRICS)
@@ -196,7 +198,7 @@ class Trainer:
             "rule": self.rule.state_dict(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
             "elapsed": self.elapsed, "best_accuracy": self.best_accuracy,
             "final_accuracy": self.final_accuracy, "epoch_mean": self.epoch_mean.state(),
-            "window": self.window.state(),
+            "window": self.window.state(), "pending_diag": self.pending_diag,
             "torch_rng": torch.get_rng_state(), "metrics_offset": self.metrics.offset(),
             "config": self.cfg.to_dict(),
         })
@@ -205,6 +207,16 @@ class Trainer:
         checkpoint.save(self.run_dir / name, {"config": self.cfg.to_dict(), "step": self.step,
                                               "test_accuracy": accuracy,
                                               "stages": self.rule.stages.state_dict()})
+
+    def _log_window(self, samples_per_s: float) -> None:
+        """Write one step record: the means since the last one, and any pending diagnostics."""
+        assert self.metrics is not None
+        record = {"kind": "step", "epoch": self.epoch, "step": self.step, **self.window.means(),
+                  "wall_time_s": round(self.elapsed, 3), "samples_per_s": round(samples_per_s, 1),
+                  **self.pending_diag}
+        self.metrics.write(record)
+        self.progress.update(0, record["train_loss"], samples_per_s)
+        self.window, self.pending_diag = _Mean(), {}
 
     # -- loop ------------------------------------------------------------------------------
     def fit(self) -> RunResult:
@@ -239,17 +251,12 @@ class Trainer:
                 n_epoch += len(xb)
                 if self.on_step is not None:
                     self.on_step(self.step)
-                if self.step % cfg.log_every == 0 or want_diag:
-                    sps = n_window / max(now - t_window, 1e-9)
-                    record = {"kind": "step", "epoch": self.epoch, "step": self.step,
-                              **self.window.means(), "wall_time_s": round(self.elapsed, 3),
-                              "samples_per_s": round(sps, 1)}
-                    if want_diag:  # this step's agreement with the true gradient
-                        record["grad_cosine"] = stats["grad_cosine"]
-                        record["grad_rel_error"] = stats["grad_rel_error"]
-                    self.metrics.write(record)
-                    self.progress.update(0, record["train_loss"], sps)
-                    self.window, t_window, n_window = _Mean(), now, 0
+                if want_diag:  # this step's agreement with the true gradient, logged with the next record
+                    self.pending_diag = {"grad_cosine": stats["grad_cosine"],
+                                         "grad_rel_error": stats["grad_rel_error"], "diagnosed_step": self.step}
+                if self.step % cfg.log_every == 0:
+                    self._log_window(n_window / max(now - t_window, 1e-9))
+                    t_window, n_window = now, 0
                 self.progress.update(1, None, 0.0)
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     done = True
@@ -257,6 +264,8 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                     t_last = time.perf_counter()
+            if self.window.sums:  # the epoch's last steps since the previous record
+                self._log_window(n_window / max(time.perf_counter() - t_window, 1e-9))
             epoch_time = time.perf_counter() - t_epoch
             accuracy, test_loss = evaluate(self.rule.network(), x_test, y_test, cfg.eval_batch_size)
             self.elapsed += time.perf_counter() - t_last
