@@ -267,3 +267,20 @@ def test_complete_unlock_keeps_bn_statistics_of_the_real_network() -> None:
     dni = DNI.build(stages, x[:2], unlock="complete", synth_width=32, input_width=32)
     dni.step(x, y)
     assert int(stages[1][1].num_batches_tracked) == 1  # one real forward pass, not two
+
+
+def test_synthesizer_learns_whenever_the_stage_above_updates() -> None:
+    # With update_prob < 1, a target exists whenever the stage above runs its backward pass; the
+    # synthesizer below must train on it even if its own stage skipped that step.
+    x, y = _batch()
+    stages = build_stages("fcn-2", (1, 28, 28), 10, width=32)
+    dni = DNI.build(stages, x[:2], synth_hidden=0, update_prob=0.5, seed=1)
+    trained = 0
+    for _ in range(40):
+        # The same draws the step is about to make: stage k updates when draws[k] < p.
+        draws = torch.rand(3, generator=torch.Generator().set_state(dni.generator.get_state()))
+        stats = dni.step(x, y)
+        above_updated = bool(draws[1] < 0.5)
+        assert (stats["synth_loss"][0] is not None) == above_updated
+        trained += above_updated
+    assert 0 < trained < 40

@@ -316,6 +316,7 @@ class DNI(StepRule):
                 # Stage k does not wait for stage k-1: it runs on a synthetic input predicted from x.
                 synthetic_input = self.forward_interfaces[k - 1].predict(x, ctx)
                 h = synthetic_input.detach()
+            h_in = h  # h_(k-1) as this stage receives it
             # Batch statistics of a synthetic input must not leak into BN running statistics;
             # the forward-only pass on the real input below updates them.
             with frozen_batchnorm_stats([stage]) if complete else contextlib.nullcontext():
@@ -324,11 +325,17 @@ class DNI(StepRule):
                                  labels=y, loss_fn=self.loss_fn, input_grad=k > 0, update=updates[k])
             if synthetic_input is not None and updates[k]:
                 input_loss[k - 1] = self.forward_interfaces[k - 1].update(synthetic_input, real)
-            # The interface below regresses onto what reached this stage's input.
-            if k > 0 and pending is not None and res.input_grad is not None:
-                prediction, true_below = pending
-                target = true_below if self.target == "backprop" else res.input_grad
-                synth_loss[k - 1] = self.interfaces[k - 1].update(prediction, target)
+            # The interface below regresses onto what reached this stage's input. With update_prob < 1
+            # the stage below may have skipped its step (no prediction yet): predict now, so that the
+            # synthesizer learns whenever a target exists (probability p), not only when both stages
+            # updated (p^2).
+            if k > 0 and res.input_grad is not None:
+                if pending is None and self.target == "bootstrap":
+                    pending = (self.interfaces[k - 1].predict(h_in, ctx), None)
+                if pending is not None:
+                    prediction, true_below = pending
+                    target = true_below if self.target == "backprop" else res.input_grad
+                    synth_loss[k - 1] = self.interfaces[k - 1].update(prediction, target)
             pending = None
             if k < last and res.prediction is not None:
                 true_here = None
