@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 
@@ -25,8 +26,23 @@ METHOD_DEFAULTS = {
 }
 
 
+class JSONConfig:
+    """to_dict / from_dict for a config dataclass, as saved in a run's config.json."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"config has unknown keys {sorted(unknown)}; was it written by a newer synthgrad?")
+        return cls(**d)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(JSONConfig):
     """A run's resolved configuration; `config.json` in the run directory is this, as JSON."""
 
     model: str = "mlp"
@@ -136,13 +152,3 @@ class TrainConfig:
             return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
         return 1.0
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"config has unknown keys {sorted(unknown)}; was it written by a newer synthgrad?")
-        return cls(**d)

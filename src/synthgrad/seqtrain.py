@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from synthgrad import __version__, checkpoint
+from synthgrad.config import JSONConfig
 from synthgrad.errors import ConfigError
 from synthgrad.metrics import MetricsLog
 from synthgrad.rnn import SEQUENCE_METHODS, LSTMCore, TruncatedBPTT, build_rule
@@ -38,7 +39,7 @@ TASK_DEFAULTS = {
 
 
 @dataclass
-class SequenceConfig:
+class SequenceConfig(JSONConfig):
     """A sequence run's resolved configuration; config.json is this, as JSON (with "task" set)."""
 
     task: str = "copy"
@@ -114,16 +115,6 @@ class SequenceConfig:
         if self.device.startswith("cuda"):
             need(torch.cuda.is_available(), "--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SequenceConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"config has unknown keys {sorted(unknown)}; was it written by a newer synthgrad?")
-        return cls(**d)
 
 
 # -- command line ------------------------------------------------------------------------------
