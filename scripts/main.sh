@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/synthgrad data fetch --dataset mnist
-.venv/bin/synthgrad train --model mlp --method dni "$@"
+.venv/bin/synthgrad train --model mlp --method dni --epochs 20 "$@"
