@@ -10,7 +10,7 @@ from typing import Self
 import torch
 
 from synthgrad import data, models
-from synthgrad.errors import ConfigError
+from synthgrad.errors import ConfigError, require
 from synthgrad.rules import METHODS, TARGETS, UNLOCKS
 
 SCHEDULES = ("constant", "cosine")
@@ -94,10 +94,7 @@ class TrainConfig(JSONConfig):
 
     def validate(self) -> None:
         """Refuse values and combinations that cannot work, before any work starts."""
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
+        need = require
         need(self.dataset in data.DATASETS,
              f"unknown dataset {self.dataset!r}; choose one of: {', '.join(data.DATASETS)}")
         need(self.target in TARGETS, f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")

@@ -29,3 +29,9 @@ class StageFailure(SynthgradError):
     """A stage of the pipeline engine raised or died."""
 
     exit_code = 5
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `condition` holds: one line per validation rule."""
+    if not condition:
+        raise ConfigError(message)

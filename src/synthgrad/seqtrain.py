@@ -21,7 +21,7 @@ import torch
 
 from synthgrad import __version__, checkpoint
 from synthgrad.config import JSONConfig
-from synthgrad.errors import ConfigError
+from synthgrad.errors import ConfigError, require
 from synthgrad.metrics import MetricsLog
 from synthgrad.rnn import SEQUENCE_METHODS, LSTMCore, TruncatedBPTT, build_rule
 from synthgrad.tasks import CharCorpus, CopyTask, Curriculum, bit_errors, char_loss, copy_loss, evaluate_bpc, streams
@@ -84,10 +84,7 @@ class SequenceConfig(JSONConfig):
         return out
 
     def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
+        need = require
         need(self.method in SEQUENCE_METHODS,
              f"--task {self.task} trains with --method bptt or dni, not {self.method!r}")
         need(self.truncation >= 1, f"--truncation must be >= 1, got {self.truncation}")
