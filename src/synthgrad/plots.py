@@ -61,6 +61,19 @@ def _series(records: list[dict], key: str, index: int | None = None) -> tuple[li
     return xs, ys
 
 
+def finish_figure(fig: plt.Figure, ax: plt.Axes, path: Path, *, title: str, ylabel: str, log: bool = False,
+                  xlabel: str = "step", legend_size: int = 7) -> Path:
+    """Label, grid and legend an axes, save the figure as PNG at `path` and close it."""
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, yscale="log" if log else "linear")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     """Write loss.png, accuracy.png and, for DNI runs, synth_loss.png and grad_cosine.png."""
     runs = [(Path(d), _load(Path(d))) for d in run_dirs]
@@ -68,22 +81,13 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
-    def save(fig: plt.Figure, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        written.append(out / name)
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for d, recs in runs:
         xs, ys = _series(recs, "train_loss")
         if xs:
             ax.plot(xs, _smooth(ys, 5), label=run_label(d))
-    ax.set(xlabel="step", ylabel="training loss (cross-entropy)", title="Classification loss", yscale="log")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    save(fig, "loss.png")
+    written.append(finish_figure(fig, ax, out / "loss.png", title="Classification loss",
+                                 ylabel="training loss (cross-entropy)", log=True, legend_size=8))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for d, recs in runs:
@@ -91,11 +95,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         if ep:
             ax.plot([r["epoch"] + 1 for r in ep], [100 * r["test_accuracy"] for r in ep], marker="o",
                     ms=3, label=run_label(d))
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    save(fig, "accuracy.png")
+    written.append(finish_figure(fig, ax, out / "accuracy.png", title="Test accuracy", ylabel="test accuracy (%)",
+                                 xlabel="epoch", legend_size=8))
 
     for key, name, title, ylabel, log in (
         ("synth_loss", "synth_loss.png", "Synthesizer loss per interface", "MSE to target", True),
@@ -116,8 +117,5 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         if not drawn:
             plt.close(fig)
             continue
-        ax.set(xlabel="step", ylabel=ylabel, title=title, yscale="log" if log else "linear")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save(fig, name)
+        written.append(finish_figure(fig, ax, out / name, title=title, ylabel=ylabel, log=log))
     return written

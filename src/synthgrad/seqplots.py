@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from synthgrad.errors import ConfigError  # noqa: E402
 from synthgrad.metrics import read_metrics  # noqa: E402
+from synthgrad.plots import finish_figure  # noqa: E402
 
 
 def is_sequence_run(run_dir: str | Path) -> bool:
@@ -53,13 +54,7 @@ def plot_sequence_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[
         if not drawn:
             plt.close(fig)
             return
-        ax.set(xlabel="step", ylabel=ylabel, title=title, yscale="log" if log else "linear")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        written.append(out / name)
+        written.append(finish_figure(fig, ax, out / name, title=title, ylabel=ylabel, log=log))
 
     figure("bpc", "eval", "bpc.png", "Held-out bits per character", "BPC", marker="o", ms=3)
     figure("max_length_solved", "step", "length.png", "Longest sequence length solved", "length N",
