@@ -118,12 +118,63 @@ def test_stage_that_raises_is_named_and_nothing_is_left_behind(fake_data_dir: Pa
     assert not multiprocessing.active_children()
 
 
-def test_resume_and_bad_combinations_are_refused_clearly(fake_data_dir: Path, tmp_path: Path) -> None:
+def test_bad_resumes_and_combinations_are_refused_clearly(fake_data_dir: Path, tmp_path: Path) -> None:
     ds = _dataset(fake_data_dir, tmp_path)
-    with pytest.raises(ConfigError, match="--resume is not supported"):
+    with pytest.raises(ConfigError, match="no checkpoint"):
         run_pipeline(_cfg(method="dni"), ds, tmp_path / "r", resume=True)
     with pytest.raises(ConfigError, match="--update-prob"):
         run_pipeline(_cfg(method="backprop", update_prob=0.5), ds, tmp_path / "r")
+    # A single-process run's checkpoint has no per-stage positions.
+    assert main(["train", "--model", "fcn-2", "--width", "32", "--max-steps", "2", "--quiet", "--run-dir",
+                 str(tmp_path / "single"), "--data-dir", str(fake_data_dir), "--no-verify-md5",
+                 "--cache-dir", str(tmp_path / "c")]) == 0
+    with pytest.raises(ConfigError, match="not written by the pipeline engine"):
+        run_pipeline(_cfg(method="dni"), ds, tmp_path / "single", resume=True)
+
+
+def _steps_and_epochs(run: Path) -> tuple[list[int], list[int]]:
+    records = read_metrics(run / "metrics.jsonl")
+    return ([r["step"] for r in records if r["kind"] == "step"],
+            [r["epoch"] for r in records if r["kind"] == "epoch"])
+
+
+def test_locked_pipeline_resumed_after_a_failure_matches_an_unbroken_run(fake_data_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """Oracle: the locked pipeline is deterministic, so a mid-epoch checkpoint + resume changes nothing."""
+    ds = _dataset(fake_data_dir, tmp_path)
+    cfg = _cfg(method="backprop", epochs=2, checkpoint_every=5)  # 16 steps per epoch
+    run_pipeline(cfg, ds, tmp_path / "whole", quiet=True)
+    broken = tmp_path / "broken"
+    with pytest.raises(StageFailure, match="stage 2 of 2 failed"):
+        run_pipeline(cfg, ds, broken, quiet=True, _fault=(1, 23))  # epoch 2; last snapshot at step 20
+    state = checkpoint.load(broken / checkpoint.LATEST)
+    assert (state["step"], state["epoch"], state["batch"]) == (20, 1, 4)
+    assert [p["step"] for p in state["positions"]] == [20, 20]
+    run_pipeline(cfg, ds, broken, resume=True, quiet=True)
+    whole = checkpoint.load(tmp_path / "whole" / checkpoint.FINAL)["stages"]
+    resumed = checkpoint.load(broken / checkpoint.FINAL)["stages"]
+    for k, v in whole.items():
+        torch.testing.assert_close(resumed[k], v, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    # Metrics: every step record once, in order, and one record per epoch, as in the unbroken run.
+    assert _steps_and_epochs(broken) == _steps_and_epochs(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("unlock", ["update", "complete"])
+def test_dni_pipeline_resumes_after_a_failure(fake_data_dir: Path, tmp_path: Path, unlock: str) -> None:
+    ds = _dataset(fake_data_dir, tmp_path)
+    cfg = _cfg(method="cdni", epochs=3, checkpoint_every=6, unlock=unlock)
+    run = tmp_path / "run"
+    with pytest.raises(StageFailure, match="stage 1 of 2 failed"):
+        run_pipeline(cfg, ds, run, quiet=True, _fault=(0, 27))  # epoch 2 (16 steps per epoch)
+    saved = checkpoint.load(run / checkpoint.LATEST)
+    # Stage 2 may run ahead of stage 1 with the complete unlock; it resumes from its own position.
+    assert saved["step"] == 24 and saved["positions"][1]["step"] >= 24
+    result = run_pipeline(cfg, ds, run, resume=True, quiet=True)
+    assert result.steps == 3 * 16 and result.best_accuracy > 0.3  # chance is 0.1
+    steps, epochs = _steps_and_epochs(run)
+    assert epochs == [0, 1, 2]
+    assert steps == sorted(set(steps)) and steps[-1] == 48  # no step logged twice, none after the end
+    assert checkpoint.load(run / checkpoint.LATEST)["step"] == 48
 
 
 def test_cli_train_with_stages(fake_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

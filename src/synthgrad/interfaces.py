@@ -36,6 +36,14 @@ def adam(lr: float) -> OptimizerFactory:
     return lambda params: torch.optim.Adam(params, lr=lr, fused=True)
 
 
+def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:
+    """Move an optimizer's state tensors (Adam's moments) to `device`; the step counters stay on the CPU."""
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                state[k] = v.to(device)
+
+
 class Interface:
     """A predictor at a boundary, trained by regression (MSE) with its own optimizer."""
 
@@ -55,10 +63,7 @@ class Interface:
     # -- bookkeeping shared with nn.Module-like callers
     def to(self, device: torch.device | str) -> Interface:
         self.model.to(device)
-        for state in self.optimizer.state.values():
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor) and k != "step":
-                    state[k] = v.to(device)
+        optimizer_to(self.optimizer, device)
         return self
 
     def train(self, mode: bool = True) -> Interface:

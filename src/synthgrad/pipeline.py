@@ -38,6 +38,8 @@ Environment variables read by each process (torchrun sets them all):
 
 Only rank 0 touches the data and the run directory (config.json, metrics.jsonl,
 checkpoint.pt, best.pt, final.pt, in the formats of the single-process trainer).
+checkpoint.pt also holds each rank's position ("positions"): with --resume, rank 0
+reads it and sends it to every rank, and each stage continues from where it was.
 """
 
 from __future__ import annotations
@@ -69,14 +71,16 @@ from torch import nn
 
 from synthgrad import __version__, checkpoint, data
 from synthgrad.config import TrainConfig
-from synthgrad.errors import ConfigError, StageFailure, SynthgradError
-from synthgrad.interfaces import BackwardInterface, ForwardInterface
+from synthgrad.errors import ConfigError, StageFailure, SynthgradError, require
+from synthgrad.interfaces import BackwardInterface, ForwardInterface, optimizer_to
 from synthgrad.metrics import MetricsLog, read_metrics
 from synthgrad.rules import DNI, StepRule, activation_shapes, frozen_batchnorm_stats, stage_step
 from synthgrad.trainer import CONFIG, METRICS, RunResult, build_rule, evaluate
 
-# Packet kinds: the first float of every message.
-DATA, EVAL, STOP, NONE = 0.0, 1.0, 2.0, 3.0
+# Packet kinds: the first float of every message. SAVE: every stage reports its state, and rank 0
+# writes checkpoint.pt (a mid-epoch snapshot, every --checkpoint-every steps); EVAL does the same and
+# evaluates the composed network (at each epoch's end).
+DATA, EVAL, STOP, NONE, SAVE = 0.0, 1.0, 2.0, 3.0, 4.0
 FWD_HEAD = 4  # forward header: kind, step, epoch, batch (EVAL: 1 if the epoch is complete)
 BWD_HEAD = 2  # backward header: kind (DATA or NONE: no gradient this step), step
 TICK_S = 0.005  # how often a waiting stage looks at arrived targets and at its links' health
@@ -250,6 +254,7 @@ class StageOptions:
     quiet: bool = False
     fault: tuple[int, int] | None = None  # test hook: (rank, step) at which that rank raises
     slow: tuple[int, float] | None = None  # test hook: (rank, seconds) that rank sleeps in each of its steps
+    resume: bool = False  # continue from the run directory's checkpoint.pt (rank 0 reads it, sends it to all)
 
 
 class StageProcess:
@@ -289,10 +294,19 @@ class StageProcess:
         self.orders: dict[int, torch.Tensor] = {}  # epoch -> example order (the last two epochs)
         # Every rank builds the whole model from cfg.seed (identical init), then keeps its own part.
         self.rule: StepRule = build_rule(cfg, self.input_shape, self.num_classes)
+        # Resume: rank 0 reads checkpoint.pt and sends it to every rank (only rank 0 sees the run directory).
+        self.resumed: dict | None = None
+        if opts.resume:
+            per_epoch = data.num_batches(self.num_train, cfg.batch_size)
+            got = [load_resume_state(run_dir, world, per_epoch) if rank == 0 else None]
+            dist.broadcast_object_list(got, src=0)
+            self.resumed = got[0]
+            self.rule.load_state_dict(self.resumed["rule"])
         # Message sizes: the per-example activation shape at every boundary (one CPU forward pass).
         shapes = activation_shapes(list(self.rule.stages), torch.zeros(2, *self.input_shape))
         self.stage = self.rule.stages[rank].to(self.device)
         self.optimizer = self.rule.optimizers[rank]
+        optimizer_to(self.optimizer, self.device)
         self.interface = self.rule.interfaces[rank] if (not self.locked and not self.last) else None
         if self.interface is not None:
             self.interface.to(self.device)
@@ -340,10 +354,21 @@ class StageProcess:
         self.stopped_above = False
         # Bookkeeping.
         self.step = 0  # steps this stage has run
+        self.next_batch = (0, 0)  # (epoch, batch) of the next batch this stage will run
         self.synth, self.idle = [0.0], [0.0]  # seconds in synthesizer updates, seconds waiting for a peer
+        self.elapsed0 = 0.0  # seconds of training before a resume
         self.my_stats = [math.nan, math.nan]  # (staleness, synth_loss) of this stage's latest target
         self.stale_sum, self.stale_n, self.stale_max, self.dropped = 0.0, 0, 0, 0
-        self.records: list[dict] = []  # last rank: step records, shipped to rank 0 at each EVAL
+        self.records: list[dict] = []  # last rank: step records, shipped to rank 0 at each EVAL or SAVE
+        if self.resumed is not None:
+            self.restore(self.resumed["positions"][rank], self.resumed["elapsed"])
+
+    def restore(self, pos: dict, elapsed: float) -> None:
+        """Take up this rank's position and counters from a checkpoint (see `report`)."""
+        self.step, self.next_batch = pos["step"], tuple(pos["next_batch"])
+        self.updates.set_state(pos["updates_rng"])
+        torch.set_rng_state(pos["torch_rng"])
+        self.idle[0], self.synth[0], self.elapsed0 = pos["idle_s"], pos["synth_s"], elapsed
 
     # -- messages ---------------------------------------------------------------------------
     def forward_packet(self, kind: float, step: int, epoch: int, batch: int, stats: torch.Tensor,
@@ -457,6 +482,7 @@ class StageProcess:
         if self.interface is not None:
             self.history.append((step, res.output, ctx))
         self.step += 1
+        self.next_batch = (epoch, batch + 1)
         self.send_down(step, res.input_grad)
         self.drain_targets()
         if fi is not None:
@@ -477,8 +503,19 @@ class StageProcess:
         while self.held is None and (msg := self.fwd_in.get(block=False)) is not None:
             if float(msg[0]) == DATA:
                 self.run_real(msg)
+            elif float(msg[0]) == SAVE:
+                self.send_report(msg)  # a snapshot takes this stage as it is, ahead or behind
             else:
                 self.held = msg  # acted on once this rank has run its own steps of the epoch
+
+    def real_until_control(self) -> torch.Tensor:
+        """Complete unlock, own steps done: take the real chain (and snapshots) until an EVAL or STOP."""
+        while (kind := float((msg := self.next_from_below())[0])) in (DATA, SAVE):
+            if kind == DATA:
+                self.run_real(msg)
+            else:
+                self.send_report(msg)
+        return msg
 
     def next_from_below(self) -> torch.Tensor:
         """The held EVAL or STOP, else the next message from below (waiting for it)."""
@@ -521,7 +558,7 @@ class StageProcess:
     # -- the loops --------------------------------------------------------------------------
     def run(self) -> None:
         dist.barrier()
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() - self.elapsed0  # wall times continue across a resume
         if self.rank == 0:
             self.run_first()
         elif self.complete:
@@ -559,25 +596,39 @@ class StageProcess:
             self.window_t, self.window_n = now, 0
 
     def reset_log(self) -> None:
+        """Start the last rank's running sums: empty, or as the checkpoint left them."""
         self.window_t, self.window_n = time.perf_counter(), 0
         self.loss_sum = self.loss_n = self.epoch_loss_sum = self.epoch_loss_n = 0.0
         self.stats_sum = torch.zeros(self.stats_len, dtype=torch.float64)
         self.stats_n = torch.zeros(self.stats_len, dtype=torch.float64)
+        log = self.resumed["positions"][self.rank].get("log") if self.resumed is not None else None
+        if log:
+            self.loss_sum, self.loss_n = log["loss_sum"], log["loss_n"]
+            self.epoch_loss_sum, self.epoch_loss_n = log["epoch_loss_sum"], log["epoch_loss_n"]
+            self.stats_sum, self.stats_n = log["stats_sum"].clone(), log["stats_n"].clone()
+
+    def log_state(self) -> dict:
+        """The last rank's running sums, for the checkpoint."""
+        return {"loss_sum": self.loss_sum, "loss_n": self.loss_n, "epoch_loss_sum": self.epoch_loss_sum,
+                "epoch_loss_n": self.epoch_loss_n, "stats_sum": self.stats_sum.clone(),
+                "stats_n": self.stats_n.clone()}
 
     def send_report(self, msg: torch.Tensor) -> None:
-        """EVAL from below: pass it on, then send rank 0 this rank's state (and the last rank's records)."""
+        """EVAL or SAVE from below: pass it on, then send rank 0 this rank's state (and the last rank's records)."""
         kind, step, epoch, batch = (int(v) for v in msg[:FWD_HEAD].tolist())
         stats = msg[FWD_HEAD:FWD_HEAD + self.stats_len]
         if self.fwd_out is not None:
-            self.fwd_out.put(self.forward_packet(EVAL, step, epoch, batch, stats),
+            self.fwd_out.put(self.forward_packet(float(kind), step, epoch, batch, stats),
                              on_idle=self.drain_targets, idle=self.idle)
-        report = self.report()
+        if kind == EVAL and batch:  # every stage has run the whole epoch: the next batch opens the next one
+            self.next_batch = (epoch + 1, 0)
+        extra = {}
         if self.last:
-            report["records"], self.records = self.records, []
-            report["epoch_loss"] = self.epoch_loss_sum / self.epoch_loss_n if self.epoch_loss_n else None
-            if batch:  # the epoch is complete
+            extra["records"], self.records = self.records, []
+            extra["epoch_loss"] = self.epoch_loss_sum / self.epoch_loss_n if self.epoch_loss_n else None
+            if kind == EVAL and batch:  # the epoch is complete
                 self.epoch_loss_sum = self.epoch_loss_n = 0.0
-        dist.send_object_list([report], dst=0)
+        dist.send_object_list([{**self.report(), **extra}], dst=0)
         self.window_t, self.window_n = time.perf_counter(), 0
 
     def pass_stop(self, msg: torch.Tensor) -> None:
@@ -595,24 +646,26 @@ class StageProcess:
         cfg = self.cfg
         x_train, y_train = self.train_xy
         self.reset_log()
-        done = False
-        for epoch in range(cfg.epochs):
-            for batch, (xb, yb) in enumerate(data.batches(x_train, y_train, cfg.batch_size,
-                                                          self.epoch_order(epoch))):
-                self.run_step(xb, yb, epoch, batch, None)  # type: ignore[arg-type]
-                if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                    done = True
+        # This rank's own position: it runs ahead of (or behind) rank 0, and resumes where it was.
+        start_epoch, start_batch = self.next_batch
+        done = cfg.max_steps is not None and self.step >= cfg.max_steps
+        for epoch in range(start_epoch, cfg.epochs):
+            order = self.epoch_order(epoch)
+            first = start_batch if epoch == start_epoch else 0
+            for batch, (xb, yb) in enumerate(data.batches(x_train, y_train, cfg.batch_size, order, start=first),
+                                             start=first):
+                if done:
                     break
+                self.run_step(xb, yb, epoch, batch, None)  # type: ignore[arg-type]
+                done = cfg.max_steps is not None and self.step >= cfg.max_steps
             self.steps_done_s = time.perf_counter() - self.t0
-            while float((msg := self.next_from_below())[0]) == DATA:
-                self.run_real(msg)
+            msg = self.real_until_control()
             if float(msg[0]) != EVAL:
                 raise RuntimeError(f"stage {self.rank + 1}: STOP from below before the evaluation of epoch {epoch}")
             self.send_report(msg)
             if done:
                 break
-        while float((msg := self.next_from_below())[0]) == DATA:
-            self.run_real(msg)
+        msg = self.real_until_control()
         if float(msg[0]) != STOP:
             raise RuntimeError(f"stage {self.rank + 1}: an evaluation from below after the last epoch")
         self.pass_stop(msg)
@@ -634,20 +687,25 @@ class StageProcess:
                 if self.last:  # the last rank logs: the loss, and the lower stages' stats carried up
                     assert loss is not None
                     self.log_step(loss, stats, epoch, self.step)
-            elif kind == EVAL:
+            elif kind in (EVAL, SAVE):
                 self.send_report(msg)
             elif kind == STOP:
                 self.pass_stop(msg)
                 return
 
     def report(self) -> dict:
-        """What rank 0 needs from this rank at an evaluation: parameters, optimizer states, profile."""
+        """What rank 0 needs from this rank at an evaluation or snapshot: parameters, optimizer states,
+        profile, and the position and counters that a resume restores (`restore`)."""
         out = {"stage": _cpu(self.stage.state_dict()), "optimizer": _cpu(self.optimizer.state_dict()),
                "interface": None if self.interface is None else _cpu(self.interface.state_dict()),
                "busy_s": time.perf_counter() - self.t0 - self.idle[0], "idle_s": self.idle[0],
                "synth_s": self.synth[0],
                "staleness": self.stale_sum / self.stale_n if self.stale_n else None,
-               "staleness_max": self.stale_max if self.stale_n else None, "dropped_targets": self.dropped}
+               "staleness_max": self.stale_max if self.stale_n else None, "dropped_targets": self.dropped,
+               "position": {"step": self.step, "next_batch": list(self.next_batch),
+                            "updates_rng": self.updates.get_state(), "torch_rng": torch.get_rng_state(),
+                            "idle_s": self.idle[0], "synth_s": self.synth[0],
+                            "log": self.log_state() if self.last else None}}
         if self.complete:
             out["forward_interface"] = (None if self.forward_interface is None
                                         else _cpu(self.forward_interface.state_dict()))
@@ -681,38 +739,39 @@ class StageProcess:
         x_test, y_test = ds.test_x.to(self.device), ds.test_y.to(self.device)
         per_epoch = data.num_batches(len(x_train), cfg.batch_size)
         metrics = MetricsLog(self.run_dir / METRICS)
-        no_stats = torch.full((self.stats_len,), math.nan, device=self.device)
         best, final = -1.0, math.nan
+        if self.resumed is not None:
+            # Drop metric lines written after the checkpoint, including a line torn by a kill.
+            metrics.truncate(self.resumed["metrics_offset"])
+            best, final = self.resumed["best_accuracy"], self.resumed["final_accuracy"]
         if not self.opts.quiet:
-            print(f"training {cfg.model} on {cfg.dataset} with {cfg.method}, a pipeline of {self.world} "
+            verb = f"resuming at step {self.step}" if self.resumed is not None else "training"
+            print(f"{verb} {cfg.model} on {cfg.dataset} with {cfg.method}, a pipeline of {self.world} "
                   f"processes ({ds.source}); run directory {self.run_dir}", file=sys.stderr, flush=True)
-        done = False
-        for epoch in range(cfg.epochs):
+        start_epoch, start_batch = self.next_batch
+        done = cfg.max_steps is not None and self.step >= cfg.max_steps
+        for epoch in range(start_epoch, cfg.epochs):
             order = data.epoch_order(len(x_train), cfg.seed, epoch).to(self.device)
-            t_epoch, n_epoch, batch = time.perf_counter(), 0, 0
-            for xb, yb in data.batches(x_train, y_train, cfg.batch_size, order):
-                self.run_step(xb, yb, epoch, batch, no_stats)
+            batch = start_batch if epoch == start_epoch else 0
+            t_epoch, n_epoch = time.perf_counter(), 0
+            for xb, yb in data.batches(x_train, y_train, cfg.batch_size, order, start=batch):
+                if done:
+                    break
+                self.run_step(xb, yb, epoch, batch, self.no_stats)
                 batch += 1
                 n_epoch += len(xb)
-                if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                    done = True
-                    break
+                done = cfg.max_steps is not None and self.step >= cfg.max_steps
+                if not done and batch < per_epoch and self.step % cfg.checkpoint_every == 0:
+                    # A mid-epoch snapshot; the time it takes is left out of the epoch's samples/s.
+                    t_save = time.perf_counter()
+                    self.save(self.gather(SAVE, epoch, batch, metrics), metrics, best, final)
+                    t_epoch += time.perf_counter() - t_save
             self.steps_done_s = time.perf_counter() - self.t0
             complete = batch >= per_epoch
             # Evaluation: every stage reports its state once it has run all of this epoch's steps.
-            self.fwd_out.put(self.forward_packet(EVAL, self.step, epoch, int(complete), no_stats),
-                             on_idle=self.drain_targets, idle=self.idle)
-            reports = [self.report()]
-            for k in range(1, self.world):
-                got = [None]
-                dist.recv_object_list(got, src=k)
-                reports.append(got[0])
+            reports = self.gather(EVAL, epoch, int(complete), metrics)
             epoch_time = time.perf_counter() - t_epoch
-            for k in range(1, self.world):
-                self.rule.stages[k].load_state_dict(reports[k]["stage"])
             accuracy, test_loss = evaluate(nn.Sequential(*self.rule.stages), x_test, y_test, cfg.eval_batch_size)
-            for r in reports[-1].get("records", []):
-                metrics.write(r)
             record = {"kind": "epoch", "epoch": epoch, "step": self.step, "train_loss": reports[-1]["epoch_loss"],
                       "test_accuracy": accuracy, "test_loss": test_loss,
                       "wall_time_s": round(time.perf_counter() - self.t0, 3),
@@ -734,39 +793,80 @@ class StageProcess:
                       f"{loss if loss is None else f'{loss:.4f}'}  test_accuracy {accuracy:.4f}  "
                       f"{record['samples_per_s']:,.0f} samples/s  {epoch_time:.1f}s", file=sys.stderr, flush=True)
             final = accuracy
-            self.save(reports, metrics, epoch, batch, best, final)
             if accuracy > best:
                 best = accuracy
                 self.save_model(checkpoint.BEST, accuracy)
+            self.save(reports, metrics, best, final)
             if done:
                 break
-        self.fwd_out.put(self.forward_packet(STOP, self.step, 0, 0, no_stats),
+        self.fwd_out.put(self.forward_packet(STOP, self.step, 0, 0, self.no_stats),
                          on_idle=self.drain_targets, idle=self.idle)
         self.finish()
         self.save_model(checkpoint.FINAL, final)
         metrics.close()
 
-    def save(self, reports: list[dict], metrics: MetricsLog, epoch: int, batch: int, best: float,
-             final: float) -> None:
-        """checkpoint.pt in the trainer's layout (the whole rule's state), assembled from every rank."""
+    @property
+    def no_stats(self) -> torch.Tensor:
+        return torch.full((self.stats_len,), math.nan, device=self.device)
+
+    def gather(self, kind: float, epoch: int, batch: int, metrics: MetricsLog) -> list[dict]:
+        """Rank 0: send an EVAL or SAVE up, collect every rank's report, and assemble the whole rule here.
+
+        batch: for EVAL, 1 if the epoch is complete; for SAVE, the position in the epoch."""
+        assert self.fwd_out is not None
+        self.fwd_out.put(self.forward_packet(kind, self.step, epoch, batch, self.no_stats),
+                         on_idle=self.drain_targets, idle=self.idle)
+        if kind == EVAL and batch:
+            self.next_batch = (epoch + 1, 0)
+        reports = [self.report()]
         for k in range(1, self.world):
+            got = [None]
+            dist.recv_object_list(got, src=k)
+            reports.append(got[0])
+        for r in reports[-1].get("records", []):  # the last rank's step records since its previous report
+            metrics.write(r)
+        for k in range(1, self.world):
+            self.rule.stages[k].load_state_dict(reports[k]["stage"])
             self.rule.optimizers[k].load_state_dict(reports[k]["optimizer"])
             if reports[k]["interface"] is not None:
                 self.rule.interfaces[k].load_state_dict(reports[k]["interface"])
             if reports[k].get("forward_interface") is not None:
                 self.rule.forward_interfaces[k - 1].load_state_dict(reports[k]["forward_interface"])
+        return reports
+
+    def save(self, reports: list[dict], metrics: MetricsLog, best: float, final: float) -> None:
+        """checkpoint.pt: the trainer's layout (the whole rule's state, assembled by `gather`), plus each
+        rank's position and counters ("positions"), which a pipeline resume restores rank by rank."""
         self.rule.steps = self.step
         metrics.sync()
+        epoch, batch = self.next_batch
         checkpoint.save(self.run_dir / checkpoint.LATEST, {
             "rule": _cpu(self.rule.state_dict()), "epoch": epoch, "batch": batch, "step": self.step,
-            "elapsed": time.perf_counter() - self.t0, "best_accuracy": max(best, final),
+            "elapsed": time.perf_counter() - self.t0, "best_accuracy": best,
             "final_accuracy": final, "metrics_offset": metrics.offset(), "config": self.cfg.to_dict(),
-            "pipeline": True})
+            "pipeline": True, "positions": [r["position"] for r in reports]})
 
     def save_model(self, name: str, accuracy: float) -> None:
         checkpoint.save(self.run_dir / name, {"config": self.cfg.to_dict(), "step": self.step,
                                               "test_accuracy": accuracy,
                                               "stages": _cpu(self.rule.stages.state_dict())})
+
+
+def load_resume_state(run_dir: Path, world: int, per_epoch: int) -> dict:
+    """The run directory's checkpoint.pt, checked to be one a pipeline of `world` stages can resume from."""
+    path = run_dir / checkpoint.LATEST
+    state = checkpoint.load(path)
+    positions = state.get("positions")
+    if not state.get("pipeline") or positions is None:
+        raise ConfigError(f"{path} was not written by the pipeline engine of this synthgrad version (no per-stage "
+                          "positions); resume it without --stages, or start again with --overwrite")
+    if len(positions) != world:
+        raise ConfigError(f"{path} holds {len(positions)} stages, but {world} processes were started; "
+                          f"resume with --stages {len(positions)}")
+    for pos in positions:
+        require(0 <= pos["next_batch"][1] <= per_epoch, f"{path}: a stage position {pos['next_batch']} lies "
+                "outside the epoch; the checkpoint does not match this config (batch size or dataset changed?)")
+    return state
 
 
 def grad_numel(batch_size: int, shape: tuple[int, ...]) -> int:
@@ -880,9 +980,6 @@ def run_pipeline(cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path, r
                  _fault: tuple[int, int] | None = None, _slow: tuple[int, float] | None = None) -> RunResult:
     """Train with one local process per stage (cfg.stages of them); the run directory as the trainer's."""
     run_dir = Path(run_dir)
-    if resume:
-        raise ConfigError("--resume is not supported for pipeline runs (--stages) yet; best.pt and final.pt hold "
-                          "the trained network: start a new run with another --run-dir, or --overwrite")
     if cfg.stages is None or cfg.stages < 2:
         raise ConfigError("the pipeline engine needs --stages K with K >= 2")
     if cfg.method == "backprop" and cfg.update_prob < 1:
@@ -890,12 +987,15 @@ def run_pipeline(cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path, r
                           "--stages K); use --method dni or cdni, or drop --stages")
     if max_inflight < 1:
         raise ConfigError(f"max_inflight must be >= 1, got {max_inflight}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, run_dir, dataset.source)
     world = cfg.stages
+    if resume:  # refuse an unusable checkpoint here, before any process starts
+        load_resume_state(run_dir, world, data.num_batches(len(dataset.train_y), cfg.batch_size))
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, run_dir, dataset.source)
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    opts = StageOptions(max_inflight=max_inflight, quiet=quiet, fault=_fault, slow=_slow)
+    opts = StageOptions(max_inflight=max_inflight, quiet=quiet, fault=_fault, slow=_slow, resume=resume)
     port = free_port()
     procs = [ctx.Process(target=_spawned, name=f"synthgrad-stage{k + 1}", daemon=True,
                          args=(k, world, port, cfg.to_dict(), str(run_dir), dataset if k == 0 else None,
@@ -938,6 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a config.json (a run's, or one with only the keys to change; 'stages' = processes)")
     p.add_argument("--run-dir", type=Path, required=True, help="where rank 0 writes the run")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its checkpoint.pt (with the same number of processes)")
     p.add_argument("--max-inflight", type=int, default=DEFAULT_INFLIGHT,
                    help="activations a stage may send ahead of the stage above (backpressure)")
     p.add_argument("--quiet", action="store_true")
@@ -958,10 +1060,12 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ["RANK"]) == 0:
             from synthgrad.trainer import prepare_run_dir
 
-            prepare_run_dir(a.run_dir, a.overwrite)
+            if not a.resume:
+                prepare_run_dir(a.run_dir, a.overwrite)
             dataset = data.load(cfg.dataset, cfg.data_dir, cfg.cache_dir, check_md5=cfg.verify_md5)
-            write_config(cfg, a.run_dir, dataset.source)
-        run_rank(cfg, a.run_dir, dataset, StageOptions(max_inflight=a.max_inflight, quiet=a.quiet))
+            if not a.resume:
+                write_config(cfg, a.run_dir, dataset.source)
+        run_rank(cfg, a.run_dir, dataset, StageOptions(max_inflight=a.max_inflight, quiet=a.quiet, resume=a.resume))
     except (SynthgradError, OSError, json.JSONDecodeError, TypeError) as e:
         print(f"error (stage {int(os.environ['RANK']) + 1}): {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgrad.errors import ConfigError, DivergenceError
-from synthgrad.interfaces import BackwardInterface, ForwardInterface, Interface, OptimizerFactory, adam
+from synthgrad.interfaces import BackwardInterface, ForwardInterface, Interface, OptimizerFactory, adam, optimizer_to
 from synthgrad.synthesizers import InputSynthesizer, make_synthesizer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -171,10 +171,7 @@ class StepRule:
     def to(self, device: torch.device | str) -> StepRule:
         self.stages.to(device)
         for opt in self.optimizers:
-            for state in opt.state.values():
-                for k, v in state.items():
-                    if isinstance(v, torch.Tensor) and k != "step":
-                        state[k] = v.to(device)
+            optimizer_to(opt, device)
         for i in self.all_interfaces():
             i.to(device)
         return self
