@@ -168,6 +168,7 @@ def test_cli_smoke_run_per_task(task: str, method: str, tmp_path: Path, capsys: 
     assert str(run) in last and ("held-out bpc" in last if task == "charlm" else "longest length solved" in last)
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["task"], cfg["method"], cfg["truncation"], cfg["hidden"]) == (task, method, 3, 16)
+    assert (cfg["synth_scale"], cfg["synth_warmup"]) == (0.1, 500)  # the stable defaults through time
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [4, 8, 12]
@@ -179,6 +180,14 @@ def test_cli_smoke_run_per_task(task: str, method: str, tmp_path: Path, capsys: 
     # Resuming a finished run uses its saved config (12 steps) and has nothing left to do.
     assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 0
     assert main(["plot", str(run), "--out", str(tmp_path / "plots")]) == 0
+
+
+def test_explicit_synthesizer_scale_and_warmup_win_over_the_sequence_defaults(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--task", "copy", "--width", "8", "--batch-size", "4", "--max-steps", "2",
+                 "--synth-scale", "1", "--synth-warmup", "0", "--run-dir", str(run), "--quiet", "--no-plots"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["synth_scale"], cfg["synth_warmup"]) == (1.0, 0)
 
 
 def test_cli_refuses_bad_sequence_flags(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

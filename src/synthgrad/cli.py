@@ -94,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden layers per synthesizer; default 2 for dni, 0 (linear) for cdni")
     s.add_argument("--synth-width", type=_int(1, 65536), default=None,
                    help="synthesizer hidden width; default 1024 (vectors) or 64 channels (feature maps)")
-    s.add_argument("--synth-scale", type=_float(0, 100, lo_open=True), default=1.0,
-                   help="multiply the synthetic gradient the stage applies")
-    s.add_argument("--synth-warmup", type=_int(0), default=0,
-                   help="ramp the synthetic gradient's scale from 0 over this many steps")
+    s.add_argument("--synth-scale", type=_float(0, 100, lo_open=True), default=None,
+                   help="multiply the synthetic gradient the stage applies; default 1 (0.1 through time, --task)")
+    s.add_argument("--synth-warmup", type=_int(0), default=None,
+                   help="ramp the synthetic gradient's scale from 0 over this many steps; default 0 (500 "
+                        "windows through time, --task)")
     s.add_argument("--unlock", choices=UNLOCKS, default="update",
                    help="update: synthetic gradients remove the update lock; complete: synthetic inputs "
                         "predicted from the network input also remove the forward lock")
@@ -152,8 +153,10 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model=a.model, dataset=a.dataset, method=a.method, target=a.target, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
-        synth_hidden=a.synth_hidden, synth_width=a.synth_width, synth_scale=a.synth_scale,
-        synth_warmup=a.synth_warmup, schedule=a.schedule, unlock=a.unlock, input_hidden=a.input_hidden,
+        synth_hidden=a.synth_hidden, synth_width=a.synth_width,
+        synth_scale=1.0 if a.synth_scale is None else a.synth_scale,
+        synth_warmup=0 if a.synth_warmup is None else a.synth_warmup, schedule=a.schedule, unlock=a.unlock,
+        input_hidden=a.input_hidden,
         input_width=a.input_width, update_prob=a.update_prob, seed=a.seed, device=a.device,
         threads=a.threads, stages=a.stages, max_steps=20 if a.dry_run else a.max_steps,
         log_every=a.log_every, diagnose_every=a.diagnose_every, checkpoint_every=a.checkpoint_every,
