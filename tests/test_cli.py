@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from synthgrad import checkpoint
 from synthgrad.cli import main
 
 
@@ -59,10 +60,21 @@ def test_existing_run_dir_is_refused_then_resumed(fake_data_dir: Path, tmp_path:
     assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 0
 
 
+def test_sgd_optimizer_has_its_own_default_lr_and_reaches_the_checkpoint(fake_data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--method", "dni", "--optimizer", "sgd", "--model", "fcn-2", "--width", "16",
+                 "--max-steps", "3", "--quiet", "--no-plots", "--run-dir", str(run), "--data-dir",
+                 str(fake_data_dir), "--no-verify-md5", "--cache-dir", str(tmp_path / "c")]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["optimizer"], cfg["lr"]) == ("sgd", 0.01)
+    groups = checkpoint.load(run / checkpoint.LATEST)["rule"]["optimizers"][0]["param_groups"]
+    assert groups[0]["momentum"] == 0.9 and groups[0]["nesterov"]
+
+
 FLAGS = ["--model", "--dataset", "--method", "--target", "--epochs", "--batch-size", "--lr", "--width",
          "--stages", "--update-prob", "--seed", "--synth-lr", "--synth-hidden", "--synth-width",
          "--synth-scale", "--synth-warmup", "--device", "--threads", "--max-steps", "--log-every",
-         "--checkpoint-every", "--resume", "--data-dir"]
+         "--checkpoint-every", "--resume", "--data-dir", "--optimizer"]
 VALUES = ["-1", "0", "nan", "inf", "1e999", "abc", "", "fcn-0", "cnn", "2", "0.5", "999999999999", "cuda:x",
           "--", "/nonexistent", "mnist", "bootstrap", "-0.0", "1.5"]
 

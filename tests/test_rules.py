@@ -11,6 +11,7 @@ from torch import nn
 
 from synthgrad import DNI, Backprop, BackwardInterface, adam, true_gradient
 from synthgrad.errors import DivergenceError
+from synthgrad.interfaces import OPTIMIZERS, OptimizerFactory
 from synthgrad.models import build_stages
 
 
@@ -33,23 +34,26 @@ def _batch(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def _oracle_dni(stages: list[nn.Module], y: torch.Tensor) -> DNI:
+def _oracle_dni(stages: list[nn.Module], y: torch.Tensor, optimizer: OptimizerFactory | None = None) -> DNI:
     interfaces = []
     for k in range(len(stages) - 1):
         synth = OracleSynthesizer(stages[k + 1:])
         synth.labels = y
         interfaces.append(BackwardInterface(synth, adam(1e-3)))
-    return DNI(stages, interfaces, lr=1e-3)
+    return DNI(stages, interfaces, lr=1e-3, optimizer=optimizer)
 
 
-@pytest.mark.parametrize("model", ["mlp", "fcn-3", "cnn"])
-def test_true_gradient_synthesizers_give_backprops_update(model: str) -> None:
+@pytest.mark.parametrize("model,optimizer", [("mlp", "adam"), ("fcn-3", "adam"), ("cnn", "adam"), ("fcn-3", "sgd")])
+def test_true_gradient_synthesizers_give_backprops_update(model: str, optimizer: str) -> None:
     x, y = _batch()
     torch.manual_seed(0)
     stages = build_stages(model, (1, 28, 28), 10)
-    bp = Backprop(copy.deepcopy(stages), lr=1e-3)
-    dni = _oracle_dni(stages, y)
-    for _ in range(3):  # several steps: Adam state must match too
+    make = OPTIMIZERS[optimizer](1e-3 if optimizer == "adam" else 0.1)
+    bp = Backprop(copy.deepcopy(stages), optimizer=make)
+    dni = _oracle_dni(stages, y, make)
+    expected = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+    assert isinstance(dni.optimizers[0], expected) and isinstance(bp.optimizers[0], expected)
+    for _ in range(3):  # several steps: the optimizer state (Adam moments, momentum) must match too
         bp.step(x, y)
         dni.step(x, y)
     for p_bp, p_dni in zip(bp.stages.parameters(), dni.stages.parameters(), strict=True):

@@ -11,6 +11,7 @@ from pathlib import Path
 from synthgrad import __version__, data, models
 from synthgrad.config import METHOD_DEFAULTS, SCHEDULES, TrainConfig
 from synthgrad.errors import ConfigError, SynthgradError
+from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.rules import METHODS, TARGETS, UNLOCKS
 
 
@@ -80,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     o = t.add_argument_group("optimisation")
     o.add_argument("--epochs", type=_int(1, 100000), default=None, help="default: the model's")
     o.add_argument("--batch-size", type=_int(2, 60000), default=None, help="default: the model's")
+    o.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adam",
+                   help="the stages' optimizer: adam, or sgd with Nesterov momentum 0.9 (synthesizers use Adam)")
     o.add_argument("--lr", type=_float(0, 10, lo_open=True), default=None,
-                   help="Adam learning rate of the stages; default: 3e-4 for dni, else the model's")
+                   help="learning rate of the stages; default: 0.01 with sgd; with adam 3e-4 for dni, "
+                        "else the model's")
     o.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="learning-rate schedule of stages and synthesizers: cosine decay to 0, or constant")
     o.add_argument("--update-prob", type=_float(0, 1), default=1.0,
@@ -152,7 +156,7 @@ def _data_args(g: argparse._ActionsContainer) -> None:
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model=a.model, dataset=a.dataset, method=a.method, target=a.target, epochs=a.epochs,
-        batch_size=a.batch_size, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
+        batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
         synth_hidden=a.synth_hidden, synth_width=a.synth_width,
         synth_scale=1.0 if a.synth_scale is None else a.synth_scale,
         synth_warmup=0 if a.synth_warmup is None else a.synth_warmup, schedule=a.schedule, unlock=a.unlock,

@@ -11,6 +11,7 @@ import torch
 
 from synthgrad import data, models
 from synthgrad.errors import ConfigError, require
+from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.rules import METHODS, TARGETS, UNLOCKS
 
 SCHEDULES = ("constant", "cosine")
@@ -24,6 +25,7 @@ METHOD_DEFAULTS = {
     "dni": {"lr": 3e-4, "synth_lr": 1e-4, "synth_hidden": 2},  # two hidden layers of 1024, as in the paper
     "cdni": {"synth_lr": 1e-4, "synth_hidden": 0},  # linear synthesizer, as in the paper
 }
+SGD_LR = 0.01  # the stage learning rate with --optimizer sgd (Nesterov momentum 0.9), for every method
 
 
 class JSONConfig:
@@ -53,6 +55,7 @@ class TrainConfig(JSONConfig):
     batch_size: int | None = None
     lr: float | None = None
     width: int | None = None  # hidden width (FCN/MLP) or base channels (CNN)
+    optimizer: str = "adam"  # the stages' optimizer: adam or sgd (synthesizers always use Adam)
     synth_lr: float | None = None
     synth_hidden: int | None = None
     synth_width: int | None = None  # 1024 for vectors, 64 channels for feature maps
@@ -83,6 +86,8 @@ class TrainConfig(JSONConfig):
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         spec = models.get_spec(self.model)
         out = dataclasses.replace(self, extra=dict(self.extra))
+        if out.optimizer == "sgd" and out.lr is None:
+            out.lr = SGD_LR
         for key, value in METHOD_DEFAULTS[self.method].items():  # the method's defaults first
             if getattr(out, key) is None:
                 setattr(out, key, value)
@@ -101,6 +106,8 @@ class TrainConfig(JSONConfig):
         need(self.epochs is not None and self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size is not None and 2 <= self.batch_size <= 60000,
              f"--batch-size must be between 2 (BatchNorm needs two examples) and 60000, got {self.batch_size}")
+        need(self.optimizer in OPTIMIZERS,
+             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for key in ("lr", "synth_lr"):
             v = getattr(self, key)
             need(v is None or 0 < v <= 10, f"--{key.replace('_', '-')} must be in (0, 10], got {v}")

@@ -36,6 +36,18 @@ def adam(lr: float) -> OptimizerFactory:
     return lambda params: torch.optim.Adam(params, lr=lr, fused=True)
 
 
+def sgd(lr: float, momentum: float = 0.9) -> OptimizerFactory:
+    """An optimizer factory: SGD with Nesterov momentum.
+
+    Unlike Adam, its step shrinks with the gradient: a stage whose synthesizer predicts a small
+    gradient (it is unsure) moves little, where Adam would move it at the full learning rate.
+    """
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
+
+
+OPTIMIZERS: dict[str, Callable[[float], OptimizerFactory]] = {"adam": adam, "sgd": sgd}
+
+
 def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:
     """Move an optimizer's state tensors (Adam's moments) to `device`; the step counters stay on the CPU."""
     for state in optimizer.state.values():

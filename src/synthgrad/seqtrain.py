@@ -153,7 +153,8 @@ def wants_sequence(a: argparse.Namespace) -> bool:
 def config_from_args(a: argparse.Namespace) -> SequenceConfig:
     for flag, value, default in (("--stages", a.stages, None), ("--epochs", a.epochs, None),
                                  ("--target", a.target, "bootstrap"), ("--update-prob", a.update_prob, 1.0),
-                                 ("--schedule", getattr(a, "schedule", "cosine"), "cosine")):
+                                 ("--schedule", getattr(a, "schedule", "cosine"), "cosine"),
+                                 ("--optimizer", getattr(a, "optimizer", "adam"), "adam")):
         if value != default:
             raise ConfigError(f"{flag} applies to classification only; drop it with --task (use --max-steps "
                               "for the length of a sequence run)")

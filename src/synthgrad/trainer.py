@@ -18,6 +18,7 @@ from torch import nn
 from synthgrad import __version__, checkpoint, data, models
 from synthgrad.config import TrainConfig
 from synthgrad.errors import ConfigError
+from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.metrics import MetricsLog
 from synthgrad.rules import DNI, Backprop, StepRule
 
@@ -29,11 +30,12 @@ def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int)
     """The model's stages and the method's step rule, initialised from cfg.seed."""
     torch.manual_seed(cfg.seed)
     stages = models.build_stages(cfg.model, input_shape, num_classes, cfg.stages, cfg.width)
+    optimizer = OPTIMIZERS[cfg.optimizer](cfg.lr)
     if cfg.method == "backprop":
-        return Backprop(stages, lr=cfg.lr, update_prob=cfg.update_prob, seed=cfg.seed)
+        return Backprop(stages, optimizer=optimizer, update_prob=cfg.update_prob, seed=cfg.seed)
     sample = torch.zeros(2, *input_shape)
     return DNI.build(stages, sample, conditioned=cfg.method == "cdni", num_classes=num_classes,
-                     lr=cfg.lr, synth_lr=cfg.synth_lr, synth_hidden=cfg.synth_hidden,
+                     optimizer=optimizer, synth_lr=cfg.synth_lr, synth_hidden=cfg.synth_hidden,
                      synth_width=cfg.synth_width, synth_scale=cfg.synth_scale,
                      synth_warmup=cfg.synth_warmup, target=cfg.target, unlock=cfg.unlock,
                      input_hidden=cfg.input_hidden, input_width=cfg.input_width,
