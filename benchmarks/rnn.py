@@ -117,7 +117,8 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
              f"charlm: {charlm_steps} steps (one T-character window of 32 streams each) per run",
              "- model: one-layer LSTM (128 units for copy tasks, 256 for charlm), Adam, gradient clip 1.0; "
              "DNI synthesizer on [h, c]: linear, zero-initialised, Adam lr 1e-3, "
-             "synthetic gradient scaled by 0.1, bootstrapped targets", ""]
+             "synthetic gradient scaled by 0.1 and ramped up from 0 over the first 500 windows, "
+             "bootstrapped targets", "", "Notes and earlier measurements: rnn-notes.md.", ""]
     summary: dict = {}
     for task in (t for t in tasks if t != "charlm"):
         lines += [f"## {task}: longest length N solved (mean bit error per sequence < 0.15 over 20 batches)", "",
