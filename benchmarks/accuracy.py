@@ -66,6 +66,11 @@ def suite_runs(suite: str, seeds: list[int], models: list[str] | None) -> list[R
                 for p in (1.0, 0.5, 0.2, 0.1, 0.05) for m in ("backprop", "dni", "cdni") for s in seeds]
         runs += [Run("fcn-4", m, s, flags=[*cheap, "--unlock", "complete", "--input-width", "256"],
                      tag="complete") for m in ("dni", "cdni") for s in seeds]
+        # Longer runs for the targets. A synthesizer gets a target only when the stage above
+        # updates (probability p), so it learns p times slower: its learning rate goes up 10x.
+        runs += [Run("fcn-4", m, s, flags=["--epochs", "100", "--synth-hidden", "0", "--update-prob", str(p),
+                                           "--synth-lr", "1e-3"], tag=f"p={p}-long")
+                 for m, p in (("cdni", 0.05), ("dni", 0.2)) for s in seeds]
     else:
         raise SystemExit(f"unknown suite {suite!r}: use baselines, reproduction or unlock")
     return [r for r in runs if models is None or r.model in models]
