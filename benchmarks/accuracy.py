@@ -2,7 +2,8 @@
 
 Each run is a plain `synthgrad train` subprocess writing its own run directory under
 --runs-root; a run whose final.pt exists is reused, so an interrupted benchmark continues
-where it stopped. Results go to benchmarks/results/<suite>.md (+ .json, + plots).
+where it stopped. Results go to benchmarks/results/<suite>.md (+ .json, + plots); the .json keeps
+every run's summary, so a report rebuilt after runs/ was wiped still lists the earlier runs.
 
     python benchmarks/accuracy.py --suite baselines       # issue 2: backprop, 10 epochs
     python benchmarks/accuracy.py --suite reproduction    # issue 3: backprop/DNI/cDNI x 3 seeds
@@ -37,6 +38,7 @@ class Run:
     dataset: str = "mnist"
     flags: list[str] = field(default_factory=list)
     tag: str = ""  # what distinguishes runs of the same model and method (e.g. p=0.2)
+    figure: str = ""  # suffix of the figure its curves go to, when not the model's main one
 
     @property
     def name(self) -> str:
@@ -69,8 +71,11 @@ def suite_runs(suite: str, seeds: list[int], models: list[str] | None) -> list[R
         # Longer runs for the issue's targets. A synthesizer gets a target only when the stage above
         # updates (probability p), so it learns p times slower: its learning rate goes up 10x.
         runs += [Run("fcn-4", m, s, flags=["--epochs", "100", "--synth-hidden", "0", "--update-prob", str(p),
-                                           "--synth-lr", "1e-3"], tag=f"p={p}-long")
+                                           "--synth-lr", "1e-3"], tag=f"p={p}-long", figure="long")
                  for m, p in (("cdni", 0.05), ("dni", 0.2)) for s in seeds]
+        runs += [Run("fcn-4", "cdni", s, flags=["--epochs", "30", "--synth-hidden", "0", "--unlock", "complete",
+                                                "--input-width", "256"], tag="complete-long", figure="long")
+                 for s in seeds]
     else:
         raise SystemExit(f"unknown suite {suite!r}: use baselines, reproduction or unlock")
     return [r for r in runs if models is None or r.model in models]
@@ -115,11 +120,32 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def load_saved(suite: str, runs: list[Run]) -> dict[str, dict]:
+    """The per-run summaries of earlier reports, by run name, so that a wiped runs/ loses no result."""
+    path = RESULTS / f"{suite}.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if "runs" in data:
+        return data["runs"]
+    # Older reports kept only {"dataset/model/label": [summary, ...]}, one per seed in seed order.
+    saved = {}
+    for key, summaries in data.items():
+        dataset, model, label = key.split("/", 2)
+        same = sorted((r for r in runs if (r.dataset, r.model, r.label) == (dataset, model, label)),
+                      key=lambda r: r.seed)
+        saved.update({run.name: s for run, s in zip(same, summaries, strict=False)})
+    return saved
+
+
 def write_report(suite: str, runs: list[Run], runs_root: Path, command: str, setup: str) -> str:
+    # A run on disk wins over its saved summary (it may have been rerun); saved ones fill the gaps.
+    store = load_saved(suite, runs)
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for run in runs:
-        s = summarise(runs_root / run.name)
+        s = summarise(runs_root / run.name) or store.get(run.name)
         if s is not None:
+            store[run.name] = s
             groups.setdefault((run.dataset, run.model, run.label), []).append(s)
     lines = [
         f"# {suite}", "",
@@ -144,24 +170,30 @@ def write_report(suite: str, runs: list[Run], runs_root: Path, command: str, set
             f"{c['synth_lr'] if not method.startswith('backprop') else '-'} | "
             f"{c['synth_hidden'] if not method.startswith('backprop') else '-'} | {c['schedule']} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{suite}.json").write_text(json.dumps(
-        {f"{d}/{m}/{me}": ss for (d, m, me), ss in groups.items()}, indent=1) + "\n")
+    (RESULTS / f"{suite}.json").write_text(json.dumps({"runs": store}, indent=1) + "\n")
     text = "\n".join(lines) + "\n"
     (RESULTS / f"{suite}.md").write_text(text)
     return text
 
 
-def plot(suite: str, runs: list[Run], runs_root: Path) -> None:
+def plot(suite: str, runs: list[Run], runs_root: Path, store: dict[str, dict]) -> None:
     from synthgrad.plots import plot_runs
 
-    by_model: dict[tuple[str, str], list[Path]] = {}
+    # One figure per model, from the first seed's runs; redrawn only when all its runs are on disk,
+    # so that a report rebuilt after runs/ was wiped keeps the earlier, complete figures.
+    by_figure: dict[str, list[Run]] = {}
+    first_seed = min(r.seed for r in runs)
     for run in runs:
-        d = runs_root / run.name
-        if run.seed == min(r.seed for r in runs) and (d / "final.pt").exists():
-            by_model.setdefault((run.dataset, run.model), []).append(d)
-    for (dataset, model), dirs in by_model.items():
-        out = RESULTS / f"{suite}-{dataset}-{model}"
-        plot_runs(dirs, out)
+        if run.seed == first_seed and run.name in store:
+            name = f"{suite}-{run.dataset}-{run.model}" + (f"-{run.figure}" if run.figure else "")
+            by_figure.setdefault(name, []).append(run)
+    for name, figure_runs in by_figure.items():
+        dirs = [runs_root / r.name for r in figure_runs]
+        missing = [d.name for d in dirs if not (d / "final.pt").exists()]
+        if missing:
+            print(f"kept the {name} plots: {len(missing)} of their runs are no longer on disk")
+            continue
+        plot_runs(dirs, RESULTS / name)
 
 
 def main() -> None:
@@ -197,10 +229,10 @@ def main() -> None:
             f.write(f"{date.today().isoformat()}  python benchmarks/accuracy.py {' '.join(sys.argv[1:])}\n")
     commands = log.read_text().strip().replace("\n", "`; `") if log.exists() else ""
     everything = suite_runs(a.suite, [0, 1, 2], None)
-    setup = (f"each run: `synthgrad train` with {a.threads} torch thread(s), {a.jobs} runs side by side, so "
-             "s/epoch and samples/s are per core")
+    setup = ("each run: `synthgrad train` with --threads torch thread(s) (default 1) and --jobs runs side by side "
+             "(default 2), as in its command above, so s/epoch and samples/s are per core")
     print(write_report(a.suite, everything, root, commands, setup))
-    plot(a.suite, everything, root)
+    plot(a.suite, everything, root, load_saved(a.suite, everything))
 
 
 if __name__ == "__main__":
