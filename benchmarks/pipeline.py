@@ -26,12 +26,12 @@ from synthgrad.trainer import build_rule
 METHODS = ["backprop-1t", "backprop-all", "locked-pipeline", "gpipe", "dni-pipeline"]
 LABELS = {"backprop-1t": "backprop, 1 process, 1 thread", "backprop-all": "backprop, 1 process, {n} threads",
           "locked-pipeline": "locked pipeline, {k} processes", "gpipe": "GPipe ({mb} micro-batches), {k} processes",
-          "dni-pipeline": "DNI pipeline, {k} processes"}
+          "dni-pipeline": "{dm} pipeline, {k} processes"}
 
 
 def make_cfg(a: argparse.Namespace, method: str, width: int, **kw) -> TrainConfig:
     return TrainConfig(model=a.model, method=method, width=width, batch_size=a.batch_size, stages=a.stages,
-                       synth_hidden=a.synth_hidden, synth_width=a.synth_width, epochs=1,
+                       synth_hidden=a.synth_hidden, synth_width=a.synth_width, epochs=1, device=a.device,
                        log_every=min(10, max(1, a.steps // 4)), seed=a.seed, **kw).resolve()
 
 
@@ -39,16 +39,25 @@ def single_process(a: argparse.Namespace, ds: data.Dataset, width: int, threads:
     """samples/s of single-process backprop over the same stages, timed after `warmup` steps."""
     torch.set_num_threads(threads)
     cfg = make_cfg(a, "backprop", width)
-    rule = build_rule(cfg, ds.input_shape, ds.num_classes).train()
-    order = data.epoch_order(len(ds.train_y), cfg.seed, 0)
+    dev = torch.device(a.device)
+    rule = build_rule(cfg, ds.input_shape, ds.num_classes).to(dev).train()
+    order = data.epoch_order(len(ds.train_y), cfg.seed, 0).to(dev)
     t0 = 0.0
-    for i, (xb, yb) in enumerate(data.batches(ds.train_x, ds.train_y, cfg.batch_size, order)):
+    for i, (xb, yb) in enumerate(data.batches(ds.train_x.to(dev), ds.train_y.to(dev), cfg.batch_size, order)):
         if i == a.warmup:
+            sync(dev)
             t0 = time.perf_counter()
         if i == a.warmup + a.steps:
             break
         rule.step(xb, yb)
+    sync(dev)
     return a.steps * cfg.batch_size / (time.perf_counter() - t0)
+
+
+def sync(dev: torch.device) -> None:
+    """Wait for the GPU's queued kernels, so that a timer measures them."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def pipeline(a: argparse.Namespace, ds: data.Dataset, width: int, method: str, tmp: Path) -> tuple[float, dict]:
@@ -108,6 +117,8 @@ def _gpipe_rank(rank: int, world: int, port: int, cfg_dict: dict, ds: data.Datas
 def gpipe(a: argparse.Namespace, ds: data.Dataset, width: int, tmp: Path) -> float:
     import torch.multiprocessing as mp
 
+    if a.device != "cpu":
+        raise RuntimeError("the GPipe baseline runs on CPU only here (torch.distributed.pipelining over gloo)")
     cfg = make_cfg(a, "backprop", width)
     out = tmp / f"gpipe-{width}.json"
     opts = {"threads_per_stage": a.threads_per_stage, "schedule": a.schedule, "microbatches": a.microbatches,
@@ -131,7 +142,7 @@ def time_to_accuracy(a: argparse.Namespace, ds: data.Dataset, method: str, tmp: 
         trainer.start()
         trainer.fit()
     else:
-        m = {"locked-pipeline": "backprop", "dni-pipeline": "dni"}[method]
+        m = {"locked-pipeline": "backprop", "dni-pipeline": a.dni_method}[method]
         cfg = make_cfg(a, m, a.width, threads=a.threads_per_stage)
         cfg.epochs = a.tta_epochs
         run = tmp / f"tta-{method}"
@@ -149,6 +160,8 @@ def machine() -> str:
     except (OSError, subprocess.SubprocessError):
         model = platform.processor() or "?"
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    if torch.cuda.is_available():
+        model += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return (f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {model}, torch {torch.__version__}; "
             f"load average at the end {load} (the machine is shared: other jobs ran during the measurement)")
 
@@ -165,7 +178,7 @@ def measure(a: argparse.Namespace, ds: data.Dataset, width: int, tmp: Path, meth
             elif m == "gpipe":
                 res[m] = {"sps": gpipe(a, ds, width, tmp)}
             else:
-                sps, prof = pipeline(a, ds, width, "dni" if m == "dni-pipeline" else "backprop", tmp)
+                sps, prof = pipeline(a, ds, width, a.dni_method if m == "dni-pipeline" else "backprop", tmp)
                 res[m] = {"sps": sps, "profile": prof}
         except Exception as e:  # noqa: BLE001 (a baseline that cannot run is reported, not fatal)
             traceback.print_exc()
@@ -225,7 +238,7 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
     n = a.threads_all
     base = main_res["backprop-1t"]["sps"]
     lines = [
-        "# Pipeline engine benchmark: K = 2 stages on CPU", "",
+        f"# Pipeline engine benchmark: K = {a.stages} stages on {a.device}", "",
         f"- date: {datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {machine()}",
         f"- command: `{' '.join(['python', 'benchmarks/pipeline.py', *argv])}` ({elapsed:.0f} s)",
@@ -242,7 +255,7 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
         "| method | samples/s | vs backprop 1 thread |", "|---|---:|---:|"]
     for m in METHODS:
         r = main_res.get(m, {})
-        label = LABELS[m].format(n=n, k=a.stages, mb=a.microbatches)
+        label = LABELS[m].format(n=n, k=a.stages, mb=a.microbatches, dm=a.dni_method.upper().replace("CDNI", "cDNI"))
         if r.get("sps"):
             lines.append(f"| {label} | {r['sps']:,.0f} | {r['sps'] / base:.2f}x |")
         else:
@@ -284,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--steps", type=int, default=150, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--dni-method", choices=["dni", "cdni"], default="dni",
+                   help="rule of the decoupled pipeline (cdni: synthesizers also see the label)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: every method on the GPU(s); stages share GPUs "
+                   "when there are fewer than stages")
     p.add_argument("--synth-hidden", type=int, default=1, help="DNI synthesizer hidden layers (0: linear)")
     p.add_argument("--synth-width", type=int, default=64,
                    help="DNI synthesizer hidden width: small = a cheap low-rank synthesizer")
@@ -321,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 tta[m] = time_to_accuracy(a, ds, m, tmp)
                 print(f"  {tta[m]}", file=sys.stderr, flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    name = "pipeline-dry-run" if a.dry_run else "pipeline"
+    name = "pipeline" + ("" if a.device == "cpu" else f"-{a.device.split(':')[0]}") + ("-dry-run" if a.dry_run else "")
     write_report(a.out / f"{name}.md", a, argv, main_res, sweep, tta, time.perf_counter() - t0)
     plot(a.out / f"{name}.png", a, main_res, sweep, tta)
     print((a.out / f"{name}.md").read_text())

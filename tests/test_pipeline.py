@@ -18,7 +18,7 @@ from synthgrad.cli import main
 from synthgrad.config import TrainConfig
 from synthgrad.errors import ConfigError, StageFailure
 from synthgrad.metrics import read_metrics
-from synthgrad.pipeline import run_pipeline
+from synthgrad.pipeline import link_backend, run_pipeline
 from synthgrad.trainer import build_rule, load_network
 
 
@@ -217,3 +217,12 @@ def test_complete_unlock_pipeline_never_blocks_on_the_stage_below(fake_data_dir:
     assert all(t < 0.5 * first for t in upper), epoch["stage_steps_done_s"]  # without waiting for stage 1
     # The real chain still flowed up to the last stage: it logged the real network's loss for every step.
     assert epoch["train_loss"] is not None and epoch["test_accuracy"] is not None
+
+
+def test_links_use_nccl_only_with_a_gpu_per_local_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    # NCCL cannot put two ranks on one GPU: stages that share GPUs talk over gloo, through host memory.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert link_backend(TrainConfig(device="cuda"), local_world=2) == "gloo"
+    assert link_backend(TrainConfig(device="cuda"), local_world=1) == "nccl"
+    assert link_backend(TrainConfig(device="cpu"), local_world=1) == "gloo"
+

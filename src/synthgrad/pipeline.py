@@ -32,9 +32,13 @@ Environment variables read by each process (torchrun sets them all):
     RANK          this process's stage index, 0..K-1 (stage RANK + 1 in messages)
     WORLD_SIZE    K, the number of stages
     MASTER_ADDR   host of rank 0 (the rendezvous), MASTER_PORT its port
-    LOCAL_RANK    index on this machine: picks the GPU (cuda:LOCAL_RANK) when --device cuda
+    LOCAL_RANK    index on this machine: picks the GPU (cuda:LOCAL_RANK mod GPUs) when --device cuda
     LOCAL_WORLD_SIZE  processes on this machine: threads per process = cores // this, unless --threads
     SYNTHGRAD_PIPELINE_TIMEOUT  seconds a stage waits for a peer before it gives up (default 120)
+
+With --device cuda, links use NCCL when the machine has a GPU per local process. With fewer
+GPUs than stages (NCCL cannot put two ranks on one GPU), the stages share the GPUs and the
+links use gloo, with each message staged through host memory.
 
 Only rank 0 touches the data and the run directory (config.json, metrics.jsonl,
 checkpoint.pt, best.pt, final.pt, in the formats of the single-process trainer).
@@ -99,11 +103,15 @@ class LinkDown(RuntimeError):
 # ----------------------------------------------------------------------------- links
 
 class Inbox:
-    """Messages from one peer, received by a thread into a bounded queue (the stage never blocks to poll)."""
+    """Messages from one peer, received by a thread into a bounded queue (the stage never blocks to poll).
+
+    Messages arrive on `link_device` (the host for gloo) and are queued on `device`, the stage's.
+    """
 
     def __init__(self, src: int, group: dist.ProcessGroup, numel: int, device: torch.device,
-                 maxsize: int, what: str):
+                 maxsize: int, what: str, link_device: torch.device | None = None):
         self.src, self.group, self.numel, self.device, self.what = src, group, numel, device, what
+        self.link_device = link_device or device
         self.q: queue.Queue[torch.Tensor] = queue.Queue(maxsize)
         self.error: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"recv-{what}", daemon=True)
@@ -112,9 +120,9 @@ class Inbox:
     def _run(self) -> None:
         try:
             while True:
-                buf = torch.empty(self.numel, device=self.device)  # [header + payload], float32
+                buf = torch.empty(self.numel, device=self.link_device)  # [header + payload], float32
                 dist.recv(buf, src=self.src, group=self.group)
-                self.q.put(buf)  # blocks while full: backpressure on the sender
+                self.q.put(buf.to(self.device))  # blocks while full: backpressure on the sender
                 if float(buf[0]) == STOP:
                     return
         except Exception as e:  # noqa: BLE001 (gloo and NCCL raise RuntimeError and others)
@@ -145,10 +153,14 @@ class Inbox:
 
 
 class Outbox:
-    """Messages to one peer, sent by a thread from a bounded queue: `put` blocks only when it is full."""
+    """Messages to one peer, sent by a thread from a bounded queue: `put` blocks only when it is full.
 
-    def __init__(self, dst: int, group: dist.ProcessGroup, maxsize: int, what: str):
-        self.dst, self.group, self.what = dst, group, what
+    Each message is copied to `link_device` (the host for gloo) by the sending thread, off the stage's path.
+    """
+
+    def __init__(self, dst: int, group: dist.ProcessGroup, maxsize: int, what: str,
+                 link_device: torch.device | None = None):
+        self.dst, self.group, self.what, self.link_device = dst, group, what, link_device
         self.q: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize)
         self.error: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"send-{what}", daemon=True)
@@ -160,6 +172,8 @@ class Outbox:
                 msg = self.q.get()
                 if msg is None:
                     return
+                if self.link_device is not None:
+                    msg = msg.to(self.link_device)
                 dist.send(msg, dst=self.dst, group=self.group)
                 self.q.task_done()
         except Exception as e:  # noqa: BLE001
@@ -330,16 +344,19 @@ class StageProcess:
         fwd_groups = [dist.new_group([k, k + 1]) for k in range(world - 1)]
         bwd_groups = [dist.new_group([k, k + 1]) for k in range(world - 1)]
         m = opts.max_inflight
+        # gloo moves host tensors only: GPU stages that share GPUs (see run_rank) stage messages through the host.
+        link = torch.device("cpu") if dist.get_backend() == "gloo" else self.device
         self.fwd_in = self.fwd_out = self.bwd_in = self.bwd_out = None
         if rank > 0:
             n_in = math.prod(self.in_shape)
             self.fwd_in = Inbox(rank - 1, fwd_groups[rank - 1], FWD_HEAD + self.stats_len + b + b * n_in,
-                                self.device, 1, "activations")
-            self.bwd_out = Outbox(rank - 1, bwd_groups[rank - 1], m + 2, "targets")
+                                self.device, 1, "activations", link)
+            self.bwd_out = Outbox(rank - 1, bwd_groups[rank - 1], m + 2, "targets", link)
         if not self.last:
             n_out = math.prod(self.out_shape)
-            self.fwd_out = Outbox(rank + 1, fwd_groups[rank], m, "activations")
-            self.bwd_in = Inbox(rank + 1, bwd_groups[rank], BWD_HEAD + b * n_out, self.device, m + 2, "targets")
+            self.fwd_out = Outbox(rank + 1, fwd_groups[rank], m, "activations", link)
+            self.bwd_in = Inbox(rank + 1, bwd_groups[rank], BWD_HEAD + b * n_out, self.device, m + 2, "targets",
+                                link)
             self.fwd_numel = FWD_HEAD + self.stats_len + b + b * n_out
         # DNI: (step, h, context) of recent steps, until their targets arrive.
         self.history: deque[tuple[int, torch.Tensor, torch.Tensor | None]] = deque(maxlen=2 * m + 8)
@@ -880,6 +897,13 @@ def _threads(cfg: TrainConfig, local_world: int) -> int:
     return cfg.threads or max(1, cores // local_world)
 
 
+def link_backend(cfg: TrainConfig, local_world: int) -> str:
+    """NCCL when every local stage has a GPU of its own; otherwise gloo, through host memory."""
+    if cfg.device.startswith("cuda") and torch.cuda.device_count() >= local_world:
+        return "nccl"
+    return "gloo"
+
+
 def run_rank(cfg: TrainConfig, run_dir: Path, dataset: data.Dataset | None, opts: StageOptions) -> None:
     """Run this process as stage RANK of WORLD_SIZE (environment as in the module docstring)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -887,7 +911,7 @@ def run_rank(cfg: TrainConfig, run_dir: Path, dataset: data.Dataset | None, opts
         raise ConfigError(f"the config asks for {cfg.stages} stages but {world} processes were started; "
                           f"start {cfg.stages} (torchrun --nproc-per-node) or set \"stages\": {world}")
     torch.set_num_threads(_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    backend = link_backend(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=link_timeout()))
     try:
         StageProcess(cfg, rank, world, run_dir, dataset, opts).run()
