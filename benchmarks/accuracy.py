@@ -120,9 +120,9 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def load_saved(suite: str, runs: list[Run]) -> dict[str, dict]:
+def load_saved(report: str, runs: list[Run]) -> dict[str, dict]:
     """The per-run summaries of earlier reports, by run name, so that a wiped runs/ loses no result."""
-    path = RESULTS / f"{suite}.json"
+    path = RESULTS / f"{report}.json"
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
@@ -138,9 +138,9 @@ def load_saved(suite: str, runs: list[Run]) -> dict[str, dict]:
     return saved
 
 
-def write_report(suite: str, runs: list[Run], runs_root: Path, command: str, setup: str) -> str:
+def write_report(report: str, runs: list[Run], runs_root: Path, command: str, setup: str) -> str:
     # A run on disk wins over its saved summary (it may have been rerun); saved ones fill the gaps.
-    store = load_saved(suite, runs)
+    store = load_saved(report, runs)
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for run in runs:
         s = summarise(runs_root / run.name) or store.get(run.name)
@@ -148,7 +148,7 @@ def write_report(suite: str, runs: list[Run], runs_root: Path, command: str, set
             store[run.name] = s
             groups.setdefault((run.dataset, run.model, run.label), []).append(s)
     lines = [
-        f"# {suite}", "",
+        f"# {report}", "",
         f"- command: `{command}`",
         f"- date: {date.today().isoformat()}",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), "
@@ -170,13 +170,13 @@ def write_report(suite: str, runs: list[Run], runs_root: Path, command: str, set
             f"{c['synth_lr'] if not method.startswith('backprop') else '-'} | "
             f"{c['synth_hidden'] if not method.startswith('backprop') else '-'} | {c['schedule']} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{suite}.json").write_text(json.dumps({"runs": store}, indent=1) + "\n")
+    (RESULTS / f"{report}.json").write_text(json.dumps({"runs": store}, indent=1) + "\n")
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"{suite}.md").write_text(text)
+    (RESULTS / f"{report}.md").write_text(text)
     return text
 
 
-def plot(suite: str, runs: list[Run], runs_root: Path, store: dict[str, dict]) -> None:
+def plot(report: str, runs: list[Run], runs_root: Path, store: dict[str, dict]) -> None:
     from synthgrad.plots import plot_runs
 
     # One figure per model, from the first seed's runs; redrawn only when all its runs are on disk,
@@ -185,7 +185,7 @@ def plot(suite: str, runs: list[Run], runs_root: Path, store: dict[str, dict]) -
     first_seed = min(r.seed for r in runs)
     for run in runs:
         if run.seed == first_seed and run.name in store:
-            name = f"{suite}-{run.dataset}-{run.model}" + (f"-{run.figure}" if run.figure else "")
+            name = f"{report}-{run.dataset}-{run.model}" + (f"-{run.figure}" if run.figure else "")
             by_figure.setdefault(name, []).append(run)
     for name, figure_runs in by_figure.items():
         dirs = [runs_root / r.name for r in figure_runs]
@@ -208,6 +208,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each is fastest here)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--runs-root", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--device", default="cpu", help="cuda: train on the GPU (the --jobs runs share it); "
+                   "results go to <suite>-cuda.md, apart from the CPU ones")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra flags for every `synthgrad train`")
     a = p.parse_args()
@@ -215,14 +217,17 @@ def main() -> None:
     runs = [r for r in suite_runs(a.suite, a.seeds, a.models)
             if (a.methods is None or r.method in a.methods) and (a.datasets is None or r.dataset in a.datasets)
             and (a.tags is None or r.tag in a.tags)]
-    root = a.runs_root / a.suite
+    # GPU runs are reported apart: their times are not comparable with the CPU ones, nor their kernels.
+    report = a.suite if a.device == "cpu" else f"{a.suite}-{a.device.split(':')[0]}"
+    extra = ["--device", a.device, *extra]
+    root = a.runs_root / report
     if not a.report_only:
         # Slowest first, so the parallel jobs finish together.
         order = sorted(runs, key=lambda r: (r.method == "backprop", r.model.startswith("fcn-6") is False))
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(lambda r: train(r, root, a.threads, extra), order))
     # The report covers every run of the suite found on disk, so a suite can be run in slices.
-    log = RESULTS / f"{a.suite}-commands.txt"
+    log = RESULTS / f"{report}-commands.txt"
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
         with log.open("a") as f:
@@ -231,8 +236,14 @@ def main() -> None:
     everything = suite_runs(a.suite, [0, 1, 2], None)
     setup = ("each run: `synthgrad train` with --threads torch thread(s) (default 1) and --jobs runs side by side "
              "(default 2), as in its command above, so s/epoch and samples/s are per core")
-    print(write_report(a.suite, everything, root, commands, setup))
-    plot(a.suite, everything, root, load_saved(a.suite, everything))
+    if a.device != "cpu":
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "a GPU"
+        setup = (f"each run: `synthgrad train --device {a.device}` on {gpu}, with --threads torch thread(s) "
+                 "(default 1); --jobs runs share the GPU, so s/epoch and samples/s are per run, not for the GPU alone")
+    print(write_report(report, everything, root, commands, setup))
+    plot(report, everything, root, load_saved(report, everything))
 
 
 if __name__ == "__main__":
