@@ -73,6 +73,9 @@ def suite_runs(suite: str, seeds: list[int], models: list[str] | None) -> list[R
         runs += [Run("fcn-4", m, s, flags=["--epochs", "100", "--synth-hidden", "0", "--update-prob", str(p),
                                            "--synth-lr", "1e-3"], tag=f"p={p}-long", figure="long")
                  for m, p in (("cdni", 0.05), ("dni", 0.2)) for s in seeds]
+        runs += [Run("fcn-4", "dni", s, flags=["--epochs", "100", "--synth-hidden", "0", "--update-prob", "0.2",
+                                               "--synth-lr", "1e-3", "--optimizer", "sgd"],
+                     tag="p=0.2-long-sgd", figure="long") for s in seeds]
         runs += [Run("fcn-4", "cdni", s, flags=["--epochs", "30", "--synth-hidden", "0", "--unlock", "complete",
                                                 "--input-width", "256"], tag="complete-long", figure="long")
                  for s in seeds]
