@@ -29,6 +29,8 @@ def run_label(run_dir: Path) -> str:
         label += " complete unlock"
     if cfg.get("update_prob", 1.0) < 1.0:
         label += f" p={cfg['update_prob']}"
+    if cfg.get("optimizer", "adam") != "adam":
+        label += f" {cfg['optimizer']}"
     return label + f" s{cfg.get('seed', 0)}"
 
 
