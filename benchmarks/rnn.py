@@ -4,7 +4,8 @@
     python benchmarks/rnn.py                  # 3 seeds, the full step budgets (hours on 2 cores)
 
 Every run is a plain `synthgrad train --task ...` in its own process (one torch thread each,
---jobs at a time), so each row can be reproduced from its command alone. Results go to
+--jobs at a time), so each row can be reproduced from its command alone. A finished run of the
+same step budget is reused, so an interrupted benchmark continues and seeds can be added later. Results go to
 benchmarks/results/rnn.md and rnn.png; run directories to benchmarks/runs/rnn/.
 """
 
@@ -38,6 +39,16 @@ def run_args(task: str, method: str, t: int, seed: int, steps: int, run_dir: Pat
     return args
 
 
+def finished(run_dir: Path, steps: int) -> bool:
+    """True when run_dir holds a finished run of `steps` steps (reused, so that seeds can be added later)."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        return (run_dir / "final.pt").exists() and cfg.get("max_steps") == steps and \
+            final_record(run_dir).get("kind") == "final"
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def final_record(run_dir: Path) -> dict:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return json.loads(lines[-1])
@@ -69,13 +80,16 @@ def main() -> int:
                 for seed in range(seeds):
                     run_dir = ROOT / "runs" / "rnn" / f"{task}-{method}-T{t}-s{seed}"
                     jobs.append((task, method, t, seed, run_dir,
-                                 run_args(task, method, t, seed, steps, run_dir, a.text)))
+                                 run_args(task, method, t, seed, steps, run_dir, a.text), steps))
     # Longest first (charlm, long T) so the pool finishes together.
     jobs.sort(key=lambda j: (j[0] != "charlm", -j[2]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.time()
 
     def launch(job: tuple) -> tuple:
+        if finished(job[4], job[6]):
+            print(f"[{time.time() - start:6.0f}s] {job[0]} {job[1]} T={job[2]} s{job[3]}: reused {job[4]}", flush=True)
+            return job, 0
         cmd = [sys.executable, "-m", "synthgrad", *job[5]]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         status = "ok" if proc.returncode == 0 else f"failed ({proc.stderr.strip().splitlines()[-1:]})"
@@ -112,7 +126,7 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
              f"- date: {datetime.now().isoformat(timespec='minutes')}",
              f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores (shared), "
              f"Python {platform.python_version()}, torch {torch.__version__}; {a.jobs} runs in parallel, "
-             f"1 thread each; total wall time {wall / 60:.1f} min",
+             f"1 thread each; wall time of this invocation (reused runs cost none) {wall / 60:.1f} min",
              f"- seeds: {seeds}; copy tasks: {copy_steps} steps (batches of 32 sequences) per run; "
              f"charlm: {charlm_steps} steps (one T-character window of 32 streams each) per run",
              "- model: one-layer LSTM (128 units for copy tasks, 256 for charlm), Adam, gradient clip 1.0; "
