@@ -71,11 +71,9 @@ def suite_runs(suite: str, seeds: list[int], models: list[str] | None) -> list[R
         # Longer runs for the issue's targets. A synthesizer gets a target only when the stage above
         # updates (probability p), so it learns p times slower: its learning rate goes up 10x.
         runs += [Run("fcn-4", m, s, flags=["--epochs", "100", "--synth-hidden", "0", "--update-prob", str(p),
-                                           "--synth-lr", "1e-3"], tag=f"p={p}-long", figure="long")
-                 for m, p in (("cdni", 0.05), ("dni", 0.2)) for s in seeds]
-        runs += [Run("fcn-4", "dni", s, flags=["--epochs", "100", "--synth-hidden", "0", "--update-prob", "0.2",
-                                               "--synth-lr", "1e-3", "--optimizer", "sgd"],
-                     tag="p=0.2-long-sgd", figure="long") for s in seeds]
+                                           "--synth-lr", "1e-3", *(["--optimizer", opt] if opt else [])],
+                     tag=f"p={p}-long" + (f"-{opt}" if opt else ""), figure="long")
+                 for m, p, opt in (("cdni", 0.05, ""), ("dni", 0.2, ""), ("dni", 0.2, "sgd")) for s in seeds]
         runs += [Run("fcn-4", "cdni", s, flags=["--epochs", "30", "--synth-hidden", "0", "--unlock", "complete",
                                                 "--input-width", "256"], tag="complete-long", figure="long")
                  for s in seeds]
@@ -141,9 +139,10 @@ def load_saved(report: str, runs: list[Run]) -> dict[str, dict]:
     return saved
 
 
-def write_report(report: str, runs: list[Run], runs_root: Path, command: str, setup: str) -> str:
+def write_report(report: str, runs: list[Run], runs_root: Path, store: dict[str, dict], command: str,
+                 setup: str) -> str:
+    """Write <report>.md and .json; `store` (the saved summaries) gains the summaries of the runs on disk."""
     # A run on disk wins over its saved summary (it may have been rerun); saved ones fill the gaps.
-    store = load_saved(report, runs)
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for run in runs:
         s = summarise(runs_root / run.name) or store.get(run.name)
@@ -245,8 +244,9 @@ def main() -> None:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "a GPU"
         setup = (f"each run: `synthgrad train --device {a.device}` on {gpu}, with --threads torch thread(s) "
                  "(default 1); --jobs runs share the GPU, so s/epoch and samples/s are per run, not for the GPU alone")
-    print(write_report(report, everything, root, commands, setup))
-    plot(report, everything, root, load_saved(report, everything))
+    store = load_saved(report, everything)
+    print(write_report(report, everything, root, store, commands, setup))
+    plot(report, everything, root, store)
 
 
 if __name__ == "__main__":

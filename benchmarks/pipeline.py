@@ -255,7 +255,7 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
         "| method | samples/s | vs backprop 1 thread |", "|---|---:|---:|"]
     for m in METHODS:
         r = main_res.get(m, {})
-        label = LABELS[m].format(n=n, k=a.stages, mb=a.microbatches, dm=a.dni_method.upper().replace("CDNI", "cDNI"))
+        label = LABELS[m].format(n=n, k=a.stages, mb=a.microbatches, dm={"dni": "DNI", "cdni": "cDNI"}[a.dni_method])
         if r.get("sps"):
             lines.append(f"| {label} | {r['sps']:,.0f} | {r['sps'] / base:.2f}x |")
         else:

@@ -910,9 +910,10 @@ def run_rank(cfg: TrainConfig, run_dir: Path, dataset: data.Dataset | None, opts
     if cfg.stages != world:
         raise ConfigError(f"the config asks for {cfg.stages} stages but {world} processes were started; "
                           f"start {cfg.stages} (torchrun --nproc-per-node) or set \"stages\": {world}")
-    torch.set_num_threads(_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    backend = link_backend(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=link_timeout()))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(_threads(cfg, local_world))
+    dist.init_process_group(link_backend(cfg, local_world), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=link_timeout()))
     try:
         StageProcess(cfg, rank, world, run_dir, dataset, opts).run()
     finally:
