@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -16,23 +17,33 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from synthgrad import data
 from synthgrad.config import TrainConfig
 from synthgrad.metrics import read_metrics
-from synthgrad.pipeline import free_port, run_pipeline
-from synthgrad.trainer import build_rule
+from synthgrad.pipeline import free_port, keep_freed_memory, run_pipeline
+from synthgrad.trainer import build_rule, evaluate
 
-METHODS = ["backprop-1t", "backprop-all", "locked-pipeline", "gpipe", "dni-pipeline"]
+METHODS = ["backprop-1t", "backprop-all", "locked-pipeline", "gpipe", "dni-pipeline", "dni-pipeline-linear"]
+DECOUPLED = ("dni-pipeline", "dni-pipeline-linear")
 LABELS = {"backprop-1t": "backprop, 1 process, 1 thread", "backprop-all": "backprop, 1 process, {n} threads",
           "locked-pipeline": "locked pipeline, {k} processes", "gpipe": "GPipe ({mb} micro-batches), {k} processes",
-          "dni-pipeline": "{dm} pipeline, {k} processes"}
+          "dni-pipeline": "{dm} pipeline, low-rank synthesizer, {k} processes",
+          "dni-pipeline-linear": "{dm} pipeline, linear synthesizer, {k} processes"}
 
 
-def make_cfg(a: argparse.Namespace, method: str, width: int, **kw) -> TrainConfig:
+def make_cfg(a: argparse.Namespace, method: str, width: int, linear: bool = False, **kw) -> TrainConfig:
+    """The run config of one method; `linear`: the decoupled pipeline with a linear (width x width) synthesizer."""
     return TrainConfig(model=a.model, method=method, width=width, batch_size=a.batch_size, stages=a.stages,
-                       synth_hidden=a.synth_hidden, synth_width=a.synth_width, epochs=1, device=a.device,
+                       synth_hidden=0 if linear else a.synth_hidden, synth_width=a.synth_width,
+                       synth_lr=a.synth_lr, epochs=1, device=a.device,
                        log_every=min(10, max(1, a.steps // 4)), seed=a.seed, **kw).resolve()
+
+
+def pipeline_method(a: argparse.Namespace, name: str) -> str:
+    """The training rule a pipeline row runs."""
+    return "backprop" if name == "locked-pipeline" else a.dni_method
 
 
 def single_process(a: argparse.Namespace, ds: data.Dataset, width: int, threads: int) -> float:
@@ -60,10 +71,11 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def pipeline(a: argparse.Namespace, ds: data.Dataset, width: int, method: str, tmp: Path) -> tuple[float, dict]:
+def pipeline(a: argparse.Namespace, ds: data.Dataset, width: int, name: str, tmp: Path) -> tuple[float, dict]:
     """samples/s of the pipeline engine, from the last stage's step records after the warmup steps."""
-    cfg = make_cfg(a, method, width, threads=a.threads_per_stage, max_steps=a.warmup + a.steps)
-    run = tmp / f"{method}-{width}"
+    cfg = make_cfg(a, pipeline_method(a, name), width, linear=name == "dni-pipeline-linear",
+                   threads=a.threads_per_stage, max_steps=a.warmup + a.steps)
+    run = tmp / f"{name}-{width}-{time.monotonic_ns()}"
     run_pipeline(cfg, ds, run, quiet=True)
     recs = read_metrics(run / "metrics.jsonl")
     steps = [r for r in recs if r["kind"] == "step" and r["step"] >= a.warmup]
@@ -76,10 +88,16 @@ def pipeline(a: argparse.Namespace, ds: data.Dataset, width: int, method: str, t
 
 
 def _gpipe_rank(rank: int, world: int, port: int, cfg_dict: dict, ds: data.Dataset, a: dict, out: str) -> None:
-    """One rank of a torch.distributed.pipelining schedule over the same stages and data."""
+    """One rank of a torch.distributed.pipelining schedule over the same stages, data and lr schedule.
+
+    a["epochs"] == 0: time a["steps"] steps after a["warmup"] (the last rank writes {"sps"}). Otherwise train
+    a["epochs"] epochs; at each epoch's end rank 0 gathers the stages and evaluates the composed network, as
+    the other methods do (rank 0 writes {"epochs": [{epoch, test_accuracy, wall_time_s}]}).
+    """
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+    keep_freed_memory()  # as every stage of the pipeline engine does
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(a["threads_per_stage"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -91,66 +109,89 @@ def _gpipe_rank(rank: int, world: int, port: int, cfg_dict: dict, ds: data.Datas
         sched_cls = Schedule1F1B if a["schedule"] == "1f1b" else ScheduleGPipe
         sched = sched_cls(stage, n_microbatches=a["microbatches"], loss_fn=F.cross_entropy)
         opt = rule.optimizers[rank]
-        order = data.epoch_order(len(ds.train_y), cfg.seed, 0)
-        t0 = 0.0
-        for i, (xb, yb) in enumerate(data.batches(ds.train_x, ds.train_y, cfg.batch_size, order)):
-            if i == a["warmup"]:
-                dist.barrier()
-                t0 = time.perf_counter()
-            if i == a["warmup"] + a["steps"]:
-                break
-            if rank == 0:
-                sched.step(xb)
-            elif rank == world - 1:
-                sched.step(target=yb, losses=[])
-            else:
-                sched.step()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        timing = a["epochs"] == 0
+        total = cfg.total_steps(len(ds.train_y)) if not timing else a["warmup"] + a["steps"]
+        records, step = [], 0
         dist.barrier()
-        if rank == world - 1:
+        t0 = time.perf_counter()
+        for epoch in range(1 if timing else a["epochs"]):
+            order = data.epoch_order(len(ds.train_y), cfg.seed, epoch)
+            for xb, yb in data.batches(ds.train_x, ds.train_y, cfg.batch_size, order):
+                if timing and step == a["warmup"]:
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                if timing and step == total:
+                    break
+                if cfg.schedule != "constant":
+                    rule.set_lr_factor(cfg.lr_factor(step, total))
+                if rank == 0:
+                    sched.step(xb)
+                elif rank == world - 1:
+                    sched.step(target=yb, losses=[])
+                else:
+                    sched.step()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+            if not timing:  # evaluate the composed network, its time included, as for the other methods
+                states = [None] * world if rank == 0 else None
+                dist.gather_object(module.state_dict(), states, dst=0)
+                if rank == 0:
+                    for st, saved in zip(rule.stages, states, strict=True):
+                        st.load_state_dict(saved)
+                    acc, _ = evaluate(nn.Sequential(*rule.stages), ds.test_x, ds.test_y, cfg.eval_batch_size)
+                    records.append({"epoch": epoch, "test_accuracy": acc,
+                                    "wall_time_s": round(time.perf_counter() - t0, 3)})
+                    rule.stages.train()
+        dist.barrier()
+        if timing and rank == world - 1:
             Path(out).write_text(json.dumps({"sps": a["steps"] * cfg.batch_size / (time.perf_counter() - t0)}))
+        elif not timing and rank == 0:
+            Path(out).write_text(json.dumps({"epochs": records}))
     finally:
         dist.destroy_process_group()
 
 
-def gpipe(a: argparse.Namespace, ds: data.Dataset, width: int, tmp: Path) -> float:
+def gpipe(a: argparse.Namespace, ds: data.Dataset, width: int, tmp: Path, epochs: int = 0) -> dict:
+    """Run the GPipe baseline: {"sps"} when epochs == 0, else {"epochs": per-epoch accuracy and wall time}."""
     import torch.multiprocessing as mp
 
     if a.device != "cpu":
         raise RuntimeError("the GPipe baseline runs on CPU only here (torch.distributed.pipelining over gloo)")
     cfg = make_cfg(a, "backprop", width)
-    out = tmp / f"gpipe-{width}.json"
+    cfg.epochs = max(1, epochs)
+    out = tmp / f"gpipe-{width}-{epochs}-{time.monotonic_ns()}.json"
     opts = {"threads_per_stage": a.threads_per_stage, "schedule": a.schedule, "microbatches": a.microbatches,
-            "warmup": a.warmup, "steps": a.steps}
+            "warmup": a.warmup, "steps": a.steps, "epochs": epochs}
     mp.spawn(_gpipe_rank, args=(a.stages, free_port(), cfg.to_dict(), ds, opts, str(out)), nprocs=a.stages)
-    return json.loads(out.read_text())["sps"]
+    return json.loads(out.read_text())
 
 
-def time_to_accuracy(a: argparse.Namespace, ds: data.Dataset, method: str, tmp: Path) -> float | None:
-    """Wall seconds (evaluations included) to the first epoch-end test accuracy >= the target; None if never."""
-    if method.startswith("backprop"):
-        from synthgrad.trainer import Progress, Trainer
-
-        threads = 1 if method == "backprop-1t" else a.threads_all
-        torch.set_num_threads(threads)
-        cfg = make_cfg(a, "backprop", a.width)
-        cfg.epochs = a.tta_epochs
-        run = tmp / f"tta-{method}"
-        run.mkdir()
-        trainer = Trainer(cfg, ds, run, progress=Progress(enabled=False))
-        trainer.start()
-        trainer.fit()
+def time_to_accuracy(a: argparse.Namespace, ds: data.Dataset, method: str, tmp: Path) -> dict:
+    """{"seconds": wall seconds (evaluations included) to the first epoch-end test accuracy >= the target, None
+    if never; "epochs": [(test accuracy, wall seconds) at each epoch end]}."""
+    if method == "gpipe":
+        epochs = gpipe(a, ds, a.width, tmp, epochs=a.tta_epochs)["epochs"]
     else:
-        m = {"locked-pipeline": "backprop", "dni-pipeline": a.dni_method}[method]
-        cfg = make_cfg(a, m, a.width, threads=a.threads_per_stage)
-        cfg.epochs = a.tta_epochs
         run = tmp / f"tta-{method}"
-        run_pipeline(cfg, ds, run, quiet=True)
-    for r in read_metrics(run / "metrics.jsonl"):
-        if r["kind"] == "epoch" and r["test_accuracy"] >= a.target_accuracy:
-            return r["wall_time_s"]
-    return None
+        if method.startswith("backprop"):
+            from synthgrad.trainer import Progress, Trainer
+
+            torch.set_num_threads(1 if method == "backprop-1t" else a.threads_all)
+            cfg = make_cfg(a, "backprop", a.width)
+            cfg.epochs = a.tta_epochs
+            run.mkdir()
+            trainer = Trainer(cfg, ds, run, progress=Progress(enabled=False))
+            trainer.start()
+            trainer.fit()
+        else:
+            cfg = make_cfg(a, pipeline_method(a, method), a.width, linear=method == "dni-pipeline-linear",
+                           threads=a.threads_per_stage)
+            cfg.epochs = a.tta_epochs
+            run_pipeline(cfg, ds, run, quiet=True)
+        epochs = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "epoch"]
+    return {"seconds": next((r["wall_time_s"] for r in epochs if r["test_accuracy"] >= a.target_accuracy), None),
+            "epochs": [(r["test_accuracy"], r["wall_time_s"]) for r in epochs]}
 
 
 def machine() -> str:
@@ -166,24 +207,42 @@ def machine() -> str:
             f"load average at the end {load} (the machine is shared: other jobs ran during the measurement)")
 
 
+def measure_once(a: argparse.Namespace, ds: data.Dataset, width: int, tmp: Path, m: str) -> dict:
+    """One throughput measurement of method `m`: {"sps"} (and the stage profile, for the engine's pipelines)."""
+    if m == "backprop-1t":
+        return {"sps": single_process(a, ds, width, 1)}
+    if m == "backprop-all":
+        return {"sps": single_process(a, ds, width, a.threads_all)}
+    if m == "gpipe":
+        return gpipe(a, ds, width, tmp)
+    sps, prof = pipeline(a, ds, width, m, tmp)
+    return {"sps": sps, "profile": prof}
+
+
 def measure(a: argparse.Namespace, ds: data.Dataset, width: int, tmp: Path, methods: list[str]) -> dict:
+    """Median samples/s of each method over a.repeats rounds; the methods take turns within a round, so a
+    drift in the shared machine's speed reaches every method alike."""
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for r in range(a.repeats):
+        for m in methods:
+            print(f"width {width}, round {r + 1}/{a.repeats}: {m} ...", file=sys.stderr, flush=True)
+            try:
+                runs[m].append(measure_once(a, ds, width, tmp, m))
+            except Exception as e:  # noqa: BLE001 (a baseline that cannot run is reported, not fatal)
+                traceback.print_exc()
+                runs[m].append({"sps": None, "error": f"{type(e).__name__}: {e}"})
+            print(f"  {runs[m][-1]}", file=sys.stderr, flush=True)
     res: dict[str, dict] = {}
-    for m in methods:
-        print(f"width {width}: {m} ...", file=sys.stderr, flush=True)
-        try:
-            if m == "backprop-1t":
-                res[m] = {"sps": single_process(a, ds, width, 1)}
-            elif m == "backprop-all":
-                res[m] = {"sps": single_process(a, ds, width, a.threads_all)}
-            elif m == "gpipe":
-                res[m] = {"sps": gpipe(a, ds, width, tmp)}
-            else:
-                sps, prof = pipeline(a, ds, width, a.dni_method if m == "dni-pipeline" else "backprop", tmp)
-                res[m] = {"sps": sps, "profile": prof}
-        except Exception as e:  # noqa: BLE001 (a baseline that cannot run is reported, not fatal)
-            traceback.print_exc()
-            res[m] = {"sps": None, "error": f"{type(e).__name__}: {e}"}
-        print(f"  {res[m]}", file=sys.stderr, flush=True)
+    for m, got in runs.items():
+        ok = [g for g in got if g.get("sps")]
+        if not ok:
+            res[m] = got[-1]
+            continue
+        sps = [g["sps"] for g in ok]
+        median = statistics.median(sps)
+        # The stage profile of the run nearest the median.
+        nearest = min(ok, key=lambda g: abs(g["sps"] - median))
+        res[m] = {"sps": median, "all_sps": sps, "profile": nearest.get("profile")}
     return res
 
 
@@ -198,7 +257,8 @@ def plot(path: Path, a: argparse.Namespace, main_res: dict, sweep: dict, tta: di
     ax = axes[0][0]
     names = [m for m in METHODS if main_res.get(m, {}).get("sps")]
     vals = [main_res[m]["sps"] for m in names]
-    bars = ax.bar(range(len(names)), vals, color=["#888", "#555", "#c84", "#48c", "#2a2"][:len(names)])
+    colors = dict(zip(METHODS, ["#888", "#555", "#c84", "#48c", "#2a2", "#7c4"], strict=True))
+    bars = ax.bar(range(len(names)), vals, color=[colors[m] for m in names])
     base = main_res["backprop-1t"]["sps"]
     for b, v in zip(bars, vals, strict=True):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v / base:.2f}x", ha="center", va="bottom")
@@ -224,8 +284,8 @@ def plot(path: Path, a: argparse.Namespace, main_res: dict, sweep: dict, tta: di
         ax.set_title("width sweep")
     if tta:
         ax = axes[0][i]
-        names = [m for m in tta if tta[m] is not None]
-        ax.bar(range(len(names)), [tta[m] for m in names])
+        names = [m for m in tta if tta[m]["seconds"] is not None]
+        ax.bar(range(len(names)), [tta[m]["seconds"] for m in names], color=[colors[m] for m in names])
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_ylabel(f"seconds to {a.target_accuracy:.0%} test accuracy")
         ax.set_title("time to accuracy (evaluated at epoch ends)")
@@ -237,6 +297,7 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
                  elapsed: float) -> None:
     n = a.threads_all
     base = main_res["backprop-1t"]["sps"]
+    dm = {"dni": "DNI", "cdni": "cDNI"}[a.dni_method]
     lines = [
         f"# Pipeline engine benchmark: K = {a.stages} stages on {a.device}", "",
         f"- date: {datetime.now().isoformat(timespec='seconds')}",
@@ -245,28 +306,34 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
         f"- model: `{a.model}` width {a.width}, batch {a.batch_size}, cut into {a.stages} cost-balanced stages; "
         f"{a.steps} timed steps after {a.warmup} warm-up steps; the pipelines run {a.threads_per_stage} thread(s) "
         f"per process, so every method uses the same {n} cores (backprop 1 thread uses one)",
-        f"- DNI synthesizer: {a.synth_hidden} hidden layer(s) of width {a.synth_width} (Linear + BN + ReLU; a "
-        "low-rank bottleneck), so that the stage below spends its time on its own layers, not on the synthesizer "
-        "(a linear width x width synthesizer costs as much as a layer, and is run twice per step: once to predict, "
-        "once more to regress onto the target when it arrives)",
+        f"- decoupled pipelines: {dm}, synthesizer learning rate {a.synth_lr}; the low-rank synthesizer has "
+        f"{a.synth_hidden} hidden layer(s) of width {a.synth_width} (Linear + BN + ReLU), so that the stage below "
+        "spends its time on its own layers; the linear synthesizer (width x width, the paper's) learns faster but "
+        "costs as much as a layer, run twice per step: once to predict, once more to regress onto the target "
+        "when it arrives",
+        f"- throughput: the median of {a.repeats} rounds; in each round every method runs once, in turn, so that "
+        "a drift in the shared machine's speed reaches all of them (all rounds in brackets)",
         "- why this model: at width >= 1024 one step is tens of milliseconds of matrix products while a message "
         "is one [batch, width] float32 tensor (0.5 MB at width 1024) over loopback gloo, well under a "
         "millisecond, so compute dominates communication", "",
         "| method | samples/s | vs backprop 1 thread |", "|---|---:|---:|"]
     for m in METHODS:
         r = main_res.get(m, {})
-        label = LABELS[m].format(n=n, k=a.stages, mb=a.microbatches, dm={"dni": "DNI", "cdni": "cDNI"}[a.dni_method])
+        label = LABELS[m].format(n=n, k=a.stages, mb=a.microbatches, dm=dm)
         if r.get("sps"):
-            lines.append(f"| {label} | {r['sps']:,.0f} | {r['sps'] / base:.2f}x |")
+            spread = ", ".join(f"{v:,.0f}" for v in r.get("all_sps", []))
+            lines.append(f"| {label} | {r['sps']:,.0f} ({spread}) | {r['sps'] / base:.2f}x |")
         else:
             lines.append(f"| {label} | failed: {r.get('error', '?')} | |")
-    dni = main_res.get("dni-pipeline", {}).get("sps")
-    if dni:
-        lines += ["", "DNI pipeline against the others: " + ", ".join(
-            f"{dni / main_res[m]['sps']:.2f}x {m}" for m in METHODS if m != "dni-pipeline" and main_res[m].get("sps"))]
+    for d in DECOUPLED:
+        sps = main_res.get(d, {}).get("sps")
+        if sps:
+            lines += ["", f"{d} against the others: " + ", ".join(
+                f"{sps / main_res[m]['sps']:.2f}x {m}" for m in METHODS
+                if m not in DECOUPLED and main_res[m].get("sps"))]
     lines += ["", "Where each pipeline stage's time went (seconds over the whole run, warm-up included; busy = "
               "computing, idle = waiting for a peer, synth = synthesizer updates, a part of busy or idle):", ""]
-    for m in ("locked-pipeline", "dni-pipeline"):
+    for m in ("locked-pipeline", *DECOUPLED):
         prof = main_res.get(m, {}).get("profile")
         if prof:
             lines.append(f"- {m}: busy {prof['stage_busy_s']}, idle {prof['stage_idle_s']}, synth "
@@ -282,9 +349,12 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
             lines.append(f"| {w} | " + " | ".join(cells) + " |")
     if tta:
         lines += ["", f"## Wall time to {a.target_accuracy:.0%} MNIST test accuracy (at most {a.tta_epochs} epochs, "
-                  "evaluated at epoch ends, evaluation time included)", "", "| method | seconds |", "|---|---:|"]
-        for m, s in tta.items():
-            lines.append(f"| {m} | {'not reached' if s is None else f'{s:.1f}'} |")
+                  "evaluated at epoch ends, evaluation time included)", "",
+                  "| method | seconds | test accuracy (wall seconds) at each epoch end |", "|---|---:|---|"]
+        for m, t in tta.items():
+            s = t["seconds"]
+            at = ", ".join(f"{acc:.2%} ({w:.1f} s)" for acc, w in t["epochs"])
+            lines.append(f"| {m} | {'not reached' if s is None else f'{s:.1f}'} | {at} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -297,8 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--steps", type=int, default=150, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--dni-method", choices=["dni", "cdni"], default="dni",
-                   help="rule of the decoupled pipeline (cdni: synthesizers also see the label)")
+    p.add_argument("--dni-method", choices=["dni", "cdni"], default="cdni",
+                   help="rule of the decoupled pipelines (cdni: synthesizers also see the label)")
+    p.add_argument("--synth-lr", type=float, default=1e-3,
+                   help="synthesizer learning rate (the 20-epoch default, 1e-4, learns too slowly for one epoch)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of throughput measurements (median reported)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda: every method on the GPU(s); stages share GPUs "
                    "when there are fewer than stages")
     p.add_argument("--synth-hidden", type=int, default=1, help="DNI synthesizer hidden layers (0: linear)")
@@ -318,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.threads_per_stage = max(1, a.threads_all // a.stages)
     if a.dry_run:
-        a.width, a.steps, a.warmup, a.sweep, a.sweep_steps = 64, 10, 2, "", 10
+        a.width, a.steps, a.warmup, a.sweep, a.sweep_steps, a.repeats = 64, 10, 2, "", 10, 1
     ds = data.load("mnist", a.data_dir)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -331,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
             for w in (int(s) for s in a.sweep.split(",")):
                 sweep[w] = main_res if w == a.width else measure(a, ds, w, tmp, METHODS)
             a.steps = steps
-        tta: dict[str, float | None] = {}
+        tta: dict[str, dict] = {}
         if a.tta_epochs:
-            for m in ("backprop-1t", "backprop-all", "locked-pipeline", "dni-pipeline"):
+            for m in METHODS:
                 print(f"time to accuracy: {m} ...", file=sys.stderr, flush=True)
                 tta[m] = time_to_accuracy(a, ds, m, tmp)
                 print(f"  {tta[m]}", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ from synthgrad.cli import main
 from synthgrad.config import TrainConfig
 from synthgrad.errors import ConfigError, StageFailure
 from synthgrad.metrics import read_metrics
-from synthgrad.pipeline import link_backend, run_pipeline
+from synthgrad.pipeline import _stop, link_backend, run_pipeline
 from synthgrad.trainer import build_rule, load_network
 
 
@@ -226,3 +226,15 @@ def test_links_use_nccl_only_with_a_gpu_per_local_stage(monkeypatch: pytest.Monk
     assert link_backend(TrainConfig(device="cuda"), local_world=1) == "nccl"
     assert link_backend(TrainConfig(device="cpu"), local_world=1) == "gloo"
 
+
+
+def test_stopping_after_a_failed_start_skips_the_unstarted_stages() -> None:
+    # When starting stage k fails, the launcher stops the stages started before it; the ones after
+    # it were never started and must not hide the real error behind an assertion of multiprocessing.
+    ctx = multiprocessing.get_context("spawn")
+    started, unstarted = ctx.Process(target=time.sleep, args=(60,)), ctx.Process(target=time.sleep, args=(60,))
+    started.start()
+    t0 = time.monotonic()
+    _stop([started, unstarted])
+    assert not started.is_alive() and unstarted.pid is None
+    assert time.monotonic() - t0 < 10

@@ -904,8 +904,28 @@ def link_backend(cfg: TrainConfig, local_world: int) -> str:
     return "gloo"
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
+
+
+def keep_freed_memory() -> None:
+    """glibc: keep the memory a step frees for the next step, instead of handing it back to the OS.
+
+    A stage step frees and reallocates the same multi-MB tensors (activations, gradients, messages).
+    With glibc's default thresholds, a stage process (which allocates from several threads) returned
+    them to the OS after every step and page-faulted them back in on the next: about 2,000 page faults
+    a step per process and 15% of the CPU time in the kernel (fcn-4, width 1024, 2 stages), where
+    single-process training has almost none. Fixed thresholds keep up to 256 MiB of freed memory in
+    the process. A no-op where the C library is not glibc.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's documented maximum; a larger block (a data set) is mapped
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+
+
 def run_rank(cfg: TrainConfig, run_dir: Path, dataset: data.Dataset | None, opts: StageOptions) -> None:
     """Run this process as stage RANK of WORLD_SIZE (environment as in the module docstring)."""
+    keep_freed_memory()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if cfg.stages != world:
         raise ConfigError(f"the config asks for {cfg.stages} stages but {world} processes were started; "
@@ -968,6 +988,7 @@ def result_from_metrics(run_dir: Path) -> RunResult:
 
 def _stop(procs: list) -> None:
     """Terminate, then kill, every stage process still alive; never hangs."""
+    procs = [p for p in procs if p.pid is not None]  # a start that failed left the rest unstarted
     for p in procs:
         if p.is_alive():
             p.terminate()
