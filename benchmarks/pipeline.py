@@ -132,6 +132,12 @@ def _gpipe_rank(rank: int, world: int, port: int, cfg_dict: dict, ds: data.Datas
                     sched.step()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if step == 0:
+                    # The first step inferred the stage's shapes by a forward pass on uninitialised memory, in
+                    # train mode: that poisoned the BN running statistics that evaluation uses. Start them anew.
+                    for m in module.modules():
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                            m.reset_running_stats()
                 step += 1
             if not timing:  # evaluate the composed network, its time included, as for the other methods
                 states = [None] * world if rank == 0 else None

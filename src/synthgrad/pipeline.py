@@ -243,7 +243,9 @@ class Boundary:
         self.sent = True
         if self.inner is None:
             return self.wait_gradient()
-        return self.inner.predict(h, context)
+        # No graph: the synthesizer regresses on a fresh prediction when the target arrives (`apply_target`).
+        with torch.no_grad():
+            return self.inner.predict(h, context)
 
     def stage_gradient(self, prediction: torch.Tensor, step: int = 0) -> torch.Tensor:
         return prediction if self.inner is None else self.inner.stage_gradient(prediction, step)
