@@ -30,10 +30,13 @@ CHARLM_T = (5, 8, 16)
 DEFAULT_TEXT = "/work/shared/data/tinyshakespeare/input.txt"
 
 
-def run_args(task: str, method: str, t: int, seed: int, steps: int, run_dir: Path, text: str | None) -> list[str]:
+def run_args(task: str, method: str, t: int, seed: int, steps: int, run_dir: Path, text: str | None,
+             synth_scale: float | None = None) -> list[str]:
     args = ["train", "--task", task, "--method", method, "--truncation", str(t), "--seed", str(seed),
             "--max-steps", str(steps), "--threads", "1", "--run-dir", str(run_dir), "--overwrite", "--quiet",
             "--no-plots", "--log-every", "100"]  # DNI: the defaults, synthetic gradient x 0.1, 500-window warm-up
+    if method == "dni" and synth_scale is not None:
+        args += ["--synth-scale", str(synth_scale)]
     if task == "charlm":
         args += ["--text", text, "--eval-every", str(max(steps // 4, 1))]
     return args
@@ -64,6 +67,8 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
     p.add_argument("--tasks", default="copy,repeat-copy,charlm", help="comma-separated subset")
     p.add_argument("--out", type=Path, default=ROOT / "results", help="folder for rnn.md and rnn*.png")
+    p.add_argument("--synth-scale", type=float, default=None,
+                   help="DNI runs: scale of the synthetic gradient (default: the sequence tasks' 0.1)")
     a = p.parse_args()
     seeds = a.seeds or (1 if a.quick else 3)
     copy_steps = a.copy_steps or (1500 if a.quick else 10000)
@@ -78,9 +83,11 @@ def main() -> int:
         for t in ts:
             for method in ("bptt", "dni"):
                 for seed in range(seeds):
-                    run_dir = ROOT / "runs" / "rnn" / f"{task}-{method}-T{t}-s{seed}"
+                    scaled = method == "dni" and a.synth_scale is not None
+                    name = f"{task}-{method}-T{t}-s{seed}" + (f"-scale{a.synth_scale:g}" if scaled else "")
+                    run_dir = ROOT / "runs" / "rnn" / name
                     jobs.append((task, method, t, seed, run_dir,
-                                 run_args(task, method, t, seed, steps, run_dir, a.text), steps))
+                                 run_args(task, method, t, seed, steps, run_dir, a.text, a.synth_scale), steps))
     # Longest first (charlm, long T) so the pool finishes together.
     jobs.sort(key=lambda j: (j[0] != "charlm", -j[2]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -131,7 +138,8 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
              f"charlm: {charlm_steps} steps (one T-character window of 32 streams each) per run",
              "- model: one-layer LSTM (128 units for copy tasks, 256 for charlm), Adam, gradient clip 1.0; "
              "DNI synthesizer on [h, c]: linear, zero-initialised, Adam lr 1e-3, "
-             "synthetic gradient scaled by 0.1 and ramped up from 0 over the first 500 windows, "
+             f"synthetic gradient scaled by {0.1 if a.synth_scale is None else a.synth_scale:g} and ramped up from 0 "
+             "over the first 500 windows, "
              "bootstrapped targets", "", "Notes and earlier measurements: rnn-notes.md.", ""]
     summary: dict = {}
     for task in (t for t in tasks if t != "charlm"):
