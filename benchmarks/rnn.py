@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 COPY_T = (2, 3, 4, 5, 8)
 CHARLM_T = (5, 8, 16)
+DEFAULT_COPY_STEPS, DEFAULT_CHARLM_STEPS = 10_000, 5_000  # per run
 DEFAULT_TEXT = "/work/shared/data/tinyshakespeare/input.txt"
 
 
@@ -71,8 +72,8 @@ def main() -> int:
                    help="DNI runs: scale of the synthetic gradient (default: the sequence tasks' 0.1)")
     a = p.parse_args()
     seeds = a.seeds or (1 if a.quick else 3)
-    copy_steps = a.copy_steps or (1500 if a.quick else 10000)
-    charlm_steps = a.charlm_steps or (1500 if a.quick else 5000)
+    copy_steps = a.copy_steps or (1500 if a.quick else DEFAULT_COPY_STEPS)
+    charlm_steps = a.charlm_steps or (1500 if a.quick else DEFAULT_CHARLM_STEPS)
     tasks = a.tasks.split(",")
     if "charlm" in tasks and not Path(a.text).is_file():
         sys.exit(f"--text {a.text}: no such file; give the tinyshakespeare input.txt or drop charlm from --tasks")
@@ -85,6 +86,8 @@ def main() -> int:
                 for seed in range(seeds):
                     scaled = method == "dni" and a.synth_scale is not None
                     name = f"{task}-{method}-T{t}-s{seed}" + (f"-scale{a.synth_scale:g}" if scaled else "")
+                    if steps != (DEFAULT_CHARLM_STEPS if task == "charlm" else DEFAULT_COPY_STEPS):
+                        name += f"-{steps}steps"  # keeps the runs of the default budget for reuse
                     run_dir = ROOT / "runs" / "rnn" / name
                     jobs.append((task, method, t, seed, run_dir,
                                  run_args(task, method, t, seed, steps, run_dir, a.text, a.synth_scale), steps))
