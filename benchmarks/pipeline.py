@@ -41,9 +41,10 @@ def make_cfg(a: argparse.Namespace, method: str, width: int, linear: bool = Fals
                        log_every=min(10, max(1, a.steps // 4)), seed=a.seed, **kw).resolve()
 
 
-def pipeline_method(a: argparse.Namespace, name: str) -> str:
-    """The training rule a pipeline row runs."""
-    return "backprop" if name == "locked-pipeline" else a.dni_method
+def pipeline_cfg(a: argparse.Namespace, name: str, width: int, **kw) -> TrainConfig:
+    """The run config of a pipeline-engine row: the locked pipeline runs backprop, the others the DNI method."""
+    method = "backprop" if name == "locked-pipeline" else a.dni_method
+    return make_cfg(a, method, width, linear=name == "dni-pipeline-linear", threads=a.threads_per_stage, **kw)
 
 
 def single_process(a: argparse.Namespace, ds: data.Dataset, width: int, threads: int) -> float:
@@ -73,8 +74,7 @@ def sync(dev: torch.device) -> None:
 
 def pipeline(a: argparse.Namespace, ds: data.Dataset, width: int, name: str, tmp: Path) -> tuple[float, dict]:
     """samples/s of the pipeline engine, from the last stage's step records after the warmup steps."""
-    cfg = make_cfg(a, pipeline_method(a, name), width, linear=name == "dni-pipeline-linear",
-                   threads=a.threads_per_stage, max_steps=a.warmup + a.steps)
+    cfg = pipeline_cfg(a, name, width, max_steps=a.warmup + a.steps)
     run = tmp / f"{name}-{width}-{time.monotonic_ns()}"
     run_pipeline(cfg, ds, run, quiet=True)
     recs = read_metrics(run / "metrics.jsonl")
@@ -148,7 +148,6 @@ def _gpipe_rank(rank: int, world: int, port: int, cfg_dict: dict, ds: data.Datas
                     acc, _ = evaluate(nn.Sequential(*rule.stages), ds.test_x, ds.test_y, cfg.eval_batch_size)
                     records.append({"epoch": epoch, "test_accuracy": acc,
                                     "wall_time_s": round(time.perf_counter() - t0, 3)})
-                    rule.stages.train()
         dist.barrier()
         if timing and rank == world - 1:
             Path(out).write_text(json.dumps({"sps": a["steps"] * cfg.batch_size / (time.perf_counter() - t0)}))
@@ -191,8 +190,7 @@ def time_to_accuracy(a: argparse.Namespace, ds: data.Dataset, method: str, tmp: 
             trainer.start()
             trainer.fit()
         else:
-            cfg = make_cfg(a, pipeline_method(a, method), a.width, linear=method == "dni-pipeline-linear",
-                           threads=a.threads_per_stage)
+            cfg = pipeline_cfg(a, method, a.width)
             cfg.epochs = a.tta_epochs
             run_pipeline(cfg, ds, run, quiet=True)
         epochs = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "epoch"]

@@ -35,9 +35,9 @@ def run_args(task: str, method: str, t: int, seed: int, steps: int, run_dir: Pat
              synth_scale: float | None = None) -> list[str]:
     args = ["train", "--task", task, "--method", method, "--truncation", str(t), "--seed", str(seed),
             "--max-steps", str(steps), "--threads", "1", "--run-dir", str(run_dir), "--overwrite", "--quiet",
-            "--no-plots", "--log-every", "100"]  # DNI: the defaults, synthetic gradient x 0.1, 500-window warm-up
+            "--no-plots", "--log-every", "100"]  # DNI: the defaults (synthetic gradient x 0.1, 500-window warm-up)
     if method == "dni" and synth_scale is not None:
-        args += ["--synth-scale", str(synth_scale)]
+        args += ["--synth-scale", str(synth_scale)]  # instead of the default 0.1
     if task == "charlm":
         args += ["--text", text, "--eval-every", str(max(steps // 4, 1))]
     return args

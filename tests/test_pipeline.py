@@ -227,7 +227,6 @@ def test_links_use_nccl_only_with_a_gpu_per_local_stage(monkeypatch: pytest.Monk
     assert link_backend(TrainConfig(device="cpu"), local_world=1) == "gloo"
 
 
-
 def test_stopping_after_a_failed_start_skips_the_unstarted_stages() -> None:
     # When starting stage k fails, the launcher stops the stages started before it; the ones after
     # it were never started and must not hide the real error behind an assertion of multiprocessing.
