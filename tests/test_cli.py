@@ -13,6 +13,7 @@ import pytest
 
 from synthgrad import checkpoint
 from synthgrad.cli import main
+from synthgrad.metrics import read_metrics
 
 
 def _train(args: list[str], fake: Path, tmp: Path) -> list[str]:
@@ -41,8 +42,11 @@ def test_plot_several_runs_into_one_figure(fake_data_dir: Path, tmp_path: Path) 
     runs = []
     for method in ("backprop", "cdni"):
         runs.append(tmp_path / method)
-        assert main(_train(["--method", method, "--model", "mlp", "--max-steps", "8", "--no-plots",
-                            "--quiet", "--run-dir", str(runs[-1])], fake_data_dir, tmp_path)) == 0
+        # 2 epochs of 4 steps, with mid-epoch evaluations (they join the accuracy curve)
+        assert main(_train(["--method", method, "--model", "mlp", "--epochs", "2", "--eval-every", "3",
+                            "--no-plots", "--quiet", "--run-dir", str(runs[-1])], fake_data_dir, tmp_path)) == 0
+        evals = [r for r in read_metrics(runs[-1] / "metrics.jsonl") if r["kind"] == "eval"]
+        assert [r["step"] for r in evals] == [3, 6]
     assert main(["plot", *map(str, runs), "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 1000
 

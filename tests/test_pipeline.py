@@ -43,7 +43,7 @@ def _no_stage_left(pids: list[int]) -> bool:
 
 
 def test_dni_pipeline_trains_and_writes_the_run_directory(fake_data_dir: Path, tmp_path: Path) -> None:
-    cfg = _cfg(method="dni", epochs=3)
+    cfg = _cfg(method="dni", epochs=3, eval_every=5)
     run = tmp_path / "run"
     result = run_pipeline(cfg, _dataset(fake_data_dir, tmp_path), run, quiet=True)
     assert result.steps == 3 * (512 // 32) and result.final_accuracy > 0.3  # chance is 0.1
@@ -51,6 +51,12 @@ def test_dni_pipeline_trains_and_writes_the_run_directory(fake_data_dir: Path, t
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert len(epochs) == 3 and all(r["test_accuracy"] is not None for r in epochs)
+    # Mid-epoch evaluations of the assembled network every 5 steps (16 per epoch; epoch ends have their own).
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [s for s in range(5, 48, 5) if s % 16]
+    assert all(0 <= r["test_accuracy"] <= 1 for r in evals)
+    wall = [r["wall_time_s"] for r in records if r["kind"] != "step"]
+    assert wall == sorted(wall)
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]
     # Targets arrive late by design, and every boundary's staleness is logged.
     assert all(len(r["staleness"]) == 1 for r in steps) and epochs[-1]["staleness_max"][0] >= 0

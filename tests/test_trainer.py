@@ -14,7 +14,7 @@ from synthgrad.errors import DivergenceError
 from synthgrad.metrics import read_metrics
 from synthgrad.trainer import Progress, Trainer, load_network, prepare_run_dir
 
-TIMING = {"wall_time_s", "samples_per_s", "epoch_time_s"}
+TIMING = {"wall_time_s", "samples_per_s", "epoch_time_s", "eval_s"}
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -73,7 +73,7 @@ def test_training_beats_chance_on_a_learnable_task(fake_data_dir: Path, tmp_path
 @pytest.mark.parametrize("method", ["backprop", "dni", "cdni"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(method: str, fake_data_dir: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    cfg = _cfg(method=method, update_prob=0.7)
+    cfg = _cfg(method=method, update_prob=0.7, eval_every=6)  # mid-epoch evaluations at steps 6, 12, 18, ...
     ds = _dataset(fake_data_dir, tmp_path)
     full = _run(cfg, ds, tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
@@ -89,6 +89,25 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(method: str, fake_data
             assert torch.equal(a, b)
     assert _strip(read_metrics(tmp_path / "full" / "metrics.jsonl")) == _strip(
         read_metrics(tmp_path / "cut" / "metrics.jsonl"))
+
+
+def test_mid_epoch_evaluations_trace_the_curve_and_leave_training_alone(fake_data_dir: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    ds = _dataset(fake_data_dir, tmp_path)
+    plain = _run(_cfg(method="cdni"), ds, tmp_path / "plain")
+    traced = _run(_cfg(method="cdni", eval_every=5), ds, tmp_path / "traced")  # 16 steps per epoch
+    records = read_metrics(tmp_path / "traced" / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [(r["epoch"], r["step"]) for r in evals] == [(0, 5), (0, 10), (0, 15), (1, 20), (1, 25), (1, 30)]
+    assert all(0 <= r["test_accuracy"] <= 1 and r["eval_s"] >= 0 for r in evals)
+    times = [r["wall_time_s"] for r in records]
+    assert times == sorted(times)  # evaluations count in the wall time, in order
+    # Evaluating (eval mode, no grad) changes nothing in training: same parameters, same step records.
+    for a, b in zip(plain.rule.stages.state_dict().values(), traced.rule.stages.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert _strip([r for r in records if r["kind"] != "eval"]) == _strip(
+        read_metrics(tmp_path / "plain" / "metrics.jsonl"))
+    assert plain.final_accuracy == traced.final_accuracy
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(fake_data_dir: Path, tmp_path: Path) -> None:

@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--diagnose-every", type=_int(1), default=200,
                    help="steps between measurements of the synthetic gradient against the true one")
     r.add_argument("--checkpoint-every", type=_int(1), default=500, help="steps between checkpoints")
+    r.add_argument("--eval-every", type=_int(1), default=None, metavar="N",
+                   help="steps between test evaluations: classifiers also measure test accuracy every N steps "
+                        "(records of kind 'eval'; default: at epoch ends only); charlm measures held-out BPC "
+                        "(default 500)")
     r.add_argument("--no-plots", action="store_true", help="do not write the PNG plots at the end")
     r.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
     d = t.add_argument_group("data")
@@ -164,7 +168,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         input_width=a.input_width, update_prob=a.update_prob, seed=a.seed, device=a.device,
         threads=a.threads, stages=a.stages, max_steps=20 if a.dry_run else a.max_steps,
         log_every=a.log_every, diagnose_every=a.diagnose_every, checkpoint_every=a.checkpoint_every,
-        data_dir=str(a.data_dir) if a.data_dir else None,
+        eval_every=a.eval_every or 0, data_dir=str(a.data_dir) if a.data_dir else None,
         cache_dir=str(a.cache_dir) if a.cache_dir else None, verify_md5=not a.no_verify_md5,
     ).resolve()
 

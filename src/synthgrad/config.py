@@ -74,6 +74,7 @@ class TrainConfig(JSONConfig):
     log_every: int = 50
     diagnose_every: int = 200  # cosine/relative error vs the true gradient (DNI, cDNI)
     checkpoint_every: int = 500
+    eval_every: int = 0  # steps between mid-epoch test evaluations ("eval" records); 0: at epoch ends only
     eval_batch_size: int = 1000
     data_dir: str | None = None
     cache_dir: str | None = None
@@ -125,6 +126,7 @@ class TrainConfig(JSONConfig):
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
         for key in ("log_every", "diagnose_every", "checkpoint_every", "eval_batch_size"):
             need(getattr(self, key) >= 1, f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        need(self.eval_every >= 0, f"--eval-every must be >= 1 (0: at epoch ends only), got {self.eval_every}")
         need(self.device == "cpu" or self.device.startswith("cuda"),
              f"--device must be cpu or cuda[:N], got {self.device!r}")
         if self.device.startswith("cuda"):

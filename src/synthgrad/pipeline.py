@@ -780,20 +780,34 @@ class StageProcess:
                 batch += 1
                 n_epoch += len(xb)
                 done = cfg.max_steps is not None and self.step >= cfg.max_steps
-                if not done and batch < per_epoch and self.step % cfg.checkpoint_every == 0:
-                    # A mid-epoch snapshot; the time it takes is left out of the epoch's samples/s.
-                    t_save = time.perf_counter()
-                    self.save(self.gather(SAVE, epoch, batch, metrics), metrics, best, final)
-                    t_epoch += time.perf_counter() - t_save
+                want_eval = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
+                want_save = self.step % cfg.checkpoint_every == 0
+                if not done and batch < per_epoch and (want_eval or want_save):
+                    # A mid-epoch snapshot of every stage, as it is; the time it takes is left out of the
+                    # epoch's samples/s (it stays in the wall time).
+                    t_pause = time.perf_counter()
+                    reports = self.gather(SAVE, epoch, batch, metrics)
+                    if want_eval:
+                        accuracy, test_loss = evaluate(nn.Sequential(*self.rule.stages), x_test, y_test,
+                                                       cfg.eval_batch_size)
+                        now = time.perf_counter()
+                        metrics.write({"kind": "eval", "epoch": epoch, "step": self.step, "test_accuracy": accuracy,
+                                       "test_loss": test_loss, "wall_time_s": round(now - self.t0, 3),
+                                       "eval_s": round(now - t_pause, 3)})
+                    if want_save:
+                        self.save(reports, metrics, best, final)
+                    t_epoch += time.perf_counter() - t_pause
             self.steps_done_s = time.perf_counter() - self.t0
             complete = batch >= per_epoch
             # Evaluation: every stage reports its state once it has run all of this epoch's steps.
             reports = self.gather(EVAL, epoch, int(complete), metrics)
-            epoch_time = time.perf_counter() - t_epoch
+            t_eval = time.perf_counter()
+            epoch_time = t_eval - t_epoch
             accuracy, test_loss = evaluate(nn.Sequential(*self.rule.stages), x_test, y_test, cfg.eval_batch_size)
             record = {"kind": "epoch", "epoch": epoch, "step": self.step, "train_loss": reports[-1]["epoch_loss"],
                       "test_accuracy": accuracy, "test_loss": test_loss,
                       "wall_time_s": round(time.perf_counter() - self.t0, 3),
+                      "eval_s": round(time.perf_counter() - t_eval, 3),
                       "samples_per_s": round(n_epoch / max(epoch_time, 1e-9), 1),
                       "epoch_time_s": round(epoch_time, 3), "complete": complete,
                       "staleness": [r["staleness"] for r in reports[:-1]],
@@ -855,7 +869,11 @@ class StageProcess:
 
     def save(self, reports: list[dict], metrics: MetricsLog, best: float, final: float) -> None:
         """checkpoint.pt: the trainer's layout (the whole rule's state, assembled by `gather`), plus each
-        rank's position and counters ("positions"), which a pipeline resume restores rank by rank."""
+        rank's position and counters ("positions"), which a pipeline resume restores rank by rank.
+
+        Writing it is left out of rank 0's wall clock (t0 moves on by its duration), as the trainer leaves out
+        its checkpoints, so that wall times compare across the two."""
+        t_save = time.perf_counter()
         self.rule.steps = self.step
         metrics.sync()
         epoch, batch = self.next_batch
@@ -864,11 +882,14 @@ class StageProcess:
             "elapsed": time.perf_counter() - self.t0, "best_accuracy": best,
             "final_accuracy": final, "metrics_offset": metrics.offset(), "config": self.cfg.to_dict(),
             "pipeline": True, "positions": [r["position"] for r in reports]})
+        self.t0 += time.perf_counter() - t_save
 
     def save_model(self, name: str, accuracy: float) -> None:
+        t_save = time.perf_counter()
         checkpoint.save(self.run_dir / name, {"config": self.cfg.to_dict(), "step": self.step,
                                               "test_accuracy": accuracy,
                                               "stages": _cpu(self.rule.stages.state_dict())})
+        self.t0 += time.perf_counter() - t_save  # off the wall clock, as in `save`
 
 
 def load_resume_state(run_dir: Path, world: int, per_epoch: int) -> dict:

@@ -94,9 +94,15 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for d, recs in runs:
         ep = [r for r in recs if r.get("kind") == "epoch"]
-        if ep:
-            ax.plot([r["epoch"] + 1 for r in ep], [100 * r["test_accuracy"] for r in ep], marker="o",
-                    ms=3, label=run_label(d))
+        if not ep:
+            continue
+        # Mid-epoch evaluations (--eval-every) join the curve at their fraction of an epoch.
+        per_epoch = next((r["step"] / (r["epoch"] + 1) for r in ep if r.get("complete", True)), None)
+        evals = [r for r in recs if r.get("kind") == "eval"] if per_epoch else []
+        at = {id(r): r["step"] / per_epoch if per_epoch else r["epoch"] + 1 for r in ep + evals}  # x, in epochs
+        line = sorted((at[id(r)], 100 * r["test_accuracy"]) for r in ep + evals)
+        (drawn,) = ax.plot(*zip(*line, strict=True), label=run_label(d))
+        ax.plot([at[id(r)] for r in ep], [100 * r["test_accuracy"] for r in ep], "o", ms=3, color=drawn.get_color())
     written.append(finish_figure(fig, ax, out / "accuracy.png", title="Test accuracy", ylabel="test accuracy (%)",
                                  xlabel="epoch", legend_size=8))
 

@@ -127,7 +127,6 @@ def add_arguments(g: argparse._ActionsContainer) -> None:
     g.add_argument("--truncation", type=int, default=5, metavar="T", help="truncated BPTT window length T")
     g.add_argument("--text", type=Path, default=None, metavar="PATH",
                    help="charlm: the plain-text file to model (its last 10%% is held out)")
-    g.add_argument("--eval-every", type=int, default=500, help="charlm: steps between held-out BPC measurements")
     g.add_argument("--eval-chars", type=int, default=50000,
                    help="charlm: held-out characters per measurement (the start of the held-out split)")
     g.add_argument("--clip", type=float, default=1.0, help="clip each window's gradient norm to this")
@@ -161,12 +160,12 @@ def config_from_args(a: argparse.Namespace) -> SequenceConfig:
     pick = {k: v for k, v in {
         "hidden": a.width, "batch_size": a.batch_size, "lr": a.lr, "synth_lr": a.synth_lr,
         "synth_hidden": a.synth_hidden, "synth_width": a.synth_width, "synth_scale": a.synth_scale,
-        "synth_warmup": a.synth_warmup}.items() if v is not None}
+        "synth_warmup": a.synth_warmup, "eval_every": a.eval_every}.items() if v is not None}
     return SequenceConfig(
         task=a.task, method=a.method, truncation=a.truncation, seed=a.seed, device=a.device, threads=a.threads,
         max_steps=20 if a.dry_run else a.max_steps, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
         clip=a.clip, solve_threshold=a.solve_threshold, max_length=a.max_length,
-        text=str(a.text) if a.text else None, eval_every=a.eval_every, eval_chars=a.eval_chars, **pick,
+        text=str(a.text) if a.text else None, eval_chars=a.eval_chars, **pick,
     ).resolve()
 
 

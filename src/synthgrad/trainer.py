@@ -220,6 +220,20 @@ class Trainer:
         self.progress.update(0, record["train_loss"], samples_per_s)
         self.window, self.pending_diag = _Mean(), {}
 
+    def _log_eval(self, x_test: torch.Tensor, y_test: torch.Tensor) -> float:
+        """Measure test accuracy mid-epoch and write an "eval" record; returns the seconds it took.
+
+        Only epoch-end evaluations choose best.pt and the final accuracy; these trace the curve between them."""
+        assert self.metrics is not None
+        t0 = time.perf_counter()
+        accuracy, test_loss = evaluate(self.rule.network(), x_test, y_test, self.cfg.eval_batch_size)
+        seconds = time.perf_counter() - t0
+        self.elapsed += seconds
+        self.metrics.write({"kind": "eval", "epoch": self.epoch, "step": self.step, "test_accuracy": accuracy,
+                            "test_loss": test_loss, "wall_time_s": round(self.elapsed, 3),
+                            "eval_s": round(seconds, 3)})
+        return seconds
+
     # -- loop ------------------------------------------------------------------------------
     def fit(self) -> RunResult:
         cfg, ds = self.cfg, self.dataset
@@ -263,19 +277,25 @@ class Trainer:
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     done = True
                     break
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.batch < per_epoch:
+                    # A mid-epoch evaluation: it counts in the wall time, not in the samples/s.
+                    seconds = self._log_eval(x_test, y_test)
+                    t_last = time.perf_counter()
+                    t_window, t_epoch = t_window + seconds, t_epoch + seconds
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                     t_last = time.perf_counter()
             if self.window.sums:  # the epoch's last steps since the previous record
                 self._log_window(n_window / max(time.perf_counter() - t_window, 1e-9))
-            epoch_time = time.perf_counter() - t_epoch
+            t_eval = time.perf_counter()
+            epoch_time = t_eval - t_epoch
             accuracy, test_loss = evaluate(self.rule.network(), x_test, y_test, cfg.eval_batch_size)
             self.elapsed += time.perf_counter() - t_last
             finished_epoch = self.batch >= per_epoch
             record = {"kind": "epoch", "epoch": self.epoch, "step": self.step,
                       "train_loss": self.epoch_mean.means()["train_loss"],
                       "test_accuracy": accuracy, "test_loss": test_loss,
-                      "wall_time_s": round(self.elapsed, 3),
+                      "wall_time_s": round(self.elapsed, 3), "eval_s": round(time.perf_counter() - t_eval, 3),
                       "samples_per_s": round(n_epoch / max(epoch_time, 1e-9), 1),
                       "epoch_time_s": round(epoch_time, 3), "complete": finished_epoch}
             self.metrics.write(record)
