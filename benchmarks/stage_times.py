@@ -26,11 +26,12 @@ from synthgrad.rules import stage_step
 from synthgrad.trainer import build_rule
 
 
-def step_times(width: int, batch: int, steps: int, rounds: int) -> dict[str, float]:
+def step_times(width: int, batch: int, steps: int, rounds: int, synth_hidden: int = 1,
+               synth_width: int = 64) -> dict[str, float]:
     """Median milliseconds per step of each part, the parts taking turns within every round."""
     torch.manual_seed(0)
-    cfg = TrainConfig(model="fcn-4", width=width, stages=2, method="dni", synth_hidden=1, synth_width=64,
-                      batch_size=batch).resolve()
+    cfg = TrainConfig(model="fcn-4", width=width, stages=2, method="dni", synth_hidden=synth_hidden,
+                      synth_width=synth_width, batch_size=batch).resolve()
     rule = build_rule(cfg, (1, 28, 28), 10).train()
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     h, target = torch.randn(batch, width), torch.randn(batch, width) * 1e-3  # stage 1's output; a dL/dh
@@ -74,13 +75,16 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--synth-hidden", type=int, default=1,
+                   help="synthesizer hidden layers (1 of --synth-width 64: the pipeline benchmark's; 0: linear)")
+    p.add_argument("--synth-width", type=int, default=64)
     p.add_argument("--rate-only", action="store_true", help=argparse.SUPPRESS)  # the side-by-side child
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.rate_only:
         print(backprop_rate(a.width, a.batch_size, a.steps))
         return 0
-    t = step_times(a.width, a.batch_size, a.steps, a.rounds)
+    t = step_times(a.width, a.batch_size, a.steps, a.rounds, a.synth_hidden, a.synth_width)
     print(f"fcn-4, width {a.width}, batch {a.batch_size}, 1 thread; median ms per step over {a.rounds} rounds")
     for name, ms in t.items():
         print(f"  {name:34s} {ms:7.2f}")
