@@ -18,7 +18,7 @@ from synthgrad.cli import main
 from synthgrad.config import TrainConfig
 from synthgrad.errors import ConfigError, StageFailure
 from synthgrad.metrics import read_metrics
-from synthgrad.pipeline import _stop, link_backend, run_pipeline
+from synthgrad.pipeline import _stop, link_backend, pin_to_cores, run_pipeline
 from synthgrad.trainer import build_rule, load_network
 
 
@@ -225,6 +225,20 @@ def test_complete_unlock_pipeline_never_blocks_on_the_stage_below(fake_data_dir:
     assert all(t < 0.5 * first for t in upper), epoch["stage_steps_done_s"]  # without waiting for stage 1
     # The real chain still flowed up to the last stage: it logged the real network's loss for every step.
     assert epoch["train_loss"] is not None and epoch["test_accuracy"] is not None
+
+
+def test_each_stage_is_pinned_to_its_own_block_of_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = os.sched_getaffinity(0)
+    cores = sorted(before)
+    try:
+        if len(cores) >= 2:
+            assert pin_to_cores(1, 2, 1) == {cores[1]} == os.sched_getaffinity(0)  # local rank 1 of 2: the 2nd core
+            os.sched_setaffinity(0, before)
+        assert pin_to_cores(0, 2, len(cores)) is None and os.sched_getaffinity(0) == before  # blocks do not fit
+        monkeypatch.setenv("SYNTHGRAD_PIN_CORES", "0")
+        assert pin_to_cores(0, 1, 1) is None and os.sched_getaffinity(0) == before  # turned off
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def test_links_use_nccl_only_with_a_gpu_per_local_stage(monkeypatch: pytest.MonkeyPatch) -> None:
