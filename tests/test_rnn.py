@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from synthgrad import BackwardInterface, adam
+from synthgrad import BackwardInterface, adam, checkpoint
 from synthgrad.cli import main
 from synthgrad.rnn import LSTMCore, TruncatedBPTT, build_rule, window_step
 from synthgrad.tasks import CharCorpus, CopyTask, Curriculum, bit_errors, copy_loss, evaluate_bpc
@@ -187,7 +188,18 @@ def test_explicit_synthesizer_scale_and_warmup_win_over_the_sequence_defaults(tm
     assert main(["train", "--task", "copy", "--width", "8", "--batch-size", "4", "--max-steps", "2",
                  "--synth-scale", "1", "--synth-warmup", "0", "--run-dir", str(run), "--quiet", "--no-plots"]) == 0
     cfg = json.loads((run / "config.json").read_text())
-    assert (cfg["synth_scale"], cfg["synth_warmup"]) == (1.0, 0)
+    assert (cfg["synth_scale"], cfg["synth_warmup"], cfg["schedule"]) == (1.0, 0, "constant")
+
+
+def test_cosine_schedule_decays_both_learning_rates_over_max_steps(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--task", "copy", "--method", "dni", "--width", "8", "--batch-size", "4", "--max-steps",
+                 "4", "--schedule", "cosine", "--lr", "0.002", "--synth-lr", "0.001", "--run-dir", str(run),
+                 "--quiet", "--no-plots"]) == 0
+    rule = checkpoint.load(run / checkpoint.LATEST)["rule"]
+    last = 0.5 * (1 + math.cos(math.pi * 3 / 4))  # the factor of the 4th (last) step, 0-based step 3
+    assert rule["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.002 * last)
+    assert rule["interface"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001 * last)
 
 
 def test_cli_refuses_bad_sequence_flags(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

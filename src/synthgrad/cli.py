@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=_float(0, 10, lo_open=True), default=None,
                    help="learning rate of the stages; default: 0.01 with sgd; with adam 3e-4 for dni, "
                         "else the model's")
-    o.add_argument("--schedule", choices=SCHEDULES, default="cosine",
-                   help="learning-rate schedule of stages and synthesizers: cosine decay to 0, or constant")
+    o.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="learning-rate schedule of stages and synthesizers: cosine decay to 0 over the run, or "
+                        "constant (default: cosine; with --task: constant, since a curriculum has no fixed end)")
     o.add_argument("--update-prob", type=_float(0, 1), default=1.0,
                    help="each stage's backward pass and update happen with this probability per step")
     o.add_argument("--seed", type=_int(0, 2**31 - 1), default=0)
@@ -163,7 +164,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
         synth_hidden=a.synth_hidden, synth_width=a.synth_width,
         synth_scale=1.0 if a.synth_scale is None else a.synth_scale,
-        synth_warmup=0 if a.synth_warmup is None else a.synth_warmup, schedule=a.schedule, unlock=a.unlock,
+        synth_warmup=0 if a.synth_warmup is None else a.synth_warmup, schedule=a.schedule or "cosine", unlock=a.unlock,
         input_hidden=a.input_hidden,
         input_width=a.input_width, update_prob=a.update_prob, seed=a.seed, device=a.device,
         threads=a.threads, stages=a.stages, max_steps=20 if a.dry_run else a.max_steps,

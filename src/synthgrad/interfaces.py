@@ -36,6 +36,14 @@ def adam(lr: float) -> OptimizerFactory:
     return lambda params: torch.optim.Adam(params, lr=lr, fused=True)
 
 
+def set_lr_factor(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    """Scale every learning rate of `optimizers` to `factor` x its initial value (a schedule's step)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * factor
+
+
 def sgd(lr: float, momentum: float = 0.9) -> OptimizerFactory:
     """An optimizer factory: SGD with Nesterov momentum.
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from synthgrad.errors import ConfigError
-from synthgrad.interfaces import BackwardInterface, OptimizerFactory, adam
+from synthgrad.interfaces import BackwardInterface, OptimizerFactory, adam, set_lr_factor
 from synthgrad.rules import check_finite
 from synthgrad.synthesizers import VectorSynthesizer
 
@@ -145,6 +145,10 @@ class TruncatedBPTT:
     @property
     def method(self) -> str:
         return "bptt" if self.interface is None else "dni"
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Scale the model's and the synthesizer's learning rates to `factor` x their initial values."""
+        set_lr_factor([self.optimizer] + ([self.interface.optimizer] if self.interface is not None else []), factor)
 
     def reset(self) -> None:
         """Forget the carried state (a new episode, or the stream wrapped around)."""

@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgrad.errors import ConfigError, DivergenceError
-from synthgrad.interfaces import BackwardInterface, ForwardInterface, Interface, OptimizerFactory, adam, optimizer_to
+from synthgrad.interfaces import (
+    BackwardInterface,
+    ForwardInterface,
+    Interface,
+    OptimizerFactory,
+    adam,
+    optimizer_to,
+    set_lr_factor,
+)
 from synthgrad.synthesizers import InputSynthesizer, make_synthesizer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -154,10 +162,7 @@ class StepRule:
 
     def set_lr_factor(self, factor: float) -> None:
         """Scale every learning rate (stages and synthesizers) to `factor` x its initial value."""
-        for opt in self.optimizers + [i.optimizer for i in self.all_interfaces()]:
-            for group in opt.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-                group["lr"] = group["initial_lr"] * factor
+        set_lr_factor(self.optimizers + [i.optimizer for i in self.all_interfaces()], factor)
 
     def all_interfaces(self) -> list[Interface]:
         return [*self.interfaces, *self.forward_interfaces]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from synthgrad import __version__, checkpoint
-from synthgrad.config import JSONConfig
+from synthgrad.config import SCHEDULES, JSONConfig, lr_factor
 from synthgrad.errors import ConfigError, require
 from synthgrad.metrics import MetricsLog
 from synthgrad.rnn import SEQUENCE_METHODS, LSTMCore, TruncatedBPTT, build_rule
@@ -58,6 +58,8 @@ class SequenceConfig(JSONConfig):
     # 0.3 -> 3,400 in 1,500 windows, BPC stuck at 3.7). A small scale and a warm-up keep it stable.
     synth_scale: float = 0.1
     synth_warmup: int = 500  # windows over which the synthetic gradient's scale ramps up from 0
+    # Learning rates of the LSTM and the synthesizer: constant, or cosine decay to 0 over max_steps.
+    schedule: str = "constant"
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
@@ -96,6 +98,7 @@ class SequenceConfig(JSONConfig):
              f"--batch-size must be >= 2 (the synthesizer's BatchNorm needs two examples), got {self.batch_size}")
         need(self.lr is not None and 0 < self.lr <= 10, f"--lr must be in (0, 10], got {self.lr}")
         need(0 < self.synth_lr <= 10, f"--synth-lr must be in (0, 10], got {self.synth_lr}")
+        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(0 <= self.synth_hidden <= 16, f"--synth-hidden must be in 0..16, got {self.synth_hidden}")
         need(self.synth_width >= 1, f"--synth-width must be >= 1, got {self.synth_width}")
         need(0 < self.synth_scale <= 100, f"--synth-scale must be in (0, 100], got {self.synth_scale}")
@@ -152,7 +155,6 @@ def wants_sequence(a: argparse.Namespace) -> bool:
 def config_from_args(a: argparse.Namespace) -> SequenceConfig:
     for flag, value, default in (("--stages", a.stages, None), ("--epochs", a.epochs, None),
                                  ("--target", a.target, "bootstrap"), ("--update-prob", a.update_prob, 1.0),
-                                 ("--schedule", getattr(a, "schedule", "cosine"), "cosine"),
                                  ("--optimizer", getattr(a, "optimizer", "adam"), "adam")):
         if value != default:
             raise ConfigError(f"{flag} applies to classification only; drop it with --task (use --max-steps "
@@ -160,7 +162,8 @@ def config_from_args(a: argparse.Namespace) -> SequenceConfig:
     pick = {k: v for k, v in {
         "hidden": a.width, "batch_size": a.batch_size, "lr": a.lr, "synth_lr": a.synth_lr,
         "synth_hidden": a.synth_hidden, "synth_width": a.synth_width, "synth_scale": a.synth_scale,
-        "synth_warmup": a.synth_warmup, "eval_every": a.eval_every}.items() if v is not None}
+        "synth_warmup": a.synth_warmup, "eval_every": a.eval_every,
+        "schedule": a.schedule}.items() if v is not None}
     return SequenceConfig(
         task=a.task, method=a.method, truncation=a.truncation, seed=a.seed, device=a.device, threads=a.threads,
         max_steps=20 if a.dry_run else a.max_steps, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
@@ -314,6 +317,8 @@ class SequenceTrainer:
         t_last = time.perf_counter()
         self.rule.model.train()
         while self.step < cfg.max_steps:
+            if cfg.schedule != "constant":
+                self.rule.set_lr_factor(lr_factor(cfg.schedule, self.step, cfg.max_steps))
             stats = self._charlm_step() if charlm else self._copy_step()
             self.step += 1
             now = time.perf_counter()
