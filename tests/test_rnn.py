@@ -13,6 +13,7 @@ from torch import nn
 
 from synthgrad import BackwardInterface, adam, checkpoint
 from synthgrad.cli import main
+from synthgrad.errors import ConfigError
 from synthgrad.rnn import LSTMCore, TruncatedBPTT, build_rule, window_step
 from synthgrad.tasks import CharCorpus, CopyTask, Curriculum, bit_errors, copy_loss, evaluate_bpc
 
@@ -95,6 +96,43 @@ def test_zero_initialised_synthesizer_makes_dni_equal_bptt_at_step_0() -> None:
     # ...while its synthesizer did learn from the bootstrapped target of window 2.
     synth = rules["dni"].interface.synthesizer
     assert synth.net[-1].weight.abs().sum() > 0
+
+
+def test_auxiliary_task_adds_its_mse_to_the_window_loss() -> None:
+    """DNI + Aux: the core's gradient is that of loss + w * MSE(head(h_t), synthetic gradient at the end)."""
+    x, y, m = _episode()
+    w = 0.7
+    value = torch.randn(x.shape[1], 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    oracle = BackwardInterface(FixedSynthesizer(value), adam(1e-3))
+    head = nn.Linear(16, 32).double()  # a non-zero head: the aux gradient reaches the core
+    model, ref = _model(), _model()
+    res = window_step(model, None, x[:4], (y[:4], m[:4]), None, loss_fn=copy_loss, interface=oracle, aux=head,
+                      aux_weight=w)
+    # By hand: the same objective, written out.
+    hidden, end = ref.hidden(x[:4])
+    aux_loss = ((head(hidden) - value) ** 2).mean()
+    objective = copy_loss(ref.readout(hidden), y[:4], m[:4]) + w * aux_loss + (end * value / x.shape[1]).sum()
+    objective.backward()
+    assert res.aux_loss is not None and torch.isclose(res.aux_loss, aux_loss.detach())
+    for (name, a), b in zip(ref.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=lambda s, n=name: f"{n}: {s}")
+
+
+def test_zero_initialised_aux_head_leaves_the_core_as_dni_at_step_0() -> None:
+    x, y, m = _episode()
+    value = torch.randn(x.shape[1], 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    rules = {w: TruncatedBPTT(_model(), 4, copy_loss, lr=1e-2, aux_weight=w,
+                              interface=BackwardInterface(FixedSynthesizer(value), adam(1e-3))) for w in (0.0, 1.0)}
+    for rule in rules.values():
+        out = rule.window(x[:4], y[:4], m[:4])  # one window, the oracle's gradient at its end
+    # The head starts at zero, so no aux gradient reaches the core yet: the same step as plain DNI...
+    for a, b in zip(rules[0.0].model.parameters(), rules[1.0].model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # ...while the head itself learnt, from an aux loss of mean(value^2) (it predicted 0).
+    assert out["aux_loss"] == pytest.approx((value ** 2).mean().item())
+    assert rules[1.0].aux is not None and rules[1.0].aux.weight.abs().sum() > 0 and rules[0.0].aux is None
+    with pytest.raises(ConfigError, match="--method dni"):
+        build_rule(_model(), "bptt", 3, copy_loss, aux_weight=1.0)
 
 
 def test_dni_streams_carry_state_and_train_the_synthesizer() -> None:

@@ -11,6 +11,11 @@ window of T time steps. The rule for one window is written once, in ``window_ste
   gradient arriving from the future. The synthesizer is regressed onto the bootstrapped
   target: the gradient that reaches the start state of the *next* window once that
   window's own backward pass (with its own synthetic gradient at its end) is done.
+- ``dni`` with the auxiliary task (``aux_weight`` > 0; the paper's "DNI + Aux", in our reading):
+  a linear head on the LSTM output at every step t of the window predicts the synthetic
+  gradient that the window's end will produce (T - t steps in the future). Its MSE, times
+  ``aux_weight``, joins the window's loss, so the core is pushed towards states that carry
+  what the future gradient will be.
 
 Units: a window's loss is the sum over its time steps of the per-step batch-mean loss, so
 the loss of a whole sequence is the sum of its windows' losses and gradients from
@@ -23,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from synthgrad.errors import ConfigError
@@ -59,13 +65,18 @@ class LSTMCore(nn.Module):
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [T, B, O], end state [B, 2H]) from inputs x and the start state (None: zeros)."""
+        out, end = self.hidden(x, state)
+        return self.readout(out), end
+
+    def hidden(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LSTM outputs h_t [T, B, H], end state [B, 2H]): `forward` before the readout."""
         if self.embed is not None:
             x = self.embed(x)  # [T, B] -> [T, B, E]
         if state is None:
             state = self.zero_state(x.shape[1], x.device)
         h0, c0 = state.chunk(2, dim=1)  # [B, H] each
         out, (hn, cn) = self.lstm(x, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
-        return self.readout(out), torch.cat([hn[0], cn[0]], dim=1)
+        return out, torch.cat([hn[0], cn[0]], dim=1)
 
 
 @dataclass
@@ -77,12 +88,14 @@ class WindowResult:
     loss: torch.Tensor  # this window's loss, detached
     logits: torch.Tensor  # [T, B, O], detached
     prediction: torch.Tensor | None  # the synthetic gradient used at the end (per-example units), detached
+    aux_loss: torch.Tensor | None = None  # the auxiliary task's MSE (before aux_weight), detached
 
 
 def window_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, x: torch.Tensor,
                 targets: tuple[torch.Tensor, ...], state: torch.Tensor | None, *, loss_fn: SequenceLoss,
                 interface: BackwardInterface | None = None, step: int = 0, last: bool = False,
-                start_grad: bool = False, clip: float | None = None) -> WindowResult:
+                start_grad: bool = False, clip: float | None = None, aux: nn.Module | None = None,
+                aux_weight: float = 0.0) -> WindowResult:
     """The per-window rule: forward from `state`, backward with the loss plus the synthetic future gradient, update.
 
     x: the window's inputs [T, B, ...]; targets: the loss_fn's targets for the same T steps.
@@ -90,30 +103,45 @@ def window_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, x: to
         gradient arriving from the future. `last` (the end of an episode) means no future: none.
     start_grad: keep dL/ds at the window start (the target for the previous window's synthesizer).
     optimizer: None accumulates the gradients into .grad without stepping (tests, exact comparisons).
+    aux: the auxiliary head (H -> 2H) of DNI + Aux; with aux_weight > 0 and a synthetic gradient at the
+        end, every step's h_t regresses onto that gradient (optimized with the model: pass its
+        parameters to `optimizer` too).
     """
     if start_grad:
         state = (state if state is not None else model.zero_state(x.shape[1], x.device)).detach()
         state.requires_grad_(True)
     elif state is not None:
         state = state.detach()
-    logits, end = model(x, state)
+    use_aux = aux is not None and aux_weight > 0 and interface is not None and not last
+    if use_aux:
+        hidden, end = model.hidden(x, state)  # [T, B, H], [B, 2H]
+        logits = model.readout(hidden)
+    else:
+        logits, end = model(x, state)
     loss = loss_fn(logits, *targets)
     check_finite(loss, "loss", 0, step)
-    prediction = None
+    prediction = aux_loss = None
     if interface is not None and not last:
         prediction = interface.predict(end).detach()  # B * dL_future/ds, [B, 2H]
         check_finite(prediction, "synthetic gradient", 0, step)
+        total = loss
+        if use_aux:
+            # Every step predicts the synthetic gradient of the window's end: [T, B, 2H] against [B, 2H].
+            aux_loss = F.mse_loss(aux(hidden), prediction.expand(hidden.shape[0], -1, -1))
+            total = loss + aux_weight * aux_loss
         # d(loss + <stage_gradient, end>)/dθ: the window's own loss plus the predicted future.
-        torch.autograd.backward([loss, end], [torch.ones_like(loss), interface.stage_gradient(prediction, step)])
+        torch.autograd.backward([total, end], [torch.ones_like(total), interface.stage_gradient(prediction, step)])
     else:
         loss.backward()
     grad = state.grad if start_grad else None
     if optimizer is not None:
         if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return WindowResult(end.detach(), grad, loss.detach(), logits.detach(), prediction)
+    return WindowResult(end.detach(), grad, loss.detach(), logits.detach(), prediction,
+                        None if aux_loss is None else aux_loss.detach())
 
 
 class TruncatedBPTT:
@@ -127,11 +155,24 @@ class TruncatedBPTT:
 
     def __init__(self, model: nn.Module, truncation: int, loss_fn: SequenceLoss, lr: float = 1e-3,
                  interface: BackwardInterface | None = None, clip: float | None = None,
-                 optimizer: OptimizerFactory | None = None):
+                 optimizer: OptimizerFactory | None = None, aux_weight: float = 0.0):
         if truncation < 1:
             raise ConfigError(f"--truncation must be >= 1, got {truncation}")
+        if aux_weight < 0 or (aux_weight > 0 and interface is None):
+            raise ConfigError(f"the auxiliary task (--aux-weight {aux_weight}) needs --method dni and a weight >= 0")
         self.model, self.truncation, self.loss_fn = model, truncation, loss_fn
-        self.optimizer = (optimizer or adam(lr))(model.parameters())
+        # DNI + Aux: a head from h_t [.., H] to the synthetic gradient's shape [.., 2H], zero-initialised like a
+        # synthesizer (it starts by predicting 0), trained with the core by the core's optimizer.
+        self.aux_weight = aux_weight
+        self.aux: nn.Linear | None = None
+        params = list(model.parameters())
+        if aux_weight > 0:
+            ref = next(model.parameters())
+            self.aux = nn.Linear(model.hidden_size, model.state_size, device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(self.aux.weight)
+            nn.init.zeros_(self.aux.bias)
+            params += list(self.aux.parameters())
+        self.optimizer = (optimizer or adam(lr))(params)
         self.interface, self.clip = interface, clip
         self.state: torch.Tensor | None = None  # carried state [B, 2H], detached
         # The boundary state whose synthetic gradient awaits its bootstrapped target. Only the
@@ -158,7 +199,8 @@ class TruncatedBPTT:
         """One window of T steps and one update; returns its loss, logits and synthesizer loss."""
         res = window_step(self.model, self.optimizer, x, targets, self.state, loss_fn=self.loss_fn,
                           interface=self.interface, step=self.steps, last=last,
-                          start_grad=self.pending is not None, clip=self.clip)
+                          start_grad=self.pending is not None, clip=self.clip, aux=self.aux,
+                          aux_weight=self.aux_weight)
         synth_loss = None
         if self.pending is not None:
             assert self.interface is not None and res.start_grad is not None
@@ -169,15 +211,16 @@ class TruncatedBPTT:
         self.state = None if last else res.state
         self.steps += 1
         return {"loss": res.loss.item(), "logits": res.logits, "synth_loss": synth_loss,
-                "prediction": res.prediction}
+                "prediction": res.prediction, "aux_loss": None if res.aux_loss is None else res.aux_loss.item()}
 
     def episode(self, x: torch.Tensor, *targets: torch.Tensor) -> dict:
         """A whole sequence from the zero state: x [L, B, ...] and targets [L, ...] cut into windows.
 
-        Returns the sequence loss (sum of window losses), logits [L, B, O] and the mean synthesizer loss.
+        Returns the sequence loss (sum of window losses), logits [L, B, O] and the mean synthesizer and
+        auxiliary losses over the windows that had them.
         """
         self.reset()
-        length, total, logits, synth = x.shape[0], 0.0, [], []
+        length, total, logits, synth, aux = x.shape[0], 0.0, [], [], []
         for t in range(0, length, self.truncation):
             end = min(t + self.truncation, length)
             out = self.window(x[t:end], *(y[t:end] for y in targets), last=end == length)
@@ -185,12 +228,15 @@ class TruncatedBPTT:
             logits.append(out["logits"])
             if out["synth_loss"] is not None:
                 synth.append(out["synth_loss"])
+            if out["aux_loss"] is not None:
+                aux.append(out["aux_loss"])
         return {"loss": total, "logits": torch.cat(logits), "synth_loss": sum(synth) / len(synth) if synth else None,
-                "windows": len(logits)}
+                "aux_loss": sum(aux) / len(aux) if aux else None, "windows": len(logits)}
 
     def state_dict(self) -> dict:
         return {"method": self.method, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "interface": None if self.interface is None else self.interface.state_dict(),
+                "aux": None if self.aux is None else self.aux.state_dict(),
                 "state": self.state, "pending": self.pending, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
@@ -200,17 +246,20 @@ class TruncatedBPTT:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.interface is not None:
             self.interface.load_state_dict(state["interface"])
+        if self.aux is not None:
+            self.aux.load_state_dict(state["aux"])
         self.state, self.pending, self.steps = state["state"], state["pending"], state["steps"]
 
 
 def build_rule(model: LSTMCore, method: str, truncation: int, loss_fn: SequenceLoss, *, lr: float = 1e-3,
                synth_lr: float = 1e-3, synth_hidden: int = 0, synth_width: int = 256, synth_scale: float = 1.0,
-               synth_warmup: int = 0, clip: float | None = None) -> TruncatedBPTT:
-    """Truncated BPTT (`bptt`) or DNI through time (`dni`) with a zero-initialised synthesizer on [h, c]."""
+               synth_warmup: int = 0, clip: float | None = None, aux_weight: float = 0.0) -> TruncatedBPTT:
+    """Truncated BPTT (`bptt`) or DNI through time (`dni`) with a zero-initialised synthesizer on [h, c]
+    (aux_weight > 0: with the auxiliary task of predicting the synthetic gradient, DNI + Aux)."""
     if method not in SEQUENCE_METHODS:
         raise ConfigError(f"sequence tasks train with --method bptt or dni, not {method!r}")
     interface = None
     if method == "dni":
         synth = VectorSynthesizer(model.state_size, synth_hidden, synth_width)
         interface = BackwardInterface(synth, adam(synth_lr), synth_scale, synth_warmup)
-    return TruncatedBPTT(model, truncation, loss_fn, lr=lr, interface=interface, clip=clip)
+    return TruncatedBPTT(model, truncation, loss_fn, lr=lr, interface=interface, clip=clip, aux_weight=aux_weight)

@@ -58,6 +58,7 @@ class SequenceConfig(JSONConfig):
     # 0.3 -> 3,400 in 1,500 windows, BPC stuck at 3.7). A small scale and a warm-up keep it stable.
     synth_scale: float = 0.1
     synth_warmup: int = 500  # windows over which the synthetic gradient's scale ramps up from 0
+    aux_weight: float = 0.0  # DNI + Aux: weight of the auxiliary task (predicting the synthetic gradient); 0: off
     # Learning rates of the LSTM and the synthesizer: constant, or cosine decay to 0 over max_steps.
     schedule: str = "constant"
     seed: int = 0
@@ -104,6 +105,9 @@ class SequenceConfig(JSONConfig):
         need(0 < self.synth_scale <= 100, f"--synth-scale must be in (0, 100], got {self.synth_scale}")
         need(self.synth_warmup >= 0, f"--synth-warmup must be >= 0, got {self.synth_warmup}")
         need(self.clip is None or self.clip > 0, f"--clip must be > 0, got {self.clip}")
+        need(self.aux_weight >= 0, f"--aux-weight must be >= 0, got {self.aux_weight}")
+        need(self.aux_weight == 0 or self.method == "dni",
+             "--aux-weight adds the auxiliary task of DNI (predicting synthetic gradients): use it with --method dni")
         need(self.max_steps is not None and self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
         need(self.solve_threshold > 0, f"--solve-threshold must be > 0, got {self.solve_threshold}")
         need(self.max_length >= 1, f"--max-length must be >= 1, got {self.max_length}")
@@ -133,6 +137,9 @@ def add_arguments(g: argparse._ActionsContainer) -> None:
     g.add_argument("--eval-chars", type=int, default=50000,
                    help="charlm: held-out characters per measurement (the start of the held-out split)")
     g.add_argument("--clip", type=float, default=1.0, help="clip each window's gradient norm to this")
+    g.add_argument("--aux-weight", type=float, default=0.0, metavar="W",
+                   help="DNI + Aux: the LSTM also predicts, at every step, the synthetic gradient of its window's "
+                        "end; W weighs that MSE in the loss (0: off)")
     g.add_argument("--solve-threshold", type=float, default=0.15,
                    help="copy tasks: a length is solved when the mean bit error per sequence over the last "
                         "20 batches is below this")
@@ -167,7 +174,7 @@ def config_from_args(a: argparse.Namespace) -> SequenceConfig:
     return SequenceConfig(
         task=a.task, method=a.method, truncation=a.truncation, seed=a.seed, device=a.device, threads=a.threads,
         max_steps=20 if a.dry_run else a.max_steps, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
-        clip=a.clip, solve_threshold=a.solve_threshold, max_length=a.max_length,
+        clip=a.clip, aux_weight=a.aux_weight, solve_threshold=a.solve_threshold, max_length=a.max_length,
         text=str(a.text) if a.text else None, eval_chars=a.eval_chars, **pick,
     ).resolve()
 
@@ -228,7 +235,7 @@ class SequenceTrainer:
         self.rule: TruncatedBPTT = build_rule(
             model.to(self.device), cfg.method, cfg.truncation, loss_fn, lr=cfg.lr, synth_lr=cfg.synth_lr,
             synth_hidden=cfg.synth_hidden, synth_width=cfg.synth_width, synth_scale=cfg.synth_scale,
-            synth_warmup=cfg.synth_warmup, clip=cfg.clip)
+            synth_warmup=cfg.synth_warmup, clip=cfg.clip, aux_weight=cfg.aux_weight)
         if self.rule.interface is not None:
             self.rule.interface.to(self.device)
         self.curriculum = Curriculum(threshold=cfg.solve_threshold, window=cfg.solve_window,
@@ -284,7 +291,7 @@ class SequenceTrainer:
         err = bit_errors(out["logits"], target, mask)
         self.curriculum.record(err)
         return {"train_loss": out["loss"], "bit_error": err, "length": length, "synth_loss": out["synth_loss"],
-                "samples": self.cfg.batch_size}
+                "aux_loss": out["aux_loss"], "samples": self.cfg.batch_size}
 
     def _charlm_step(self) -> dict:
         t, s = self.cfg.truncation, self.train_streams
@@ -296,7 +303,7 @@ class SequenceTrainer:
         out = self.rule.window(x, y)
         per_char = out["loss"] / t  # nats per character
         return {"train_loss": per_char, "train_bpc": per_char / 0.6931471805599453,
-                "synth_loss": out["synth_loss"], "samples": t * s.shape[1]}
+                "synth_loss": out["synth_loss"], "aux_loss": out["aux_loss"], "samples": t * s.shape[1]}
 
     def _eval(self) -> float:
         assert self.corpus is not None
