@@ -579,6 +579,7 @@ class StageProcess:
     def run(self) -> None:
         dist.barrier()
         self.t0 = time.perf_counter() - self.elapsed0  # wall times continue across a resume
+        self.paused = 0.0  # rank 0: seconds spent writing checkpoints (off the wall clock, see `wall`)
         if self.rank == 0:
             self.run_first()
         elif self.complete:
@@ -793,7 +794,7 @@ class StageProcess:
                                                        cfg.eval_batch_size)
                         now = time.perf_counter()
                         metrics.write({"kind": "eval", "epoch": epoch, "step": self.step, "test_accuracy": accuracy,
-                                       "test_loss": test_loss, "wall_time_s": round(now - self.t0, 3),
+                                       "test_loss": test_loss, "wall_time_s": round(self.wall(), 3),
                                        "eval_s": round(now - t_pause, 3)})
                     if want_save:
                         self.save(reports, metrics, best, final)
@@ -807,8 +808,7 @@ class StageProcess:
             accuracy, test_loss = evaluate(nn.Sequential(*self.rule.stages), x_test, y_test, cfg.eval_batch_size)
             record = {"kind": "epoch", "epoch": epoch, "step": self.step, "train_loss": reports[-1]["epoch_loss"],
                       "test_accuracy": accuracy, "test_loss": test_loss,
-                      "wall_time_s": round(time.perf_counter() - self.t0, 3),
-                      "eval_s": round(time.perf_counter() - t_eval, 3),
+                      "wall_time_s": round(self.wall(), 3), "eval_s": round(time.perf_counter() - t_eval, 3),
                       "samples_per_s": round(n_epoch / max(epoch_time, 1e-9), 1),
                       "epoch_time_s": round(epoch_time, 3), "complete": complete,
                       "staleness": [r["staleness"] for r in reports[:-1]],
@@ -872,25 +872,29 @@ class StageProcess:
         """checkpoint.pt: the trainer's layout (the whole rule's state, assembled by `gather`), plus each
         rank's position and counters ("positions"), which a pipeline resume restores rank by rank.
 
-        Writing it is left out of rank 0's wall clock (t0 moves on by its duration), as the trainer leaves out
-        its checkpoints, so that wall times compare across the two."""
+        Writing it is left out of the run's wall clock (`wall`), as the trainer leaves out its checkpoints,
+        so that wall times compare across the two."""
         t_save = time.perf_counter()
         self.rule.steps = self.step
         metrics.sync()
         epoch, batch = self.next_batch
         checkpoint.save(self.run_dir / checkpoint.LATEST, {
             "rule": _cpu(self.rule.state_dict()), "epoch": epoch, "batch": batch, "step": self.step,
-            "elapsed": time.perf_counter() - self.t0, "best_accuracy": best,
+            "elapsed": self.wall(), "best_accuracy": best,
             "final_accuracy": final, "metrics_offset": metrics.offset(), "config": self.cfg.to_dict(),
             "pipeline": True, "positions": [r["position"] for r in reports]})
-        self.t0 += time.perf_counter() - t_save
+        self.paused += time.perf_counter() - t_save
 
     def save_model(self, name: str, accuracy: float) -> None:
         t_save = time.perf_counter()
         checkpoint.save(self.run_dir / name, {"config": self.cfg.to_dict(), "step": self.step,
                                               "test_accuracy": accuracy,
                                               "stages": _cpu(self.rule.stages.state_dict())})
-        self.t0 += time.perf_counter() - t_save  # off the wall clock, as in `save`
+        self.paused += time.perf_counter() - t_save  # off the wall clock, as in `save`
+
+    def wall(self) -> float:
+        """Rank 0: seconds of the run so far (across resumes), checkpoint writes left out."""
+        return time.perf_counter() - self.t0 - self.paused
 
 
 def load_resume_state(run_dir: Path, world: int, per_epoch: int) -> dict:
