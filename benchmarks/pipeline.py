@@ -299,13 +299,13 @@ def measure(a: argparse.Namespace, ds: data.Dataset, width: int, tmp: Path, meth
     return res
 
 
-def plot(path: Path, a: argparse.Namespace, main_res: dict, sweep: dict, tta: dict) -> None:
+def plot(path: Path, a: argparse.Namespace, main_res: dict, sweeps: dict[str, dict], tta: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 1 + bool(sweep) + bool(tta)
+    panels = 1 + len(sweeps) + bool(tta)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     ax = axes[0][0]
     names = [m for m in METHODS if main_res.get(m, {}).get("sps")]
@@ -319,22 +319,22 @@ def plot(path: Path, a: argparse.Namespace, main_res: dict, sweep: dict, tta: di
     ax.set_ylabel("samples/s")
     ax.set_title(f"{a.model} width {a.width}, batch {a.batch_size}, K={a.stages}")
     i = 1
-    if sweep:
+    for what, sweep in sweeps.items():  # "width" or "batch size": {value: {method: result}}
         ax = axes[0][i]
         i += 1
-        widths = sorted(sweep)
+        values = sorted(sweep)
         for m in METHODS:
-            ys = [sweep[w].get(m, {}).get("sps") for w in widths]
-            base_w = [sweep[w]["backprop-1t"]["sps"] for w in widths]
-            pts = [(w, y / b) for w, y, b in zip(widths, ys, base_w, strict=True) if y]
+            ys = [sweep[v].get(m, {}).get("sps") for v in values]
+            base_v = [sweep[v]["backprop-1t"]["sps"] for v in values]
+            pts = [(v, y / b) for v, y, b in zip(values, ys, base_v, strict=True) if y]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=m, color=colors[m])
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("layer width")
+        ax.set_xlabel("layer width" if what == "width" else "batch size")
         ax.set_ylabel("throughput / backprop 1 thread")
         ax.axhline(1, color="k", lw=0.5)
         ax.legend(fontsize=8)
-        ax.set_title("width sweep")
+        ax.set_title(f"{what} sweep" + (f" (width {a.width})" if what != "width" else f" (batch {a.batch_size})"))
     if tta:
         ax = axes[0][i]
         for m, t in tta.items():
@@ -351,7 +351,7 @@ def plot(path: Path, a: argparse.Namespace, main_res: dict, sweep: dict, tta: di
     fig.savefig(path, dpi=110)
 
 
-def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: dict, sweep: dict, tta: dict,
+def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: dict, sweeps: dict[str, dict], tta: dict,
                  elapsed: float) -> None:
     n = a.threads_all
     base = main_res["backprop-1t"]["sps"]
@@ -397,14 +397,15 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
             lines.append(f"- {m}: busy {prof['stage_busy_s']}, idle {prof['stage_idle_s']}, synth "
                          f"{prof['stage_synth_s']}, target staleness mean {prof['staleness']} "
                          f"max {prof['staleness_max']}")
-    if sweep:
-        lines += ["", "## Width sweep (samples/s; ratio to backprop 1 thread)", "",
-                  "| width | " + " | ".join(METHODS) + " |", "|---:|" + "---:|" * len(METHODS)]
-        for w in sorted(sweep):
-            b = sweep[w]["backprop-1t"]["sps"]
-            cells = [f"{sweep[w][m]['sps']:,.0f} ({sweep[w][m]['sps'] / b:.2f}x)" if sweep[w].get(m, {}).get("sps")
+    for what, sweep in sweeps.items():
+        fixed = f"batch {a.batch_size}" if what == "width" else f"width {a.width}"
+        lines += ["", f"## {what.capitalize()} sweep ({fixed}; samples/s; ratio to backprop 1 thread)", "",
+                  f"| {what} | " + " | ".join(METHODS) + " |", "|---:|" + "---:|" * len(METHODS)]
+        for v in sorted(sweep):
+            b = sweep[v]["backprop-1t"]["sps"]
+            cells = [f"{sweep[v][m]['sps']:,.0f} ({sweep[v][m]['sps'] / b:.2f}x)" if sweep[v].get(m, {}).get("sps")
                      else "-" for m in METHODS]
-            lines.append(f"| {w} | " + " | ".join(cells) + " |")
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
     if tta:
         lines += ["", f"## Wall time to {a.target_accuracy:.0%} MNIST test accuracy (at most {a.tta_epochs} epochs)",
                   "", f"Each run evaluates the test set {a.tta_evals_per_epoch} times per epoch (`--eval-every "
@@ -446,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe")
     p.add_argument("--sweep", default="", help="comma-separated widths for a sweep, e.g. 128,256,512,1024,2048")
-    p.add_argument("--sweep-steps", type=int, default=60)
+    p.add_argument("--batch-sweep", default="", help="comma-separated batch sizes for a sweep at --width, e.g. "
+                   "64,128,256,512 (multiples of --microbatches)")
+    p.add_argument("--sweep-steps", type=int, default=60, help="timed steps per measurement in the sweeps")
     p.add_argument("--tta-epochs", type=int, default=0, help="also measure time to --target-accuracy (0: skip)")
     p.add_argument("--target-accuracy", type=float, default=0.97)
     p.add_argument("--tta-evals-per-epoch", type=int, default=10,
@@ -459,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     a.threads_per_stage = max(1, a.threads_all // a.stages)
     if a.dry_run:
         a.width, a.steps, a.warmup, a.sweep, a.sweep_steps, a.repeats = 64, 10, 2, "", 10, 1
+        a.batch_sweep = "64,128" if a.batch_sweep else ""
     ds = data.load("mnist", a.data_dir)
     # Steps between the time-to-accuracy runs' evaluations.
     a.tta_eval_every = max(1, math.ceil(data.num_batches(len(ds.train_y), a.batch_size) / a.tta_evals_per_epoch))
@@ -466,13 +470,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         main_res = measure(a, ds, a.width, tmp, METHODS)
-        sweep: dict[int, dict] = {}
+        sweeps: dict[str, dict[int, dict]] = {}
+        steps, batch = a.steps, a.batch_size
+        a.steps = a.sweep_steps
         if a.sweep:
-            steps = a.steps
-            a.steps = a.sweep_steps
-            for w in (int(s) for s in a.sweep.split(",")):
-                sweep[w] = main_res if w == a.width else measure(a, ds, w, tmp, METHODS)
-            a.steps = steps
+            sweeps["width"] = {w: main_res if w == a.width else measure(a, ds, w, tmp, METHODS)
+                               for w in (int(s) for s in a.sweep.split(","))}
+        if a.batch_sweep:
+            sweeps["batch size"] = {}
+            for b in (int(s) for s in a.batch_sweep.split(",")):
+                a.batch_size = b
+                sweeps["batch size"][b] = main_res if b == batch else measure(a, ds, a.width, tmp, METHODS)
+            a.batch_size = batch
+        a.steps = steps
         tta: dict[str, dict] = {}
         if a.tta_epochs:
             for m in METHODS:
@@ -481,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {tta[m]}", file=sys.stderr, flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     name = "pipeline" + ("" if a.device == "cpu" else f"-{a.device.split(':')[0]}") + ("-dry-run" if a.dry_run else "")
-    write_report(a.out / f"{name}.md", a, argv, main_res, sweep, tta, time.perf_counter() - t0)
-    plot(a.out / f"{name}.png", a, main_res, sweep, tta)
+    write_report(a.out / f"{name}.md", a, argv, main_res, sweeps, tta, time.perf_counter() - t0)
+    plot(a.out / f"{name}.png", a, main_res, sweeps, tta)
     print((a.out / f"{name}.md").read_text())
     return 0
 
