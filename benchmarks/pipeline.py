@@ -372,8 +372,9 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
         f"- throughput: the median of {a.repeats} rounds; in each round every method runs once, in turn, so that "
         "a drift in the shared machine's speed reaches all of them (all rounds in brackets)",
         "- why this model: at width >= 1024 one step is tens of milliseconds of matrix products while a message "
-        "is one [batch, width] float32 tensor (0.5 MB at width 1024) over loopback gloo, well under a "
-        "millisecond, so compute dominates communication", "",
+        "is one [batch, width] float32 tensor (0.5 MB at width 1024) over loopback gloo, which costs each "
+        "process about 1.2 ms of CPU a step for both directions (measured at width 1024, pipeline-notes.md) "
+        "against 20 to 25 ms of compute per stage, so compute dominates communication", "",
         "| method | samples/s | vs backprop 1 thread |", "|---|---:|---:|"]
     for m in METHODS:
         r = main_res.get(m, {})
