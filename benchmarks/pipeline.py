@@ -373,8 +373,8 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
         "a drift in the shared machine's speed reaches all of them (all rounds in brackets)",
         "- why this model: at width >= 1024 one step is tens of milliseconds of matrix products while a message "
         "is one [batch, width] float32 tensor (0.5 MB at width 1024) over loopback gloo, which costs each "
-        "process about 1.2 ms of CPU a step for both directions (measured at width 1024, pipeline-notes.md) "
-        "against 20 to 25 ms of compute per stage, so compute dominates communication", "",
+        "stage about 0.8 ms of its core a step for both directions (width 1024, benchmarks/link_cost.py) "
+        "against 20 to 25 ms of compute, so compute dominates communication", "",
         "| method | samples/s | vs backprop 1 thread |", "|---|---:|---:|"]
     for m in METHODS:
         r = main_res.get(m, {})
