@@ -25,7 +25,7 @@ from torch import nn
 from synthgrad import data
 from synthgrad.config import TrainConfig
 from synthgrad.metrics import read_metrics
-from synthgrad.pipeline import free_port, keep_freed_memory, pin_to_cores, run_pipeline
+from synthgrad.pipeline import free_port, pin_to_cores, run_pipeline, set_up_stage_process
 from synthgrad.trainer import build_rule, evaluate
 
 METHODS = ["backprop-1t", "backprop-all", "locked-pipeline", "gpipe", "dni-pipeline", "dni-pipeline-linear"]
@@ -114,15 +114,13 @@ def _gpipe_rank(rank: int, world: int, port: int, cfg_dict: dict, ds: data.Datas
     a["epochs"] == 0: time a["steps"] steps after a["warmup"] (the last rank writes {"sps"}). Otherwise train
     a["epochs"] epochs; every a["eval_every"] steps (0: none) and at each epoch's end rank 0 gathers the stages
     and evaluates the composed network, as the other methods do (rank 0 writes {"epochs": [{kind, epoch, step,
-    test_accuracy, wall_time_s, eval_s}]}, the records of metrics.jsonl).
+    test_accuracy, wall_time_s, eval_time_s}]}, the records of metrics.jsonl).
     """
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    keep_freed_memory()  # as every stage of the pipeline engine does
-    pin_to_cores(rank, world, a["threads_per_stage"])
+    set_up_stage_process(rank, world, a["threads_per_stage"])  # as every stage of the pipeline engine does
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(a["threads_per_stage"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         cfg = TrainConfig.from_dict(cfg_dict)
@@ -148,7 +146,7 @@ def _gpipe_rank(rank: int, world: int, port: int, cfg_dict: dict, ds: data.Datas
                 acc, _ = evaluate(nn.Sequential(*rule.stages), ds.test_x, ds.test_y, cfg.eval_batch_size)
                 now = time.perf_counter()
                 records.append({"kind": kind, "epoch": epoch, "step": step, "test_accuracy": acc,
-                                "wall_time_s": round(now - t0, 3), "eval_s": round(now - t_eval, 3)})
+                                "wall_time_s": round(now - t0, 3), "eval_time_s": round(now - t_eval, 3)})
 
         dist.barrier()
         t0 = time.perf_counter()
@@ -237,7 +235,7 @@ def time_to_accuracy(a: argparse.Namespace, ds: data.Dataset, method: str, tmp: 
     per_epoch = data.num_batches(len(ds.train_y), a.batch_size)
     curve, paused, first = [], 0.0, None
     for r in sorted(records, key=lambda r: (r["step"], r["kind"] == "epoch")):
-        paused += r["eval_s"]
+        paused += r["eval_time_s"]
         point = (r["step"] / per_epoch, r["test_accuracy"], r["wall_time_s"] - paused)
         curve.append(point)
         if first is None and r["test_accuracy"] >= a.target_accuracy:

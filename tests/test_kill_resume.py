@@ -13,7 +13,7 @@ import torch
 
 from synthgrad.metrics import read_metrics
 
-TIMING = {"wall_time_s", "samples_per_s", "epoch_time_s", "eval_s"}
+TIMING = {"wall_time_s", "samples_per_s", "epoch_time_s", "eval_time_s"}
 
 
 def _cmd(fake: Path, tmp: Path, run: Path, *extra: str) -> list[str]:

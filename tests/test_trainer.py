@@ -14,7 +14,7 @@ from synthgrad.errors import DivergenceError
 from synthgrad.metrics import read_metrics
 from synthgrad.trainer import Progress, Trainer, load_network, prepare_run_dir
 
-TIMING = {"wall_time_s", "samples_per_s", "epoch_time_s", "eval_s"}
+TIMING = {"wall_time_s", "samples_per_s", "epoch_time_s", "eval_time_s"}
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -99,7 +99,7 @@ def test_mid_epoch_evaluations_trace_the_curve_and_leave_training_alone(fake_dat
     records = read_metrics(tmp_path / "traced" / "metrics.jsonl")
     evals = [r for r in records if r["kind"] == "eval"]
     assert [(r["epoch"], r["step"]) for r in evals] == [(0, 5), (0, 10), (0, 15), (1, 20), (1, 25), (1, 30)]
-    assert all(0 <= r["test_accuracy"] <= 1 and r["eval_s"] >= 0 for r in evals)
+    assert all(0 <= r["test_accuracy"] <= 1 and r["eval_time_s"] >= 0 for r in evals)
     times = [r["wall_time_s"] for r in records]
     assert times == sorted(times)  # evaluations count in the wall time, in order
     # Evaluating (eval mode, no grad) changes nothing in training: same parameters, same step records.

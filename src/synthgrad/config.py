@@ -43,12 +43,12 @@ class JSONConfig:
         return cls(**d)
 
 
-
 def lr_factor(schedule: str, step: int, total: int) -> float:
     """The multiplier of every learning rate at `step` (0-based) of `total`: cosine decay to 0, or constant 1."""
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
     return 1.0
+
 
 @dataclass
 class TrainConfig(JSONConfig):

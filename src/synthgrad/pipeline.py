@@ -72,7 +72,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
 from synthgrad import __version__, checkpoint, data
 from synthgrad.config import TrainConfig
@@ -790,12 +789,11 @@ class StageProcess:
                     t_pause = time.perf_counter()
                     reports = self.gather(SAVE, epoch, batch, metrics)
                     if want_eval:
-                        accuracy, test_loss = evaluate(nn.Sequential(*self.rule.stages), x_test, y_test,
-                                                       cfg.eval_batch_size)
+                        accuracy, test_loss = evaluate(self.rule.network(), x_test, y_test, cfg.eval_batch_size)
                         now = time.perf_counter()
                         metrics.write({"kind": "eval", "epoch": epoch, "step": self.step, "test_accuracy": accuracy,
                                        "test_loss": test_loss, "wall_time_s": round(self.wall(), 3),
-                                       "eval_s": round(now - t_pause, 3)})
+                                       "eval_time_s": round(now - t_pause, 3)})
                     if want_save:
                         self.save(reports, metrics, best, final)
                     t_epoch += time.perf_counter() - t_pause
@@ -805,10 +803,10 @@ class StageProcess:
             reports = self.gather(EVAL, epoch, int(complete), metrics)
             t_eval = time.perf_counter()
             epoch_time = t_eval - t_epoch
-            accuracy, test_loss = evaluate(nn.Sequential(*self.rule.stages), x_test, y_test, cfg.eval_batch_size)
+            accuracy, test_loss = evaluate(self.rule.network(), x_test, y_test, cfg.eval_batch_size)
             record = {"kind": "epoch", "epoch": epoch, "step": self.step, "train_loss": reports[-1]["epoch_loss"],
                       "test_accuracy": accuracy, "test_loss": test_loss,
-                      "wall_time_s": round(self.wall(), 3), "eval_s": round(time.perf_counter() - t_eval, 3),
+                      "wall_time_s": round(self.wall(), 3), "eval_time_s": round(time.perf_counter() - t_eval, 3),
                       "samples_per_s": round(n_epoch / max(epoch_time, 1e-9), 1),
                       "epoch_time_s": round(epoch_time, 3), "complete": complete,
                       "staleness": [r["staleness"] for r in reports[:-1]],
@@ -969,17 +967,21 @@ def pin_to_cores(local_rank: int, local_world: int, threads: int) -> set[int] | 
     return mine
 
 
+def set_up_stage_process(local_rank: int, local_world: int, threads: int) -> None:
+    """What every stage process does first: keep freed memory, take its own cores, use `threads` torch threads."""
+    keep_freed_memory()
+    pin_to_cores(local_rank, local_world, threads)
+    torch.set_num_threads(threads)
+
+
 def run_rank(cfg: TrainConfig, run_dir: Path, dataset: data.Dataset | None, opts: StageOptions) -> None:
     """Run this process as stage RANK of WORLD_SIZE (environment as in the module docstring)."""
-    keep_freed_memory()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if cfg.stages != world:
         raise ConfigError(f"the config asks for {cfg.stages} stages but {world} processes were started; "
                           f"start {cfg.stages} (torchrun --nproc-per-node) or set \"stages\": {world}")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    threads = _threads(cfg, local_world)
-    pin_to_cores(int(os.environ.get("LOCAL_RANK", rank)), local_world, threads)
-    torch.set_num_threads(threads)
+    set_up_stage_process(int(os.environ.get("LOCAL_RANK", rank)), local_world, _threads(cfg, local_world))
     dist.init_process_group(link_backend(cfg, local_world), rank=rank, world_size=world,
                             timeout=timedelta(seconds=link_timeout()))
     try:

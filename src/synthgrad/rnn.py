@@ -91,7 +91,7 @@ class WindowResult:
     aux_loss: torch.Tensor | None = None  # the auxiliary task's MSE (before aux_weight), detached
 
 
-def window_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, x: torch.Tensor,
+def window_step(model: LSTMCore, optimizer: torch.optim.Optimizer | None, x: torch.Tensor,
                 targets: tuple[torch.Tensor, ...], state: torch.Tensor | None, *, loss_fn: SequenceLoss,
                 interface: BackwardInterface | None = None, step: int = 0, last: bool = False,
                 start_grad: bool = False, clip: float | None = None, aux: nn.Module | None = None,
@@ -112,12 +112,8 @@ def window_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, x: to
         state.requires_grad_(True)
     elif state is not None:
         state = state.detach()
-    use_aux = aux is not None and aux_weight > 0 and interface is not None and not last
-    if use_aux:
-        hidden, end = model.hidden(x, state)  # [T, B, H], [B, 2H]
-        logits = model.readout(hidden)
-    else:
-        logits, end = model(x, state)
+    hidden, end = model.hidden(x, state)  # [T, B, H], [B, 2H]
+    logits = model.readout(hidden)
     loss = loss_fn(logits, *targets)
     check_finite(loss, "loss", 0, step)
     prediction = aux_loss = None
@@ -125,7 +121,7 @@ def window_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, x: to
         prediction = interface.predict(end).detach()  # B * dL_future/ds, [B, 2H]
         check_finite(prediction, "synthetic gradient", 0, step)
         total = loss
-        if use_aux:
+        if aux is not None and aux_weight > 0:
             # Every step predicts the synthetic gradient of the window's end: [T, B, 2H] against [B, 2H].
             aux_loss = F.mse_loss(aux(hidden), prediction.expand(hidden.shape[0], -1, -1))
             total = loss + aux_weight * aux_loss

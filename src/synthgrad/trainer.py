@@ -231,7 +231,7 @@ class Trainer:
         self.elapsed += seconds
         self.metrics.write({"kind": "eval", "epoch": self.epoch, "step": self.step, "test_accuracy": accuracy,
                             "test_loss": test_loss, "wall_time_s": round(self.elapsed, 3),
-                            "eval_s": round(seconds, 3)})
+                            "eval_time_s": round(seconds, 3)})
         return seconds
 
     # -- loop ------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ class Trainer:
             record = {"kind": "epoch", "epoch": self.epoch, "step": self.step,
                       "train_loss": self.epoch_mean.means()["train_loss"],
                       "test_accuracy": accuracy, "test_loss": test_loss,
-                      "wall_time_s": round(self.elapsed, 3), "eval_s": round(time.perf_counter() - t_eval, 3),
+                      "wall_time_s": round(self.elapsed, 3), "eval_time_s": round(time.perf_counter() - t_eval, 3),
                       "samples_per_s": round(n_epoch / max(epoch_time, 1e-9), 1),
                       "epoch_time_s": round(epoch_time, 3), "complete": finished_epoch}
             self.metrics.write(record)
