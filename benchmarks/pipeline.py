@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthgrad import data
+from synthgrad import data, models
 from synthgrad.config import TrainConfig
 from synthgrad.metrics import read_metrics
 from synthgrad.pipeline import free_port, pin_to_cores, run_pipeline, set_up_stage_process
@@ -349,6 +350,17 @@ def plot(path: Path, a: argparse.Namespace, main_res: dict, sweeps: dict[str, di
     fig.savefig(path, dpi=110)
 
 
+def cut_shares(model: str, width: int, stages: int, input_shape: tuple[int, ...], num_classes: int) -> list[float]:
+    """Each stage's share of a training step's multiply-accumulates under the engine's cut (models.partition).
+
+    The busiest stage bounds the pipeline: with a free engine it runs at most 1 / max(share) x single-process
+    backprop on one core.
+    """
+    costs = models.step_costs(models.build_layers(model, input_shape, num_classes, width), input_shape)
+    bounds = models.cut_bounds(costs, stages)
+    return [sum(costs[i:j]) / sum(costs) for i, j in itertools.pairwise(bounds)]
+
+
 def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: dict, sweeps: dict[str, dict], tta: dict,
                  elapsed: float) -> None:
     n = a.threads_all
@@ -372,7 +384,11 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
         "- why this model: at width >= 1024 one step is tens of milliseconds of matrix products while a message "
         "is one [batch, width] float32 tensor (0.5 MB at width 1024) over loopback gloo, which costs each "
         "stage about 0.8 ms of its core a step for both directions (width 1024, benchmarks/link_cost.py) "
-        "against 20 to 25 ms of compute, so compute dominates communication", "",
+        "against 20 to 25 ms of compute, so compute dominates communication; and the cut at a layer boundary "
+        "gives the stages " + " / ".join(f"{x:.0%}" for x in a.cut_shares) + " of a training step's "
+        "multiply-accumulates, so even a free engine stops at " + f"{1 / max(a.cut_shares):.2f}x backprop on one "
+        "core (at width 1024: fcn-3 1.67x, fcn-4 1.75x, fcn-5 1.80x, fcn-6 1.83x; so the benchmark runs fcn-6, "
+        "the paper's FCN that cuts most evenly)", "",
         "| method | samples/s | vs backprop 1 thread |", "|---|---:|---:|"]
     for m in METHODS:
         r = main_res.get(m, {})
@@ -426,7 +442,8 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="fcn-4")
+    p.add_argument("--model", default="fcn-6",
+                   help="fcn-6: its 2-stage cut is the most even of the paper's FCNs (see the report's 'why')")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--stages", type=int, default=2)
@@ -465,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = data.load("mnist", a.data_dir)
     # Steps between the time-to-accuracy runs' evaluations.
     a.tta_eval_every = max(1, math.ceil(data.num_batches(len(ds.train_y), a.batch_size) / a.tta_evals_per_epoch))
+    a.cut_shares = cut_shares(a.model, a.width, a.stages, tuple(ds.input_shape), ds.num_classes)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

@@ -44,6 +44,21 @@ def test_partition_balances_cost_and_keeps_order() -> None:
     torch.testing.assert_close(models.compose(stages).eval()(x), models.compose(layers).eval()(x))
 
 
+def test_cut_bounds_minimise_the_busiest_stage() -> None:
+    # Oracle: every cut of [1, 5, 1, 1, 1] into 2, written out; after layer 2 the busier stage holds 6.
+    assert models.cut_bounds([1, 5, 1, 1, 1], 2) == (0, 2, 5)
+    assert models.cut_bounds([4, 4, 4], 3) == (0, 1, 2, 3)
+    assert models.cut_bounds([3, 1], 1) == (0, 2)
+    with pytest.raises(ConfigError, match="cannot cut 2 layers into 3 stages"):
+        models.cut_bounds([1, 1], 3)
+
+
+def test_step_costs_charge_the_first_layer_no_input_gradient() -> None:
+    layers = models.build_layers("fcn-4", (1, 28, 28), 10, width=1024)
+    forward = models.layer_costs(layers, (1, 28, 28))
+    assert models.step_costs(layers, (1, 28, 28)) == [2 * forward[0]] + [3 * c for c in forward[1:]]
+
+
 def test_more_stages_than_layers_is_refused() -> None:
     with pytest.raises(ConfigError, match="cannot cut 2 layers into 3 stages"):
         models.build_stages("mlp", (1, 28, 28), 10, num_stages=3)

@@ -137,6 +137,29 @@ def layer_costs(layers: list[nn.Module], input_shape: tuple[int, ...]) -> list[f
     return costs
 
 
+def step_costs(layers: list[nn.Module], input_shape: tuple[int, ...]) -> list[float]:
+    """Multiply-accumulates per example of each layer's training step (forward and backward)."""
+    # A training step costs forward + backward = 3x the forward MACs (backward computes the gradient
+    # of the input and of the weights), except the first layer, which needs no gradient of the network
+    # input: 2x. Balancing forward MACs alone leaves the upper stage ~30% busier on an FCN.
+    return [c * (2 if i == 0 else 3) for i, c in enumerate(layer_costs(layers, input_shape))]
+
+
+def cut_bounds(costs: list[float], num_stages: int) -> tuple[int, ...]:
+    """Where to cut layers of these step costs into `num_stages` contiguous stages, minimising the most
+    expensive stage: (0, first layer of stage 2, ..., len(costs))."""
+    if not 1 <= num_stages <= len(costs):
+        raise ConfigError(f"cannot cut {len(costs)} layers into {num_stages} stages; "
+                          f"use --stages between 1 and {len(costs)}")
+    best_cuts, best_max = (0, len(costs)), float("inf")
+    for cuts in itertools.combinations(range(1, len(costs)), num_stages - 1):
+        bounds = (0, *cuts, len(costs))
+        worst = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
+        if worst < best_max:
+            best_cuts, best_max = bounds, worst
+    return best_cuts
+
+
 def partition(layers: list[nn.Module], num_stages: int, input_shape: tuple[int, ...]) -> list[nn.Module]:
     """Group layers into `num_stages` contiguous stages, minimising the most expensive stage's training step."""
     if not 1 <= num_stages <= len(layers):
@@ -144,19 +167,9 @@ def partition(layers: list[nn.Module], num_stages: int, input_shape: tuple[int, 
                           f"use --stages between 1 and {len(layers)}")
     if num_stages == len(layers):
         return list(layers)
-    # A training step costs forward + backward = 3x the forward MACs (backward computes the gradient
-    # of the input and of the weights), except the first layer, which needs no gradient of the network
-    # input: 2x. Balancing forward MACs alone leaves the upper stage ~30% busier on an FCN.
-    costs = [c * (2 if i == 0 else 3) for i, c in enumerate(layer_costs(layers, input_shape))]
-    best_cuts, best_max = None, float("inf")
-    for cuts in itertools.combinations(range(1, len(layers)), num_stages - 1):
-        bounds = (0, *cuts, len(layers))
-        worst = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
-        if worst < best_max:
-            best_cuts, best_max = bounds, worst
-    assert best_cuts is not None
+    bounds = cut_bounds(step_costs(layers, input_shape), num_stages)
     return [layers[a] if b - a == 1 else nn.Sequential(*layers[a:b])
-            for a, b in itertools.pairwise(best_cuts)]
+            for a, b in itertools.pairwise(bounds)]
 
 
 def build_stages(name: str, input_shape: tuple[int, ...], num_classes: int,
