@@ -35,6 +35,28 @@ def test_context_changes_the_prediction(shape: tuple[int, ...]) -> None:
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.parametrize("hidden", [0, 1])
+def test_conv_context_equals_broadcast_label_channels(hidden: int) -> None:
+    # Oracle: the first convolution over [h, K constant one-hot planes], its label weights at the kernel
+    # centre only (so the border sees all of them too), holding the embedding.
+    torch.manual_seed(0)
+    s = ConvSynthesizer(6, hidden_layers=hidden, width=5, kernel_size=3, context_dim=4)
+    torch.nn.init.normal_(s.context.weight)
+    torch.nn.init.normal_(s.net[-1].weight)
+    s.eval()
+    h, y = torch.randn(3, 6, 7, 7), torch.tensor([0, 3, 1])
+    ctx = torch.nn.functional.one_hot(y, 4).float()
+    first = s.net[0]
+    label_w = torch.zeros(first.out_channels, 4, 3, 3)
+    label_w[:, :, 1, 1] = s.context.weight
+    planes = ctx[:, :, None, None].expand(3, 4, 7, 7)
+    z = torch.nn.functional.conv2d(torch.cat([h, planes], 1), torch.cat([first.weight, label_w], 1), first.bias,
+                                   padding=1)
+    torch.testing.assert_close(s(h, ctx), s.net[1:](z))
+
+
 def test_conditioned_synthesizer_without_context_says_why() -> None:
     with pytest.raises(ValueError, match="needs the context"):
         VectorSynthesizer(8, context_dim=10)(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="needs the context"):
+        ConvSynthesizer(4, hidden_layers=0, context_dim=10)(torch.randn(2, 4, 5, 5))

@@ -50,7 +50,10 @@ class ConvSynthesizer(nn.Module):
     """For feature maps [B, C, H, W]: resolution-preserving convolutions, the last one zero.
 
     `hidden_layers` x (Conv kxk + BN + ReLU) of `width` channels, then a zero Conv back to C
-    channels. A context [B, K] is broadcast to K extra constant input channels [B, K, H, W].
+    channels. A context [B, K] (cDNI's one-hot label) is embedded: a learned bias per class and
+    channel added to the first convolution's output. That is what broadcasting it as K constant
+    input channels gives away from the border, without convolving K more channels (on `cnn` those
+    made a linear cDNI synthesizer 1.6x the cost of a DNI one; see benchmarks/results/cost.md).
     """
 
     def __init__(self, channels: int, hidden_layers: int = 2, width: int = 64, kernel_size: int = 5,
@@ -59,21 +62,26 @@ class ConvSynthesizer(nn.Module):
         self.channels, self.context_dim = channels, context_dim
         pad = kernel_size // 2
         layers: list[nn.Module] = []
-        c = channels + context_dim
+        c = channels
         for _ in range(hidden_layers):
             layers += [nn.Conv2d(c, width, kernel_size, padding=pad), nn.BatchNorm2d(width), nn.ReLU()]
             c = width
         layers.append(_zero_(nn.Conv2d(c, channels, kernel_size, padding=pad)))
         self.net = nn.Sequential(*layers)
+        # [K] -> [first conv's channels]; zero when the first convolution is the last (zero) one.
+        self.context: nn.Linear | None = None
+        if context_dim:
+            self.context = nn.Linear(context_dim, width if hidden_layers else channels, bias=False)
+            if not hidden_layers:
+                _zero_(self.context)
 
     def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        if self.context_dim:
-            if context is None:
-                raise ValueError("this synthesizer was built for cDNI and needs the context (one-hot labels)")
-            b, _, hh, ww = h.shape
-            planes = context.to(h.dtype).view(b, -1, 1, 1).expand(b, self.context_dim, hh, ww)
-            h = torch.cat([h, planes], dim=1)  # [B, C + K, H, W]
-        return self.net(h)
+        if self.context is None:
+            return self.net(h)
+        if context is None:
+            raise ValueError("this synthesizer was built for cDNI and needs the context (one-hot labels)")
+        z = self.net[0](h) + self.context(context.to(h.dtype))[:, :, None, None]  # [B, C1, H, W] + [B, C1, 1, 1]
+        return self.net[1:](z)
 
 
 class InputSynthesizer(nn.Module):
