@@ -32,12 +32,17 @@ DEFAULT_TEXT = "/work/shared/data/tinyshakespeare/input.txt"
 
 
 def run_args(task: str, method: str, t: int, seed: int, steps: int, run_dir: Path, text: str | None,
-             synth_scale: float | None = None) -> list[str]:
+             synth_scale: float | None = None, schedule: str | None = None,
+             aux_weight: float | None = None) -> list[str]:
     args = ["train", "--task", task, "--method", method, "--truncation", str(t), "--seed", str(seed),
             "--max-steps", str(steps), "--threads", "1", "--run-dir", str(run_dir), "--overwrite", "--quiet",
             "--no-plots", "--log-every", "100"]  # DNI: the defaults (synthetic gradient x 0.1, 500-window warm-up)
     if method == "dni" and synth_scale is not None:
         args += ["--synth-scale", str(synth_scale)]  # instead of the default 0.1
+    if method == "dni" and aux_weight is not None:
+        args += ["--aux-weight", str(aux_weight)]  # DNI + Aux
+    if schedule is not None:
+        args += ["--schedule", schedule]  # instead of the sequence tasks' constant learning rate
     if task == "charlm":
         args += ["--text", text, "--eval-every", str(max(steps // 4, 1))]
     return args
@@ -70,27 +75,38 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "results", help="folder for rnn.md and rnn*.png")
     p.add_argument("--synth-scale", type=float, default=None,
                    help="DNI runs: scale of the synthetic gradient (default: the sequence tasks' 0.1)")
+    p.add_argument("--aux-weight", type=float, default=None, help="DNI runs: DNI + Aux with this weight")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default=None,
+                   help="learning-rate schedule of every run (default: the sequence tasks' constant)")
+    p.add_argument("--charlm-t", default=",".join(map(str, CHARLM_T)),
+                   help="comma-separated truncation lengths for charlm (the target compares DNI T=5 with BPTT T=8)")
     a = p.parse_args()
     seeds = a.seeds or (1 if a.quick else 3)
     copy_steps = a.copy_steps or (1500 if a.quick else DEFAULT_COPY_STEPS)
     charlm_steps = a.charlm_steps or (1500 if a.quick else DEFAULT_CHARLM_STEPS)
     tasks = a.tasks.split(",")
+    a.charlm_ts = tuple(int(t) for t in a.charlm_t.split(","))
     if "charlm" in tasks and not Path(a.text).is_file():
         sys.exit(f"--text {a.text}: no such file; give the tinyshakespeare input.txt or drop charlm from --tasks")
 
     jobs = []
     for task in tasks:
-        ts, steps = (CHARLM_T, charlm_steps) if task == "charlm" else (COPY_T, copy_steps)
+        ts, steps = (a.charlm_ts, charlm_steps) if task == "charlm" else (COPY_T, copy_steps)
         for t in ts:
             for method in ("bptt", "dni"):
                 for seed in range(seeds):
                     scaled = method == "dni" and a.synth_scale is not None
                     name = f"{task}-{method}-T{t}-s{seed}" + (f"-scale{a.synth_scale:g}" if scaled else "")
+                    if method == "dni" and a.aux_weight is not None:
+                        name += f"-aux{a.aux_weight:g}"
+                    if a.schedule is not None:
+                        name += f"-{a.schedule}"
                     if steps != (DEFAULT_CHARLM_STEPS if task == "charlm" else DEFAULT_COPY_STEPS):
                         name += f"-{steps}steps"  # keeps the runs of the default budget for reuse
                     run_dir = ROOT / "runs" / "rnn" / name
                     jobs.append((task, method, t, seed, run_dir,
-                                 run_args(task, method, t, seed, steps, run_dir, a.text, a.synth_scale), steps))
+                                 run_args(task, method, t, seed, steps, run_dir, a.text, a.synth_scale,
+                                          a.schedule, a.aux_weight), steps))
     # Longest first (charlm, long T) so the pool finishes together.
     jobs.sort(key=lambda j: (j[0] != "charlm", -j[2]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -143,7 +159,10 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
              "DNI synthesizer on [h, c]: linear, zero-initialised, Adam lr 1e-3, "
              f"synthetic gradient scaled by {0.1 if a.synth_scale is None else a.synth_scale:g} and ramped up from 0 "
              "over the first 500 windows, "
-             "bootstrapped targets", "", "Notes and earlier measurements: rnn-notes.md.", ""]
+             "bootstrapped targets" + ("" if a.aux_weight is None else f"; DNI + Aux, weight {a.aux_weight:g}"),
+             f"- learning rate: {a.schedule or 'constant'}"
+             + (" (decay to 0 over each run)" if a.schedule == "cosine" else ""),
+             "", "Notes and earlier measurements: rnn-notes.md.", ""]
     summary: dict = {}
     for task in (t for t in tasks if t != "charlm"):
         lines += [f"## {task}: longest length N solved (mean bit error per sequence < 0.15 over 20 batches)", "",
@@ -160,13 +179,13 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
     if "charlm" in tasks:
         lines += [f"## charlm: held-out bits per character after {charlm_steps} steps (last 10% of {a.text})", "",
                   "| T | BPTT | DNI |", "|---|---|---|"]
-        for t in CHARLM_T:
+        for t in a.charlm_ts:
             b = [r["bpc"] for r in results.get(("charlm", "bptt", t), [])]
             d = [r["bpc"] for r in results.get(("charlm", "dni", t), [])]
             lines.append(f"| {t} | {_mean_std(b)} | {_mean_std(d)} |")
             summary[("charlm", t)] = (b, d)
-        d5 = summary[("charlm", 5)][1]
-        b8 = summary[("charlm", 8)][0]
+        d5 = summary.get(("charlm", 5), ([], []))[1]
+        b8 = summary.get(("charlm", 8), ([], []))[0]
         if d5 and b8:
             ok = statistics.mean(d5) <= statistics.mean(b8)
             lines += ["", f"Target DNI T=5 ({statistics.mean(d5):.3f}) <= BPTT T=8 ({statistics.mean(b8):.3f}): "
@@ -174,11 +193,11 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
         lines.append("")
     lines += ["Run directories: `benchmarks/runs/rnn/` (config.json, metrics.jsonl per run); plot: `rnn.png`.", ""]
     (a.out / "rnn.md").write_text("\n".join(lines))
-    plot(a.out / "rnn.png", tasks, summary)
+    plot(a.out / "rnn.png", tasks, summary, a.charlm_ts)
     print("\n".join(lines))
 
 
-def plot(path: Path, tasks: list[str], summary: dict) -> None:
+def plot(path: Path, tasks: list[str], summary: dict, charlm_ts: tuple[int, ...] = CHARLM_T) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,7 +205,7 @@ def plot(path: Path, tasks: list[str], summary: dict) -> None:
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        ts = CHARLM_T if task == "charlm" else COPY_T
+        ts = charlm_ts if task == "charlm" else COPY_T
         for i, (method, color) in enumerate((("bptt", "tab:blue"), ("dni", "tab:orange"))):
             xs, ms, ss = [], [], []
             for t in ts:
