@@ -13,6 +13,7 @@ from synthgrad import DNI, Backprop, BackwardInterface, adam, true_gradient
 from synthgrad.errors import DivergenceError
 from synthgrad.interfaces import OPTIMIZERS, OptimizerFactory
 from synthgrad.models import build_stages
+from synthgrad.rules import check_finite
 
 
 class OracleSynthesizer(nn.Module):
@@ -226,6 +227,15 @@ def test_non_finite_loss_raises_divergence_naming_the_stage() -> None:
     bp = Backprop(build_stages("mlp", (1, 28, 28), 10))
     with pytest.raises(DivergenceError, match="loss at stage 2"):
         bp.step(x_bad, y)
+
+
+@pytest.mark.parametrize("bad", [[float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")],
+                                 [3e38, 3e38]])
+def test_check_finite_catches_every_non_finite_tensor(bad: list[float]) -> None:
+    t = torch.tensor([1.0, -2.0, *bad])
+    with pytest.raises(DivergenceError, match="synthetic gradient at stage 3, step 7"):
+        check_finite(t, "synthetic gradient", 2, 7)
+    check_finite(torch.tensor([1.0, -2.0, 3e38]), "loss", 0, 0)  # large but finite: no error
 
 
 def test_diagnostics_report_agreement_with_the_true_gradient() -> None:

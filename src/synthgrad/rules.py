@@ -10,6 +10,7 @@ stage.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -47,7 +48,9 @@ class StageResult:
 
 def check_finite(t: torch.Tensor, what: str, stage: int, step: int) -> None:
     """Raise DivergenceError naming the stage and step when `t` holds a NaN or an infinity."""
-    if not bool(torch.isfinite(t).all()):
+    # One reduction where isfinite().all() takes four passes (a synthetic gradient is checked every step):
+    # the sum is NaN or infinite when any element is, or when finite ones overflow, divergence too.
+    if not math.isfinite(float(t.detach().sum())):
         raise DivergenceError(
             f"non-finite {what} at stage {stage + 1}, step {step}; the run diverged. Try a lower "
             "--lr or --synth-lr, a --synth-scale below 1, or --synth-warmup steps; the last good "
