@@ -134,11 +134,11 @@ def main() -> int:
     return 0
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 2) -> str:
     if not values:
         return "n/a"
     m = statistics.mean(values)
-    return f"{m:.2f}" if len(values) == 1 else f"{m:.2f} ± {statistics.stdev(values):.2f}"
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps: int, charlm_steps: int,
@@ -182,7 +182,7 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
         for t in a.charlm_ts:
             b = [r["bpc"] for r in results.get(("charlm", "bptt", t), [])]
             d = [r["bpc"] for r in results.get(("charlm", "dni", t), [])]
-            lines.append(f"| {t} | {_mean_std(b)} | {_mean_std(d)} |")
+            lines.append(f"| {t} | {_mean_std(b, 3)} | {_mean_std(d, 3)} |")  # BPC: differences of 0.01 count
             summary[("charlm", t)] = (b, d)
         d5 = summary.get(("charlm", 5), ([], []))[1]
         b8 = summary.get(("charlm", 8), ([], []))[0]
