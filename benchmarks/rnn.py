@@ -85,7 +85,12 @@ def main() -> int:
     copy_steps = a.copy_steps or (1500 if a.quick else DEFAULT_COPY_STEPS)
     charlm_steps = a.charlm_steps or (1500 if a.quick else DEFAULT_CHARLM_STEPS)
     tasks = a.tasks.split(",")
-    a.charlm_ts = tuple(int(t) for t in a.charlm_t.split(","))
+    try:
+        a.charlm_ts = tuple(int(t) for t in a.charlm_t.split(","))
+    except ValueError:
+        sys.exit(f"--charlm-t {a.charlm_t!r}: give comma-separated truncation lengths, e.g. 5,8,16")
+    if any(t < 1 for t in a.charlm_ts):
+        sys.exit(f"--charlm-t {a.charlm_t!r}: truncation lengths must be at least 1")
     if "charlm" in tasks and not Path(a.text).is_file():
         sys.exit(f"--text {a.text}: no such file; give the tinyshakespeare input.txt or drop charlm from --tasks")
 
