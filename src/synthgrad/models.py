@@ -162,12 +162,9 @@ def cut_bounds(costs: list[float], num_stages: int) -> tuple[int, ...]:
 
 def partition(layers: list[nn.Module], num_stages: int, input_shape: tuple[int, ...]) -> list[nn.Module]:
     """Group layers into `num_stages` contiguous stages, minimising the most expensive stage's training step."""
-    if not 1 <= num_stages <= len(layers):
-        raise ConfigError(f"cannot cut {len(layers)} layers into {num_stages} stages; "
-                          f"use --stages between 1 and {len(layers)}")
     if num_stages == len(layers):
-        return list(layers)
-    bounds = cut_bounds(step_costs(layers, input_shape), num_stages)
+        return list(layers)  # one layer a stage: no costs to measure
+    bounds = cut_bounds(step_costs(layers, input_shape), num_stages)  # refuses an impossible num_stages
     return [layers[a] if b - a == 1 else nn.Sequential(*layers[a:b])
             for a, b in itertools.pairwise(bounds)]
 
