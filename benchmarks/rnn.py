@@ -33,7 +33,7 @@ DEFAULT_TEXT = "/work/shared/data/tinyshakespeare/input.txt"
 
 def run_args(task: str, method: str, t: int, seed: int, steps: int, run_dir: Path, text: str | None,
              synth_scale: float | None = None, schedule: str | None = None,
-             aux_weight: float | None = None) -> list[str]:
+             aux_weight: float | None = None, synth_discount: float | None = None) -> list[str]:
     args = ["train", "--task", task, "--method", method, "--truncation", str(t), "--seed", str(seed),
             "--max-steps", str(steps), "--threads", "1", "--run-dir", str(run_dir), "--overwrite", "--quiet",
             "--no-plots", "--log-every", "100"]  # DNI: the defaults (synthetic gradient x 0.1, 500-window warm-up)
@@ -41,6 +41,8 @@ def run_args(task: str, method: str, t: int, seed: int, steps: int, run_dir: Pat
         args += ["--synth-scale", str(synth_scale)]  # instead of the default 0.1
     if method == "dni" and aux_weight is not None:
         args += ["--aux-weight", str(aux_weight)]  # DNI + Aux
+    if method == "dni" and synth_discount is not None:
+        args += ["--synth-discount", str(synth_discount)]  # the bootstrapped target's weight of the future
     if schedule is not None:
         args += ["--schedule", schedule]  # instead of the sequence tasks' constant learning rate
     if task == "charlm":
@@ -76,6 +78,9 @@ def main() -> int:
     p.add_argument("--synth-scale", type=float, default=None,
                    help="DNI runs: scale of the synthetic gradient (default: the sequence tasks' 0.1)")
     p.add_argument("--aux-weight", type=float, default=None, help="DNI runs: DNI + Aux with this weight")
+    p.add_argument("--synth-discount", type=float, default=None,
+                   help="DNI runs: weight of the next window's synthetic gradient in the bootstrapped target "
+                        "(default: the synthetic-gradient scale)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default=None,
                    help="learning-rate schedule of every run (default: the sequence tasks' constant)")
     p.add_argument("--charlm-t", default=",".join(map(str, CHARLM_T)),
@@ -104,6 +109,8 @@ def main() -> int:
                     name = f"{task}-{method}-T{t}-s{seed}" + (f"-scale{a.synth_scale:g}" if scaled else "")
                     if method == "dni" and a.aux_weight is not None:
                         name += f"-aux{a.aux_weight:g}"
+                    if method == "dni" and a.synth_discount is not None:
+                        name += f"-discount{a.synth_discount:g}"
                     if a.schedule is not None:
                         name += f"-{a.schedule}"
                     if steps != (DEFAULT_CHARLM_STEPS if task == "charlm" else DEFAULT_COPY_STEPS):
@@ -111,7 +118,7 @@ def main() -> int:
                     run_dir = ROOT / "runs" / "rnn" / name
                     jobs.append((task, method, t, seed, run_dir,
                                  run_args(task, method, t, seed, steps, run_dir, a.text, a.synth_scale,
-                                          a.schedule, a.aux_weight), steps))
+                                          a.schedule, a.aux_weight, a.synth_discount), steps))
     # Longest first (charlm, long T) so the pool finishes together.
     jobs.sort(key=lambda j: (j[0] != "charlm", -j[2]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -164,7 +171,9 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
              "DNI synthesizer on [h, c]: linear, zero-initialised, Adam lr 1e-3, "
              f"synthetic gradient scaled by {0.1 if a.synth_scale is None else a.synth_scale:g} and ramped up from 0 "
              "over the first 500 windows, "
-             "bootstrapped targets" + ("" if a.aux_weight is None else f"; DNI + Aux, weight {a.aux_weight:g}"),
+             "bootstrapped targets"
+             + ("" if a.synth_discount is None else f" (next window's synthetic gradient x {a.synth_discount:g})")
+             + ("" if a.aux_weight is None else f"; DNI + Aux, weight {a.aux_weight:g}"),
              f"- learning rate: {a.schedule or 'constant'}"
              + (" (decay to 0 over each run)" if a.schedule == "cosine" else ""),
              "", "Notes and earlier measurements: rnn-notes.md.", ""]

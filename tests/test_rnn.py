@@ -98,6 +98,32 @@ def test_zero_initialised_synthesizer_makes_dni_equal_bptt_at_step_0() -> None:
     assert synth.net[-1].weight.abs().sum() > 0
 
 
+@pytest.mark.parametrize("discount", [None, 0.0, 0.4, 1.0])
+def test_bootstrap_discount_weighs_the_future_in_the_start_gradient_only(discount: float | None) -> None:
+    """The start gradient (the previous synthesizer's target) is dL/ds0 + discount * J^T g / B, where the update
+    applies scale * g: the discount re-weighs the bootstrapped future without changing the core's step."""
+    x, y, m = _episode()
+    scale = 0.25
+    value = torch.randn(x.shape[1], 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    oracle = BackwardInterface(FixedSynthesizer(value), adam(1e-3), scale=scale)
+    start = torch.randn(x.shape[1], 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    model, ref = _model(), _model()
+    res = window_step(model, None, x[:4], (y[:4], m[:4]), start, loss_fn=copy_loss, interface=oracle,
+                      start_grad=True, discount=discount)
+    # By hand: the core's gradient takes the scale; the start gradient takes the discount (None: the scale).
+    s0 = start.clone().requires_grad_(True)
+    hidden, end = ref.hidden(x[:4], s0)
+    loss = copy_loss(ref.readout(hidden), y[:4], m[:4])
+    weight = scale if discount is None else discount
+    (want_start,) = torch.autograd.grad(loss + (end * value).sum() * weight / x.shape[1], s0, retain_graph=True)
+    (loss + (end * value).sum() * scale / x.shape[1]).backward()
+    torch.testing.assert_close(res.start_grad, want_start)
+    for (name, a), b in zip(ref.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=lambda s, n=name: f"{n}: {s}")
+    with pytest.raises(ConfigError, match="--method dni"):
+        build_rule(_model(), "bptt", 3, copy_loss, synth_discount=0.5)
+
+
 def test_auxiliary_task_adds_its_mse_to_the_window_loss() -> None:
     """DNI + Aux: the core's gradient is that of loss + w * MSE(head(h_t), synthetic gradient at the end)."""
     x, y, m = _episode()
@@ -249,3 +275,9 @@ def test_cli_refuses_bad_sequence_flags(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--truncation" in capsys.readouterr().err
     assert main(["train", "--task", "charlm", "--text", str(tmp_path / "missing.txt")]) == 3
     assert "no such file" in capsys.readouterr().err
+    assert main(["train", "--task", "copy", "--method", "bptt", "--synth-discount", "0.5"]) == 2
+    assert "--synth-discount" in capsys.readouterr().err
+    # Sequence-only flags on a classifier run: refused, not silently ignored.
+    assert main(["train", "--model", "mlp", "--aux-weight", "10", "--truncation", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--truncation, --aux-weight apply to sequence tasks only" in err and "--task" in err

@@ -159,6 +159,11 @@ def _data_args(g: argparse._ActionsContainer) -> None:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    from synthgrad.seqtrain import sequence_flags_given
+
+    if given := sequence_flags_given(a):
+        raise ConfigError(f"{', '.join(given)} apply to sequence tasks only; add --task copy|repeat-copy|charlm, "
+                          "or drop them to train a classifier")
     return TrainConfig(
         model=a.model, dataset=a.dataset, method=a.method, target=a.target, epochs=a.epochs,
         batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, width=a.width, synth_lr=a.synth_lr,

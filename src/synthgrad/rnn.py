@@ -95,7 +95,7 @@ def window_step(model: LSTMCore, optimizer: torch.optim.Optimizer | None, x: tor
                 targets: tuple[torch.Tensor, ...], state: torch.Tensor | None, *, loss_fn: SequenceLoss,
                 interface: BackwardInterface | None = None, step: int = 0, last: bool = False,
                 start_grad: bool = False, clip: float | None = None, aux: nn.Module | None = None,
-                aux_weight: float = 0.0) -> WindowResult:
+                aux_weight: float = 0.0, discount: float | None = None) -> WindowResult:
     """The per-window rule: forward from `state`, backward with the loss plus the synthetic future gradient, update.
 
     x: the window's inputs [T, B, ...]; targets: the loss_fn's targets for the same T steps.
@@ -106,6 +106,11 @@ def window_step(model: LSTMCore, optimizer: torch.optim.Optimizer | None, x: tor
     aux: the auxiliary head (H -> 2H) of DNI + Aux; with aux_weight > 0 and a synthetic gradient at the
         end, every step's h_t regresses onto that gradient (optimized with the model: pass its
         parameters to `optimizer` too).
+    discount: the weight of the end's synthetic gradient inside the returned start gradient (the previous
+        window's bootstrapped target), in place of the interface's scale that the update applies. None: the
+        scale, so the target is the gradient the window really received. As in TD(lambda), a discount
+        below 1 shortens the horizon the synthesizer learns to predict, independently of how strongly the
+        core follows it.
     """
     if start_grad:
         state = (state if state is not None else model.zero_state(x.shape[1], x.device)).detach()
@@ -125,8 +130,16 @@ def window_step(model: LSTMCore, optimizer: torch.optim.Optimizer | None, x: tor
             # Every step predicts the synthetic gradient of the window's end: [T, B, 2H] against [B, 2H].
             aux_loss = F.mse_loss(aux(hidden), prediction.expand(hidden.shape[0], -1, -1))
             total = loss + aux_weight * aux_loss
-        # d(loss + <stage_gradient, end>)/dθ: the window's own loss plus the predicted future.
-        torch.autograd.backward([total, end], [torch.ones_like(total), interface.stage_gradient(prediction, step)])
+        future = interface.stage_gradient(prediction, step)  # scale * ramp * prediction / B, [B, 2H]
+        reweigh = start_grad and discount is not None and discount != interface.scale
+        if reweigh:
+            # The future's share of the start gradient, J^T future (J = d end / d start), to move its weight
+            # from the scale to the discount: one more backward pass through the window, to the state only.
+            (through,) = torch.autograd.grad(end, state, future, retain_graph=True)
+        # d(loss + <future, end>)/dθ: the window's own loss plus the predicted future.
+        torch.autograd.backward([total, end], [torch.ones_like(total), future])
+        if reweigh:
+            state.grad += through * (discount / interface.scale - 1)
     else:
         loss.backward()
     grad = state.grad if start_grad else None
@@ -151,7 +164,8 @@ class TruncatedBPTT:
 
     def __init__(self, model: nn.Module, truncation: int, loss_fn: SequenceLoss, lr: float = 1e-3,
                  interface: BackwardInterface | None = None, clip: float | None = None,
-                 optimizer: OptimizerFactory | None = None, aux_weight: float = 0.0):
+                 optimizer: OptimizerFactory | None = None, aux_weight: float = 0.0,
+                 discount: float | None = None):
         if truncation < 1:
             raise ConfigError(f"--truncation must be >= 1, got {truncation}")
         if aux_weight < 0 or (aux_weight > 0 and interface is None):
@@ -169,7 +183,9 @@ class TruncatedBPTT:
             nn.init.zeros_(self.aux.bias)
             params += list(self.aux.parameters())
         self.optimizer = (optimizer or adam(lr))(params)
-        self.interface, self.clip = interface, clip
+        if discount is not None and (interface is None or discount < 0):
+            raise ConfigError(f"a bootstrap discount ({discount}) needs --method dni and a value >= 0")
+        self.interface, self.clip, self.discount = interface, clip, discount
         self.state: torch.Tensor | None = None  # carried state [B, 2H], detached
         # The boundary state whose synthetic gradient awaits its bootstrapped target. Only the
         # state is kept, not the prediction's graph: the same synthesizer serves every window,
@@ -196,7 +212,7 @@ class TruncatedBPTT:
         res = window_step(self.model, self.optimizer, x, targets, self.state, loss_fn=self.loss_fn,
                           interface=self.interface, step=self.steps, last=last,
                           start_grad=self.pending is not None, clip=self.clip, aux=self.aux,
-                          aux_weight=self.aux_weight)
+                          aux_weight=self.aux_weight, discount=self.discount)
         synth_loss = None
         if self.pending is not None:
             assert self.interface is not None and res.start_grad is not None
@@ -249,13 +265,16 @@ class TruncatedBPTT:
 
 def build_rule(model: LSTMCore, method: str, truncation: int, loss_fn: SequenceLoss, *, lr: float = 1e-3,
                synth_lr: float = 1e-3, synth_hidden: int = 0, synth_width: int = 256, synth_scale: float = 1.0,
-               synth_warmup: int = 0, clip: float | None = None, aux_weight: float = 0.0) -> TruncatedBPTT:
+               synth_warmup: int = 0, clip: float | None = None, aux_weight: float = 0.0,
+               synth_discount: float | None = None) -> TruncatedBPTT:
     """Truncated BPTT (`bptt`) or DNI through time (`dni`) with a zero-initialised synthesizer on [h, c]
-    (aux_weight > 0: with the auxiliary task of predicting the synthetic gradient, DNI + Aux)."""
+    (aux_weight > 0: with the auxiliary task of predicting the synthetic gradient, DNI + Aux; synth_discount:
+    the next window's weight in the bootstrapped target, None: synth_scale)."""
     if method not in SEQUENCE_METHODS:
         raise ConfigError(f"sequence tasks train with --method bptt or dni, not {method!r}")
     interface = None
     if method == "dni":
         synth = VectorSynthesizer(model.state_size, synth_hidden, synth_width)
         interface = BackwardInterface(synth, adam(synth_lr), synth_scale, synth_warmup)
-    return TruncatedBPTT(model, truncation, loss_fn, lr=lr, interface=interface, clip=clip, aux_weight=aux_weight)
+    return TruncatedBPTT(model, truncation, loss_fn, lr=lr, interface=interface, clip=clip, aux_weight=aux_weight,
+                         discount=synth_discount)

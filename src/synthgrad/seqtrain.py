@@ -58,6 +58,9 @@ class SequenceConfig(JSONConfig):
     # 0.3 -> 3,400 in 1,500 windows, BPC stuck at 3.7). A small scale and a warm-up keep it stable.
     synth_scale: float = 0.1
     synth_warmup: int = 500  # windows over which the synthetic gradient's scale ramps up from 0
+    # Weight of the next window's synthetic gradient in the bootstrapped target; None: synth_scale (the target
+    # is then exactly the gradient the window received). Below 1 it shortens the horizon, as lambda in TD(lambda).
+    synth_discount: float | None = None
     aux_weight: float = 0.0  # DNI + Aux: weight of the auxiliary task (predicting the synthetic gradient); 0: off
     # Learning rates of the LSTM and the synthesizer: constant, or cosine decay to 0 over max_steps.
     schedule: str = "constant"
@@ -104,6 +107,10 @@ class SequenceConfig(JSONConfig):
         need(self.synth_width >= 1, f"--synth-width must be >= 1, got {self.synth_width}")
         need(0 < self.synth_scale <= 100, f"--synth-scale must be in (0, 100], got {self.synth_scale}")
         need(self.synth_warmup >= 0, f"--synth-warmup must be >= 0, got {self.synth_warmup}")
+        need(self.synth_discount is None or 0 <= self.synth_discount <= 100,
+             f"--synth-discount must be in [0, 100], got {self.synth_discount}")
+        need(self.synth_discount is None or self.method == "dni",
+             "--synth-discount weighs DNI's bootstrapped target: use it with --method dni")
         need(self.clip is None or self.clip > 0, f"--clip must be > 0, got {self.clip}")
         need(self.aux_weight >= 0, f"--aux-weight must be >= 0, got {self.aux_weight}")
         need(self.aux_weight == 0 or self.method == "dni",
@@ -126,24 +133,41 @@ class SequenceConfig(JSONConfig):
 
 # -- command line ------------------------------------------------------------------------------
 
+# The flags only sequence tasks read, with their defaults.
+SEQUENCE_ONLY: dict = {"truncation": 5, "text": None, "eval_chars": 50000, "clip": 1.0, "aux_weight": 0.0,
+                       "synth_discount": None, "solve_threshold": 0.15, "max_length": 1000}
+
+
 def add_arguments(g: argparse._ActionsContainer) -> None:
     """The flags only sequence tasks use; the shared ones (--method, --width, --lr, ...) are cli.py's."""
     g.add_argument("--task", choices=TASKS, default=None,
                    help="train an LSTM on a sequence task instead of a classifier; --method bptt or dni, "
                         "--width sets the LSTM units")
-    g.add_argument("--truncation", type=int, default=5, metavar="T", help="truncated BPTT window length T")
-    g.add_argument("--text", type=Path, default=None, metavar="PATH",
+    g.add_argument("--truncation", type=int, default=SEQUENCE_ONLY["truncation"], metavar="T",
+                   help="truncated BPTT window length T")
+    g.add_argument("--text", type=Path, default=SEQUENCE_ONLY["text"], metavar="PATH",
                    help="charlm: the plain-text file to model (its last 10%% is held out)")
-    g.add_argument("--eval-chars", type=int, default=50000,
+    g.add_argument("--eval-chars", type=int, default=SEQUENCE_ONLY["eval_chars"],
                    help="charlm: held-out characters per measurement (the start of the held-out split)")
-    g.add_argument("--clip", type=float, default=1.0, help="clip each window's gradient norm to this")
-    g.add_argument("--aux-weight", type=float, default=0.0, metavar="W",
+    g.add_argument("--clip", type=float, default=SEQUENCE_ONLY["clip"],
+                   help="clip each window's gradient norm to this")
+    g.add_argument("--aux-weight", type=float, default=SEQUENCE_ONLY["aux_weight"], metavar="W",
                    help="DNI + Aux: the LSTM also predicts, at every step, the synthetic gradient of its window's "
                         "end; W weighs that MSE in the loss (0: off)")
-    g.add_argument("--solve-threshold", type=float, default=0.15,
+    g.add_argument("--synth-discount", type=float, default=SEQUENCE_ONLY["synth_discount"], metavar="LAMBDA",
+                   help="DNI: weight of the next window's synthetic gradient in the synthesizer's bootstrapped "
+                        "target (default: the --synth-scale, i.e. the gradient the window received); below 1 "
+                        "it shortens the predicted horizon, as lambda in TD(lambda)")
+    g.add_argument("--solve-threshold", type=float, default=SEQUENCE_ONLY["solve_threshold"],
                    help="copy tasks: a length is solved when the mean bit error per sequence over the last "
                         "20 batches is below this")
-    g.add_argument("--max-length", type=int, default=1000, help="copy tasks: the curriculum stops at this length")
+    g.add_argument("--max-length", type=int, default=SEQUENCE_ONLY["max_length"],
+                   help="copy tasks: the curriculum stops at this length")
+
+
+def sequence_flags_given(a: argparse.Namespace) -> list[str]:
+    """The sequence-only flags that `a` sets away from their defaults, as --flag names (a classifier refuses them)."""
+    return [f"--{k.replace('_', '-')}" for k, v in SEQUENCE_ONLY.items() if getattr(a, k, v) != v]
 
 
 def wants_sequence(a: argparse.Namespace) -> bool:
@@ -174,7 +198,8 @@ def config_from_args(a: argparse.Namespace) -> SequenceConfig:
     return SequenceConfig(
         task=a.task, method=a.method, truncation=a.truncation, seed=a.seed, device=a.device, threads=a.threads,
         max_steps=20 if a.dry_run else a.max_steps, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
-        clip=a.clip, aux_weight=a.aux_weight, solve_threshold=a.solve_threshold, max_length=a.max_length,
+        clip=a.clip, aux_weight=a.aux_weight, synth_discount=a.synth_discount, solve_threshold=a.solve_threshold,
+        max_length=a.max_length,
         text=str(a.text) if a.text else None, eval_chars=a.eval_chars, **pick,
     ).resolve()
 
@@ -235,7 +260,8 @@ class SequenceTrainer:
         self.rule: TruncatedBPTT = build_rule(
             model.to(self.device), cfg.method, cfg.truncation, loss_fn, lr=cfg.lr, synth_lr=cfg.synth_lr,
             synth_hidden=cfg.synth_hidden, synth_width=cfg.synth_width, synth_scale=cfg.synth_scale,
-            synth_warmup=cfg.synth_warmup, clip=cfg.clip, aux_weight=cfg.aux_weight)
+            synth_warmup=cfg.synth_warmup, clip=cfg.clip, aux_weight=cfg.aux_weight,
+            synth_discount=cfg.synth_discount)
         if self.rule.interface is not None:
             self.rule.interface.to(self.device)
         self.curriculum = Curriculum(threshold=cfg.solve_threshold, window=cfg.solve_window,
