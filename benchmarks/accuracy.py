@@ -60,6 +60,10 @@ def suite_runs(suite: str, seeds: list[int], models: list[str] | None) -> list[R
         # DNI with SGD stages: its step shrinks with a small (unsure) synthetic gradient, Adam's does not.
         runs += [Run(m, "dni", s, flags=["--epochs", "20", "--optimizer", "sgd", "--synth-lr", "3e-4"], tag="sgd")
                  for m in ("mlp", "fcn-3", "fcn-6") for s in seeds]
+        # cnn DNI with a linear synthesizer (one 5x5 conv) and backprop's learning rate: 5x cheaper a step than
+        # the 2 x 64-channel default, and better in 20 epochs (seed 0: 98.97% against 98.80 on the GPU).
+        runs += [Run("cnn", "dni", s, flags=["--epochs", "20", "--synth-hidden", "0", "--lr", "1e-3"], tag="linear")
+                 for s in seeds]
     elif suite == "unlock":
         # Issue 6: random update frequency and the complete unlock on fcn-4. Linear synthesizers (the
         # paper's cDNI choice) for DNI too, so that the whole grid fits in minutes on 2 cores.
