@@ -170,8 +170,8 @@ def write_report(a: argparse.Namespace, rows: list[str], minutes: float) -> None
         f"- command: `{cmd.strip()}` ({minutes:.1f} min)",
         f"- date: {date.today().isoformat()}",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {a.threads} thread(s)",
-        f"- network: `{a.model}` trained with plain backprop (Adam, constant lr 1e-3, batch 128, seed {a.seed}); after each "
-        "number of epochs the per-example gradient g = B dL/dh at each boundary is collected on "
+        f"- network: `{a.model}` trained with plain backprop (Adam, constant lr 1e-3, batch 128, seed {a.seed}); "
+        "after each number of epochs the per-example gradient g = B dL/dh at each boundary is collected on "
         f"{a.fit_examples:,} training examples (fit) and the 10,000 test examples (score)",
         "- R^2: fraction of the gradient's variance (around its mean) that the predictor explains on test examples; "
         "cosine: mean over batches of 128 of the cosine of predicted and true batch gradients, flattened",

@@ -33,7 +33,8 @@ DEFAULT_TEXT = "/work/shared/data/tinyshakespeare/input.txt"
 
 def run_args(task: str, method: str, t: int, seed: int, steps: int, run_dir: Path, text: str | None,
              synth_scale: float | None = None, schedule: str | None = None,
-             aux_weight: float | None = None, synth_discount: float | None = None) -> list[str]:
+             aux_weight: float | None = None, synth_discount: float | None = None,
+             clip: float | None = None) -> list[str]:
     args = ["train", "--task", task, "--method", method, "--truncation", str(t), "--seed", str(seed),
             "--max-steps", str(steps), "--threads", "1", "--run-dir", str(run_dir), "--overwrite", "--quiet",
             "--no-plots", "--log-every", "100"]  # DNI: the defaults (synthetic gradient x 0.1, 500-window warm-up)
@@ -43,6 +44,8 @@ def run_args(task: str, method: str, t: int, seed: int, steps: int, run_dir: Pat
         args += ["--aux-weight", str(aux_weight)]  # DNI + Aux
     if method == "dni" and synth_discount is not None:
         args += ["--synth-discount", str(synth_discount)]  # the bootstrapped target's weight of the future
+    if clip is not None:
+        args += ["--clip", str(clip)]  # instead of the default gradient-norm clip of 1
     if schedule is not None:
         args += ["--schedule", schedule]  # instead of the sequence tasks' constant learning rate
     if task == "charlm":
@@ -81,6 +84,7 @@ def main() -> int:
     p.add_argument("--synth-discount", type=float, default=None,
                    help="DNI runs: weight of the next window's synthetic gradient in the bootstrapped target "
                         "(default: the synthetic-gradient scale)")
+    p.add_argument("--clip", type=float, default=None, help="every run: gradient-norm clip (default: 1)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default=None,
                    help="learning-rate schedule of every run (default: the sequence tasks' constant)")
     p.add_argument("--charlm-t", default=",".join(map(str, CHARLM_T)),
@@ -111,6 +115,8 @@ def main() -> int:
                         name += f"-aux{a.aux_weight:g}"
                     if method == "dni" and a.synth_discount is not None:
                         name += f"-discount{a.synth_discount:g}"
+                    if a.clip is not None:
+                        name += f"-clip{a.clip:g}"
                     if a.schedule is not None:
                         name += f"-{a.schedule}"
                     if steps != (DEFAULT_CHARLM_STEPS if task == "charlm" else DEFAULT_COPY_STEPS):
@@ -118,7 +124,7 @@ def main() -> int:
                     run_dir = ROOT / "runs" / "rnn" / name
                     jobs.append((task, method, t, seed, run_dir,
                                  run_args(task, method, t, seed, steps, run_dir, a.text, a.synth_scale,
-                                          a.schedule, a.aux_weight, a.synth_discount), steps))
+                                          a.schedule, a.aux_weight, a.synth_discount, a.clip), steps))
     # Longest first (charlm, long T) so the pool finishes together.
     jobs.sort(key=lambda j: (j[0] != "charlm", -j[2]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -167,7 +173,8 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
              f"1 thread each; wall time of this invocation (reused runs cost none) {wall / 60:.1f} min",
              f"- seeds: {seeds}; copy tasks: {copy_steps} steps (batches of 32 sequences) per run; "
              f"charlm: {charlm_steps} steps (one T-character window of 32 streams each) per run",
-             "- model: one-layer LSTM (128 units for copy tasks, 256 for charlm), Adam, gradient clip 1.0; "
+             "- model: one-layer LSTM (128 units for copy tasks, 256 for charlm), Adam, gradient clip "
+             f"{1.0 if a.clip is None else a.clip:g}; "
              "DNI synthesizer on [h, c]: linear, zero-initialised, Adam lr 1e-3, "
              f"synthetic gradient scaled by {0.1 if a.synth_scale is None else a.synth_scale:g} and ramped up from 0 "
              "over the first 500 windows, "
