@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgrad import Backprop
+from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
 from synthgrad.models import build_stages
 from synthgrad.rules import frozen_batchnorm_stats
@@ -84,8 +85,8 @@ def fit_mlp(h: torch.Tensor, g: torch.Tensor, epochs: int, width: int = 1024, se
                         nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, g.shape[1]))
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     for epoch in range(epochs):
-        for lr_step in opt.param_groups:  # cosine decay over the fit
-            lr_step["lr"] = 1e-3 * 0.5 * (1 + torch.cos(torch.tensor(epoch / epochs * torch.pi)).item())
+        for group in opt.param_groups:  # cosine decay over the fit, per epoch
+            group["lr"] = 1e-3 * lr_factor("cosine", epoch, epochs)
         for hb, gb in batches(h, g, 128, epoch_order(len(h), seed, epoch)):
             loss = F.mse_loss(net(hb), gb)
             opt.zero_grad(set_to_none=True)
