@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
 from synthgrad.models import build_stages
+from synthgrad.trainer import evaluate
 
 
 def main() -> None:
@@ -54,11 +55,8 @@ def main() -> None:
             loss.backward()
             opt.step()
             step += 1
-        net.eval()
-        with torch.no_grad():
-            correct = sum(int((net(xb).argmax(1) == yb).sum())
-                          for xb, yb in batches(ds.test_x, ds.test_y, 1000, drop_last=False))
-        print(f"epoch {epoch + 1}: test accuracy {100 * correct / len(ds.test_y):.2f}% "
+        acc, _ = evaluate(net, ds.test_x, ds.test_y)
+        print(f"epoch {epoch + 1}: test accuracy {100 * acc:.2f}% "
               f"({time.time() - t0:.0f} s)", flush=True)
 
 

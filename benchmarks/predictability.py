@@ -11,7 +11,7 @@ not depend on any DNI setting): after 0, 1, 5 and 20 epochs it collects (h, g, y
 on training examples, fits predictors on them, and scores them on test-set examples:
 
 - linear on h (closed-form least squares), the best a linear DNI synthesizer can do;
-- 2 x 1024 MLP on h (Linear + BN + ReLU, Adam), the paper's DNI synthesizer;
+- 2 x 1024 MLP on h (Linear + BN + ReLU, then a zero Linear; Adam), the paper's DNI synthesizer;
 - linear on [h, onehot(y)] (closed form), the cDNI linear synthesizer.
 
 Scores: R^2 (the fraction of the gradient's variance explained) and the cosine similarity of the
@@ -39,6 +39,8 @@ from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
 from synthgrad.models import build_stages
 from synthgrad.rules import frozen_batchnorm_stats
+from synthgrad.synthesizers import VectorSynthesizer
+from synthgrad.trainer import evaluate
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -79,10 +81,9 @@ def least_squares(features: torch.Tensor, targets: torch.Tensor, ridge: float = 
 
 
 def fit_mlp(h: torch.Tensor, g: torch.Tensor, epochs: int, width: int = 1024, seed: int = 0) -> nn.Module:
-    """The paper's DNI synthesizer (2 x (Linear + BN + ReLU) of `width`, then Linear), fitted by MSE with Adam."""
+    """The paper's DNI synthesizer (VectorSynthesizer, 2 hidden layers of `width`), fitted by MSE with Adam."""
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(h.shape[1], width), nn.BatchNorm1d(width), nn.ReLU(),
-                        nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, g.shape[1]))
+    net = VectorSynthesizer(h.shape[1], hidden_layers=2, width=width)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     for epoch in range(epochs):
         for group in opt.param_groups:  # cosine decay over the fit, per epoch
@@ -131,7 +132,7 @@ def main() -> None:
             for xb, yb in batches(ds.train_x, ds.train_y, 128, epoch_order(len(ds.train_x), a.seed, epoch)):
                 rule.step(xb, yb)
             epoch += 1
-        acc = evaluate(rule, ds.test_x, ds.test_y)
+        acc, _ = evaluate(rule.network(), ds.test_x, ds.test_y)
         h_fit, g_fit, y_fit = collect(rule.stages, fit_x, fit_y)
         h_test, g_test, y_test = collect(rule.stages, ds.test_x, ds.test_y)
         onehot_fit = F.one_hot(y_fit, ds.num_classes).float()
@@ -154,14 +155,6 @@ def main() -> None:
             print(row, flush=True)
     minutes = (time.time() - t_start) / 60
     write_report(a, rows, minutes)
-
-
-@torch.no_grad()
-def evaluate(rule: Backprop, x: torch.Tensor, y: torch.Tensor) -> float:
-    net = rule.network().eval()
-    correct = sum(int((net(xb).argmax(1) == yb).sum()) for xb, yb in batches(x, y, 1000, drop_last=False))
-    net.train()
-    return correct / len(y)
 
 
 def write_report(a: argparse.Namespace, rows: list[str], minutes: float) -> None:
