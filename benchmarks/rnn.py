@@ -57,7 +57,9 @@ def finished(run_dir: Path, steps: int) -> bool:
     """True when run_dir holds a finished run of `steps` steps (reused, so that seeds can be added later)."""
     try:
         cfg = json.loads((run_dir / "config.json").read_text())
-        return (run_dir / "final.pt").exists() and cfg.get("max_steps") == steps and \
+        # repeat-copy runs from before 2026-11-27 coded the repeat count as R / max (see CopyTask.repeat_code)
+        old_code = cfg["task"] == "repeat-copy" and cfg.get("extra", {}).get("repeat_code") != "standardised"
+        return (run_dir / "final.pt").exists() and cfg.get("max_steps") == steps and not old_code and \
             final_record(run_dir).get("kind") == "final"
     except (OSError, ValueError, IndexError):
         return False

@@ -279,6 +279,8 @@ class SequenceTrainer:
         cfg.extra.update({"synthgrad_version": __version__, "torch_version": torch.__version__,
                           "python_version": sys.version.split()[0], "data_source": source,
                           "started": datetime.now().isoformat(timespec="seconds")})
+        if self.task is not None and self.task.repeat:  # tells these runs from those with the old R / max code
+            cfg.extra["repeat_code"] = "standardised"
         if self.corpus is not None:
             cfg.extra.update({"vocab_size": self.corpus.vocab_size, "train_chars": len(self.corpus.train),
                               "heldout_chars": len(self.corpus.valid)})

@@ -29,9 +29,10 @@ class CopyTask:
 
     Copy, length N: N vectors of BITS bits, then a delimiter step (its own input channel),
     then N blank steps during which the model must output the N vectors: 2N + 1 steps.
-    Repeat Copy, length N: the delimiter step also carries the repeat count R / max_repeats
-    on an extra channel (R uniform in 1..max_repeats, one per batch); the model outputs the
-    N vectors R times, then an end marker on an extra output channel: N + N*R + 2 steps.
+    Repeat Copy, length N: the delimiter step also carries the repeat count R on an extra
+    channel (R uniform in 1..max_repeats, one per batch), normalised to mean zero and variance
+    one over that range as in Graves et al. 2014; the model outputs the N vectors R times, then
+    an end marker on an extra output channel: N + N*R + 2 steps.
     The length reported and raised by the curriculum is N.
     """
 
@@ -41,17 +42,30 @@ class CopyTask:
         self.input_size = bits + (2 if repeat else 1)  # bits, delimiter[, repeat count]
         self.output_size = bits + (1 if repeat else 0)  # bits[, end marker]
 
+    def repeat_code(self, reps: int) -> float:
+        """The repeat channel's value for R repeats: R standardised over R uniform in 1..max_repeats.
+
+        For max_repeats = 3 the codes are -1.22, 0 and 1.22. (Before 2026-11-27 the channel held
+        R / max_repeats, codes 0.33 to 1 that differ by a third: every model we trained ignored them.)
+        """
+        mean, var = (self.max_repeats + 1) / 2, (self.max_repeats ** 2 - 1) / 12
+        return (reps - mean) / math.sqrt(var) if var > 0 else 0.0
+
     def sample(self, length: int, batch: int, generator: torch.Generator | None = None) -> Episode:
-        n, b = length, batch
-        seq = torch.randint(0, 2, (n, b, self.bits), generator=generator).float()  # [N, B, BITS]
+        seq = torch.randint(0, 2, (length, batch, self.bits), generator=generator).float()  # [N, B, BITS]
         reps = int(torch.randint(1, self.max_repeats + 1, (1,), generator=generator)) if self.repeat else 1
+        return self.episode(seq, reps)
+
+    def episode(self, seq: torch.Tensor, reps: int = 1) -> Episode:
+        """The episode that copies `seq` [N, B, BITS] `reps` times (Repeat Copy) or once (Copy)."""
+        n, b = seq.shape[0], seq.shape[1]
         out_len = n * reps + (1 if self.repeat else 0)
         total = n + 1 + out_len
         x = torch.zeros(total, b, self.input_size)
         x[:n, :, :self.bits] = seq
         x[n, :, self.bits] = 1.0  # delimiter
         if self.repeat:
-            x[n, :, self.bits + 1] = reps / self.max_repeats
+            x[n, :, self.bits + 1] = self.repeat_code(reps)
         target = torch.zeros(total, b, self.output_size)
         target[n + 1:n + 1 + n * reps, :, :self.bits] = seq.repeat(reps, 1, 1)
         if self.repeat:
