@@ -193,10 +193,11 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
         for t in COPY_T:
             b = [r["max_length_solved"] for r in results.get((task, "bptt", t), [])]
             d = [r["max_length_solved"] for r in results.get((task, "dni", t), [])]
-            ratio = statistics.mean(d) / statistics.mean(b) if b and d and statistics.mean(b) > 0 else None
-            met = "n/a (T > 5)" if t > 5 else ("yes" if ratio is not None and ratio >= 2 else "no")
-            lines.append(f"| {t} | {_mean_std(b)} | {_mean_std(d)} | "
-                         f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {met} |")
+            mb, md = (statistics.mean(b), statistics.mean(d)) if b and d else (None, None)
+            ratio = "n/a" if md is None or md == 0 else "inf" if mb == 0 else f"{md / mb:.2f}"
+            # met: DNI solves something, and at least twice BPTT's length (BPTT solving nothing counts as 0)
+            met = "n/a (T > 5)" if t > 5 else ("yes" if md is not None and md > 0 and md >= 2 * mb else "no")
+            lines.append(f"| {t} | {_mean_std(b)} | {_mean_std(d)} | {ratio} | {met} |")
             summary[(task, t)] = (b, d)
         lines.append("")
     if "charlm" in tasks:
