@@ -297,3 +297,17 @@ def test_cli_refuses_bad_sequence_flags(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["train", "--model", "mlp", "--aux-weight", "10", "--truncation", "8"]) == 2
     err = capsys.readouterr().err
     assert "--truncation, --aux-weight apply to sequence tasks only" in err and "--task" in err
+
+
+def test_resume_refuses_a_repeat_copy_run_with_the_old_repeat_code(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--task", "repeat-copy", "--width", "8", "--batch-size", "4", "--max-steps", "2",
+                 "--run-dir", str(run), "--quiet", "--no-plots"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["extra"]["repeat_code"] == "standardised"
+    del cfg["extra"]["repeat_code"]  # as written before the code changed
+    cfg["max_steps"] = 4
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 2
+    assert "Start a new run" in capsys.readouterr().err

@@ -289,6 +289,10 @@ class SequenceTrainer:
         self.save_checkpoint()
 
     def resume(self) -> None:
+        if self.task is not None and self.task.repeat and self.cfg.extra.get("repeat_code") != "standardised":
+            raise ConfigError(f"{self.run_dir} is a Repeat Copy run from before 2026-11-27, which coded the repeat "
+                              "count as R / max_repeats; resuming it with the standardised code would change its "
+                              "task midway. Start a new run instead.")
         state = checkpoint.load(self.run_dir / checkpoint.LATEST)
         self.rule.load_state_dict(state["rule"])
         self.curriculum.load_state_dict(state["curriculum"])

@@ -46,7 +46,7 @@ class CopyTask:
         """The repeat channel's value for R repeats: R standardised over R uniform in 1..max_repeats.
 
         For max_repeats = 3 the codes are -1.22, 0 and 1.22. (Before 2026-11-27 the channel held
-        R / max_repeats, codes 0.33 to 1 that differ by a third: every model we trained ignored them.)
+        R / max_repeats, codes 0.33 to 1 that differ by a third, which the models that got stuck ignored.)
         """
         mean, var = (self.max_repeats + 1) / 2, (self.max_repeats ** 2 - 1) / 12
         return (reps - mean) / math.sqrt(var) if var > 0 else 0.0
