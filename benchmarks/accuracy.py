@@ -77,7 +77,8 @@ def suite_runs(suite: str, seeds: list[int], models: list[str] | None) -> list[R
         runs += [Run("fcn-4", m, s, flags=["--epochs", "100", "--synth-hidden", "0", "--update-prob", str(p),
                                            "--synth-lr", "1e-3", *(["--optimizer", opt] if opt else [])],
                      tag=f"p={p}-long" + (f"-{opt}" if opt else ""), figure="long")
-                 for m, p, opt in (("cdni", 0.05, ""), ("dni", 0.2, ""), ("dni", 0.2, "sgd")) for s in seeds]
+                 for m, p, opt in (("cdni", 0.05, ""), ("cdni", 0.2, ""), ("dni", 0.2, ""), ("dni", 0.2, "sgd"))
+                 for s in seeds]
         # DNI p = 0.2 with the paper's 2 x 1024 synthesizers and the SGD stages of fcn-3's best DNI (96.9%).
         runs += [Run("fcn-4", "dni", s, flags=["--epochs", "100", "--update-prob", "0.2", "--optimizer", "sgd",
                                                "--synth-lr", "3e-4"], tag="p=0.2-long-sgd-2x1024", figure="long")
