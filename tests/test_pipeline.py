@@ -58,8 +58,11 @@ def test_dni_pipeline_trains_and_writes_the_run_directory(fake_data_dir: Path, t
     wall = [r["wall_time_s"] for r in records if r["kind"] != "step"]
     assert wall == sorted(wall)
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]
-    # Targets arrive late by design, and every boundary's staleness is logged.
-    assert all(len(r["staleness"]) == 1 for r in steps) and epochs[-1]["staleness_max"][0] >= 0
+    # Targets arrive late by design, and every boundary's staleness is logged. An epoch record's staleness
+    # covers the whole epoch, mid-epoch snapshots included (None only if no target came in that epoch).
+    assert all(len(r["staleness"]) == 1 for r in steps)
+    stale = [r["staleness_max"][0] for r in epochs if r["staleness_max"][0] is not None]
+    assert stale and min(stale) >= 0
     assert {"wall_time_s", "samples_per_s", "synth_loss"} <= set(steps[0])
     assert json.loads((run / "config.json").read_text())["stages"] == 2
     net, loaded = load_network(run / checkpoint.FINAL)

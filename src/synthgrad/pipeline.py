@@ -648,7 +648,7 @@ class StageProcess:
             extra["epoch_loss"] = self.epoch_loss_sum / self.epoch_loss_n if self.epoch_loss_n else None
             if kind == EVAL and batch:  # the epoch is complete
                 self.epoch_loss_sum = self.epoch_loss_n = 0.0
-        dist.send_object_list([{**self.report(), **extra}], dst=0)
+        dist.send_object_list([{**self.report(epoch_end=kind == EVAL and bool(batch)), **extra}], dst=0)
         self.window_t, self.window_n = time.perf_counter(), 0
 
     def pass_stop(self, msg: torch.Tensor) -> None:
@@ -713,9 +713,12 @@ class StageProcess:
                 self.pass_stop(msg)
                 return
 
-    def report(self) -> dict:
+    def report(self, epoch_end: bool) -> dict:
         """What rank 0 needs from this rank at an evaluation or snapshot: parameters, optimizer states,
-        profile, and the position and counters that a resume restores (`restore`)."""
+        profile, and the position and counters that a resume restores (`restore`).
+
+        epoch_end: this report goes into an epoch record, so the staleness statistics (which cover
+        the epoch, mid-epoch snapshots included) start again after it."""
         out = {"stage": _cpu(self.stage.state_dict()), "optimizer": _cpu(self.optimizer.state_dict()),
                "interface": None if self.interface is None else _cpu(self.interface.state_dict()),
                "busy_s": time.perf_counter() - self.t0 - self.idle[0], "idle_s": self.idle[0],
@@ -730,7 +733,8 @@ class StageProcess:
             out["forward_interface"] = (None if self.forward_interface is None
                                         else _cpu(self.forward_interface.state_dict()))
             out["steps_done_s"], out["targets_not_sent"] = self.steps_done_s, self.not_sent
-        self.stale_sum, self.stale_n, self.stale_max = 0.0, 0, 0
+        if epoch_end:
+            self.stale_sum, self.stale_n, self.stale_max = 0.0, 0, 0
         return out
 
     def finish(self) -> None:
@@ -850,7 +854,7 @@ class StageProcess:
                          on_idle=self.drain_targets, idle=self.idle)
         if kind == EVAL and batch:
             self.next_batch = (epoch + 1, 0)
-        reports = [self.report()]
+        reports = [self.report(epoch_end=kind == EVAL and bool(batch))]
         for k in range(1, self.world):
             got = [None]
             dist.recv_object_list(got, src=k)
