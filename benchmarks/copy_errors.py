@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from synthgrad import checkpoint
 from synthgrad.rnn import LSTMCore
-from synthgrad.tasks import CopyTask
+from synthgrad.tasks import CopyTask, has_old_repeat_code
 
 
 @torch.no_grad()
@@ -44,11 +45,11 @@ def split_errors(model: LSTMCore, task: CopyTask, length: int, reps: int, count:
 
 
 def load_model(run_dir: Path) -> tuple[LSTMCore, CopyTask, dict]:
-    state = torch.load(run_dir / "final.pt", map_location="cpu", weights_only=False)
+    state = checkpoint.load(run_dir / checkpoint.FINAL)
     cfg = state["config"]
     if cfg["task"] not in ("copy", "repeat-copy"):
         raise SystemExit(f"{run_dir}: task {cfg['task']!r} is not a copy task")
-    if cfg["task"] == "repeat-copy" and cfg.get("extra", {}).get("repeat_code") != "standardised":
+    if has_old_repeat_code(cfg["task"], cfg.get("extra", {})):
         raise SystemExit(f"{run_dir}: trained with the old repeat code R / max_repeats (before 2026-11-27); "
                          "train it again with this version")
     task = CopyTask(repeat=cfg["task"] == "repeat-copy", max_repeats=cfg["max_repeats"])

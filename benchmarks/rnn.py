@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
+from synthgrad.tasks import has_old_repeat_code
+
 ROOT = Path(__file__).resolve().parent
 COPY_T = (2, 3, 4, 5, 8)
 CHARLM_T = (5, 8, 16)
@@ -57,9 +59,8 @@ def finished(run_dir: Path, steps: int) -> bool:
     """True when run_dir holds a finished run of `steps` steps (reused, so that seeds can be added later)."""
     try:
         cfg = json.loads((run_dir / "config.json").read_text())
-        # repeat-copy runs from before 2026-11-27 coded the repeat count as R / max (see CopyTask.repeat_code)
-        old_code = cfg["task"] == "repeat-copy" and cfg.get("extra", {}).get("repeat_code") != "standardised"
-        return (run_dir / "final.pt").exists() and cfg.get("max_steps") == steps and not old_code and \
+        return (run_dir / "final.pt").exists() and cfg.get("max_steps") == steps and \
+            not has_old_repeat_code(cfg["task"], cfg.get("extra", {})) and \
             final_record(run_dir).get("kind") == "final"
     except (OSError, ValueError, IndexError):
         return False

@@ -640,15 +640,16 @@ class StageProcess:
         if self.fwd_out is not None:
             self.fwd_out.put(self.forward_packet(float(kind), step, epoch, batch, stats),
                              on_idle=self.drain_targets, idle=self.idle)
-        if kind == EVAL and batch:  # every stage has run the whole epoch: the next batch opens the next one
+        epoch_end = kind == EVAL and bool(batch)  # every stage has run the whole epoch
+        if epoch_end:  # the next batch opens the next epoch
             self.next_batch = (epoch + 1, 0)
         extra = {}
         if self.last:
             extra["records"], self.records = self.records, []
             extra["epoch_loss"] = self.epoch_loss_sum / self.epoch_loss_n if self.epoch_loss_n else None
-            if kind == EVAL and batch:  # the epoch is complete
+            if epoch_end:
                 self.epoch_loss_sum = self.epoch_loss_n = 0.0
-        dist.send_object_list([{**self.report(epoch_end=kind == EVAL and bool(batch)), **extra}], dst=0)
+        dist.send_object_list([{**self.report(epoch_end), **extra}], dst=0)
         self.window_t, self.window_n = time.perf_counter(), 0
 
     def pass_stop(self, msg: torch.Tensor) -> None:
@@ -852,9 +853,10 @@ class StageProcess:
         assert self.fwd_out is not None
         self.fwd_out.put(self.forward_packet(kind, self.step, epoch, batch, self.no_stats),
                          on_idle=self.drain_targets, idle=self.idle)
-        if kind == EVAL and batch:
+        epoch_end = kind == EVAL and bool(batch)
+        if epoch_end:
             self.next_batch = (epoch + 1, 0)
-        reports = [self.report(epoch_end=kind == EVAL and bool(batch))]
+        reports = [self.report(epoch_end)]
         for k in range(1, self.world):
             got = [None]
             dist.recv_object_list(got, src=k)

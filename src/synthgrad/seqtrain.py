@@ -24,7 +24,18 @@ from synthgrad.config import SCHEDULES, JSONConfig, lr_factor
 from synthgrad.errors import ConfigError, require
 from synthgrad.metrics import MetricsLog
 from synthgrad.rnn import SEQUENCE_METHODS, LSTMCore, TruncatedBPTT, build_rule
-from synthgrad.tasks import CharCorpus, CopyTask, Curriculum, bit_errors, char_loss, copy_loss, evaluate_bpc, streams
+from synthgrad.tasks import (
+    REPEAT_CODE,
+    CharCorpus,
+    CopyTask,
+    Curriculum,
+    bit_errors,
+    char_loss,
+    copy_loss,
+    evaluate_bpc,
+    has_old_repeat_code,
+    streams,
+)
 
 TASKS = ("copy", "repeat-copy", "charlm")
 CONFIG = "config.json"
@@ -280,7 +291,7 @@ class SequenceTrainer:
                           "python_version": sys.version.split()[0], "data_source": source,
                           "started": datetime.now().isoformat(timespec="seconds")})
         if self.task is not None and self.task.repeat:  # tells these runs from those with the old R / max code
-            cfg.extra["repeat_code"] = "standardised"
+            cfg.extra["repeat_code"] = REPEAT_CODE
         if self.corpus is not None:
             cfg.extra.update({"vocab_size": self.corpus.vocab_size, "train_chars": len(self.corpus.train),
                               "heldout_chars": len(self.corpus.valid)})
@@ -289,7 +300,7 @@ class SequenceTrainer:
         self.save_checkpoint()
 
     def resume(self) -> None:
-        if self.task is not None and self.task.repeat and self.cfg.extra.get("repeat_code") != "standardised":
+        if has_old_repeat_code(self.cfg.task, self.cfg.extra):
             raise ConfigError(f"{self.run_dir} is a Repeat Copy run from before 2026-11-27, which coded the repeat "
                               "count as R / max_repeats; resuming it with the standardised code would change its "
                               "task midway. Start a new run instead.")

@@ -13,6 +13,13 @@ import torch.nn.functional as F
 from synthgrad.errors import DataError
 
 BITS = 8  # width of the random binary vectors, as in Graves et al. 2014
+# Recorded as extra["repeat_code"] in a Repeat Copy run's config; runs without it coded R as R / max_repeats.
+REPEAT_CODE = "standardised"
+
+
+def has_old_repeat_code(task: str, extra: dict) -> bool:
+    """True for a Repeat Copy run from before 2026-11-27, whose repeat channel held R / max_repeats."""
+    return task == "repeat-copy" and extra.get("repeat_code") != REPEAT_CODE
 
 
 @dataclass
