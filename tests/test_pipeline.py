@@ -200,14 +200,15 @@ def test_cli_train_with_stages(fake_data_dir: Path, tmp_path: Path, capsys: pyte
 
 
 def test_complete_unlock_pipeline_trains(fake_data_dir: Path, tmp_path: Path) -> None:
-    cfg = _cfg(method="dni", unlock="complete", epochs=4, input_width=32, synth_lr=1e-3)
+    # 8 epochs: with 4, the asynchronous stages' timing left the best accuracy under 0.25 in 2 of ~20 runs.
+    cfg = _cfg(method="dni", unlock="complete", epochs=8, input_width=32, synth_lr=1e-3)
     run = tmp_path / "run"
     result = run_pipeline(cfg, _dataset(fake_data_dir, tmp_path), run, quiet=True)
-    assert result.steps == 4 * (512 // 32) and result.best_accuracy > 0.25  # chance is 0.1
+    assert result.steps == 8 * (512 // 32) and result.best_accuracy > 0.25  # chance is 0.1
     records = read_metrics(run / "metrics.jsonl")
     epochs = [r for r in records if r["kind"] == "epoch"]
     steps = [r for r in records if r["kind"] == "step"]
-    assert len(epochs) == 4 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]  # the real network's loss
+    assert len(epochs) == 8 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]  # the real network's loss
     assert all(r["input_loss"][0] is not None for r in steps)  # the forward interface regressed every time
     # The forward interface's state is gathered into the checkpoint, and the real network is what is saved.
     state = checkpoint.load(run / checkpoint.LATEST)["rule"]
