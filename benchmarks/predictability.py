@@ -38,7 +38,7 @@ from synthgrad import Backprop
 from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
 from synthgrad.models import build_stages
-from synthgrad.rules import frozen_batchnorm_stats
+from synthgrad.diagnostics import frozen_batchnorm_stats
 from synthgrad.synthesizers import VectorSynthesizer
 from synthgrad.trainer import evaluate
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from synthgrad.config import TrainConfig
-from synthgrad.rules import stage_step
+from synthgrad.stage import stage_step
 from synthgrad.trainer import build_rule
 
 
@@ -46,8 +46,9 @@ def step_times(width: int, batch: int, steps: int, rounds: int, synth_hidden: in
 
     parts = {
         "backprop step, whole model": backprop,
-        "stage 1 step (DNI)": lambda: stage_step(rule.stages[0], rule.optimizers[0], x, index=0, step=1,
-                                                 interface=interface, input_grad=False),
+        "stage 1 step (DNI)": lambda: stage_step(
+            rule.stages[0], rule.optimizers[0], x, index=0, step=1, input_grad=False,
+            output_grad=lambda out: interface.stage_gradient(interface.predict(out), 1)),
         "stage 1 synthesizer regression": lambda: interface.update(interface.predict(h), target),
         "stage 2 step": lambda: stage_step(rule.stages[1], rule.optimizers[1], h, index=1, step=1, labels=y),
     }

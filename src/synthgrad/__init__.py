@@ -12,7 +12,9 @@ __version__ = "0.1.0"
 
 from synthgrad.interfaces import BackwardInterface, ForwardInterface, Interface, adam  # noqa: E402
 from synthgrad.rnn import LSTMCore, TruncatedBPTT, window_step  # noqa: E402
-from synthgrad.rules import DNI, Backprop, StepRule, stage_step, true_gradient  # noqa: E402
+from synthgrad.diagnostics import true_gradient  # noqa: E402
+from synthgrad.rules import DNI, Backprop, StepRule  # noqa: E402
+from synthgrad.stage import StageRule, stage_step  # noqa: E402
 from synthgrad.synthesizers import (  # noqa: E402
     ConvSynthesizer,
     InputSynthesizer,
@@ -29,6 +31,7 @@ __all__ = [
     "InputSynthesizer",
     "Interface",
     "LSTMCore",
+    "StageRule",
     "StepRule",
     "TruncatedBPTT",
     "VectorSynthesizer",

@@ -20,9 +20,17 @@ class DataError(SynthgradError):
 
 
 class DivergenceError(SynthgradError):
-    """A non-finite loss or synthetic gradient: training stopped, last good checkpoint kept."""
+    """A non-finite loss or synthetic gradient: training stopped, last good checkpoint kept.
+
+    what, stage, step: what went non-finite, at which stage (0-based) and step, for callers that
+    translate the message (the CLI names its flags).
+    """
 
     exit_code = 4
+
+    def __init__(self, message: str, *, what: str = "", stage: int | None = None, step: int | None = None):
+        super().__init__(message)
+        self.what, self.stage, self.step = what, stage, step
 
 
 class StageFailure(SynthgradError):

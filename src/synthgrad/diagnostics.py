@@ -1,0 +1,64 @@
+"""Diagnostics: divergence checks, the true gradient at a boundary, and agreement with it."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synthgrad.errors import DivergenceError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_finite(t: torch.Tensor, what: str, stage: int, step: int) -> None:
+    """Raise DivergenceError naming the stage and step when `t` holds a NaN or an infinity."""
+    # One reduction where isfinite().all() takes four passes (a synthetic gradient is checked every step):
+    # the sum is NaN or infinite when any element is, or when finite ones overflow, divergence too.
+    if not math.isfinite(float(t.detach().sum())):
+        raise DivergenceError(
+            f"non-finite {what} at stage {stage + 1}, step {step}; the run diverged. Try a lower learning "
+            "rate for the stages or the synthesizers, or a smaller or warmed-up synthetic gradient "
+            "(BackwardInterface scale, warmup_steps)", what=what, stage=stage, step=step)
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Run extra forward passes in train mode without moving BN running statistics."""
+    saved = []
+    for m in modules:
+        for bn in m.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
+                saved.append((bn, bn.momentum, bn.num_batches_tracked.clone()))
+                bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for bn, momentum, tracked in saved:
+            bn.momentum = momentum
+            bn.num_batches_tracked.copy_(tracked)
+
+
+def true_gradient(upper: Sequence[nn.Module], h: torch.Tensor, labels: torch.Tensor,
+                  loss_fn: LossFn = F.cross_entropy) -> torch.Tensor:
+    """dL/dh through the stages above h at their current parameters (batch-mean units)."""
+    h = h.detach().requires_grad_(True)
+    with frozen_batchnorm_stats(upper):
+        out = h
+        for stage in upper:
+            out = stage(out)
+        (grad,) = torch.autograd.grad(loss_fn(out, labels), h)
+    return grad
+
+
+def gradient_agreement(prediction: torch.Tensor, true_grad: torch.Tensor) -> tuple[float, float]:
+    """(cosine similarity, relative error) of a per-example prediction against a batch-mean gradient."""
+    p = prediction.detach().flatten().double() / prediction.shape[0]
+    t = true_grad.detach().flatten().double()
+    cos = F.cosine_similarity(p, t, dim=0).item()
+    rel = ((p - t).norm() / t.norm().clamp_min(1e-30)).item()
+    return cos, rel
