@@ -37,8 +37,8 @@ from torch import nn
 from synthgrad import Backprop
 from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
-from synthgrad.models import build_stages
 from synthgrad.diagnostics import frozen_batchnorm_stats
+from synthgrad.models import build_stages
 from synthgrad.synthesizers import VectorSynthesizer
 from synthgrad.trainer import evaluate
 

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgrad import DNI, Backprop, BackwardInterface, adam, true_gradient
+from synthgrad.diagnostics import check_finite
 from synthgrad.errors import DivergenceError
 from synthgrad.interfaces import OPTIMIZERS, OptimizerFactory
 from synthgrad.models import build_stages
-from synthgrad.diagnostics import check_finite
 
 
 class OracleSynthesizer(nn.Module):

@@ -10,9 +10,9 @@ The public API, enough to decouple any model given as a list of stages::
 
 __version__ = "0.1.0"
 
+from synthgrad.diagnostics import true_gradient  # noqa: E402
 from synthgrad.interfaces import BackwardInterface, ForwardInterface, Interface, adam  # noqa: E402
 from synthgrad.rnn import LSTMCore, TruncatedBPTT, window_step  # noqa: E402
-from synthgrad.diagnostics import true_gradient  # noqa: E402
 from synthgrad.rules import DNI, Backprop, StepRule  # noqa: E402
 from synthgrad.stage import StageRule, stage_step  # noqa: E402
 from synthgrad.synthesizers import (  # noqa: E402

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthgrad.diagnostics import check_finite
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import BackwardInterface, OptimizerFactory, adam, set_lr_factor
-from synthgrad.diagnostics import check_finite
 from synthgrad.synthesizers import VectorSynthesizer
 
 # loss_fn(logits [T, B, O], *targets sliced to the window) -> scalar: sum over steps of batch-mean loss
