@@ -18,13 +18,13 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from synthgrad.batching import batches, epoch_order, num_batches  # noqa: F401 (re-exported: data.batches, ...)
 from synthgrad.errors import DataError
 
 # The four files of a dataset, by role.
@@ -344,26 +344,3 @@ def load(name: str, data_dir: str | Path | None = None, cache_dir: str | Path | 
     """Fetch (if needed), verify and load a dataset as tensors."""
     fetched = fetch(name, data_dir, cache_dir, check_md5=check_md5, allow_download=allow_download)
     return to_dataset(name, fetched.files, DATASETS[name].classes, fetched.source)
-
-
-def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled example order of one epoch: a pure function of (seed, epoch), so resumable."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_examples, generator=g)
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, order: torch.Tensor | None = None,
-            start: int = 0, drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) batches by index slicing, from batch number `start` on; no per-sample Python work."""
-    n = len(x)
-    stop = n - n % batch_size if drop_last else n
-    for i in range(start * batch_size, stop, batch_size):
-        if order is None:
-            yield x[i:i + batch_size], y[i:i + batch_size]
-        else:
-            idx = order[i:i + batch_size]
-            yield x[idx], y[idx]
-
-
-def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
-    return n // batch_size if drop_last else -(-n // batch_size)

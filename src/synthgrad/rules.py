@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthgrad.defaults import DefaultForwardInterfaces, DefaultInterfaces
 from synthgrad.diagnostics import check_finite, gradient_agreement, true_gradient
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import (
@@ -27,7 +28,6 @@ from synthgrad.interfaces import (
     set_lr_factor,
 )
 from synthgrad.stage import LossFn, StageRule
-from synthgrad.synthesizers import InputSynthesizer, make_synthesizer
 
 METHODS = ("backprop", "dni", "cdni")
 TARGETS = ("bootstrap", "backprop")
@@ -227,19 +227,14 @@ class DNI(StepRule):
         """
         if unlock not in UNLOCKS:
             raise ConfigError(f"unknown unlock {unlock!r}; choose one of: {', '.join(UNLOCKS)}")
-        hidden = synth_hidden if synth_hidden is not None else (0 if conditioned else 2)
         shapes = activation_shapes(stages, sample)
-        ctx = num_classes if conditioned else 0
-        interfaces = [
-            BackwardInterface(make_synthesizer(shape, hidden, synth_width, ctx), adam(synth_lr),
-                              synth_scale, synth_warmup)
-            for shape in shapes[:-1]
-        ]
+        make = DefaultInterfaces(conditioned, num_classes, synth_hidden, synth_width, synth_lr, synth_scale,
+                                 synth_warmup)
+        interfaces = [make(k, shape) for k, shape in enumerate(shapes[:-1])]
         forward = None
         if unlock == "complete":
-            forward = [ForwardInterface(InputSynthesizer(tuple(sample.shape[1:]), shape, input_hidden, input_width,
-                                                         ctx), adam(synth_lr))
-                       for shape in shapes[:-1]]
+            make_input = DefaultForwardInterfaces(conditioned, num_classes, input_hidden, input_width, synth_lr)
+            forward = [make_input(k + 1, tuple(sample.shape[1:]), shape) for k, shape in enumerate(shapes[:-1])]
         return cls(stages, interfaces, lr=lr, conditioned=conditioned, num_classes=num_classes,
                    forward_interfaces=forward, **kwargs)
 

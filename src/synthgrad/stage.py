@@ -132,20 +132,27 @@ class StageRule:
     def step(self, inp: torch.Tensor | None, labels: torch.Tensor, step: int, *,
              context: torch.Tensor | None = None, network_input: torch.Tensor | None = None,
              upstream: GradientFn | None = None, on_output: Callable[[torch.Tensor], None] | None = None,
-             input_grad: bool = True) -> StageResult:
+             input_grad: bool = True, keep_graph: bool = True) -> StageResult:
         """One step of this stage on `inp` (h_(k-1)); under the complete unlock on a synthetic input
         predicted from `network_input` instead (inp is then ignored).
 
         upstream: the gradient from above for a stage without an interface that is not the last one
             (the locked pipeline waits for the true gradient there).
+        on_output: called with h_k (detached) as soon as it exists (a pipeline sends it up there).
+        input_grad: keep the gradient at the stage input (the target of the interface below).
+        keep_graph: keep the predictions' graphs until their targets come, so that the regression
+            reuses them. False when the targets will come after the interface has moved anyway (an
+            asynchronous pipeline): predicting without a graph is cheaper, and the regression
+            predicts again.
         """
         update = self.draw_update()
         frozen = contextlib.nullcontext()
         if self.forward_interface is not None:
             if network_input is None:
                 raise ValueError(f"stage {self.index + 1} has a forward interface: step() needs network_input")
-            synthetic = self.forward_interface.predict(network_input, context)
-            self.synthetic_inputs[step] = _SyntheticInput(synthetic if update else None, update)
+            with contextlib.nullcontext() if keep_graph else torch.no_grad():
+                synthetic = self.forward_interface.predict(network_input, context)
+            self.synthetic_inputs[step] = _SyntheticInput(synthetic if update and keep_graph else None, update)
             inp = synthetic.detach()
             # Batch statistics of a synthetic input must not reach BN running statistics; the
             # real input's forward pass (take_real_input) updates them.
@@ -157,7 +164,8 @@ class StageRule:
             interface = self.interface
 
             def grad_fn(out: torch.Tensor) -> torch.Tensor:
-                p = interface.predict(out, context)
+                with contextlib.nullcontext() if keep_graph else torch.no_grad():
+                    p = interface.predict(out, context)
                 check_finite(p, "synthetic gradient", self.index, step)
                 prediction.append(p)
                 return interface.stage_gradient(p, step)
@@ -168,7 +176,7 @@ class StageRule:
                              on_output=on_output)
         if self.interface is not None:
             p = prediction[0] if prediction else None
-            self.pending.append(_Pending(step, res.output, context, p, p is not None))
+            self.pending.append(_Pending(step, res.output, context, p if keep_graph else None, p is not None))
         return res
 
     # -- the interface above: regression onto the target -----------------------------------------

@@ -1,0 +1,53 @@
+"""Default interfaces: what `DNI.build` and the pipeline engine put at a boundary when the user gives none.
+
+They are picklable factories, called with a boundary's index and activation shape, so that each
+process of the pipeline engine builds only the interfaces of its own stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from synthgrad.interfaces import BackwardInterface, ForwardInterface, adam
+from synthgrad.synthesizers import InputSynthesizer, make_synthesizer
+
+
+@dataclass(frozen=True)
+class DefaultInterfaces:
+    """Builds the backward interface above stage k from the per-example shape of h_k.
+
+    conditioned: cDNI (the synthesizer also sees the one-hot label; needs num_classes).
+    hidden: hidden layers of each synthesizer; None: 2 for DNI, 0 (linear) for cDNI.
+    width: hidden width (vectors) or channels (feature maps); None: the synthesizer's default.
+    lr: the synthesizers' Adam learning rate. scale, warmup_steps: see BackwardInterface.
+    """
+
+    conditioned: bool = False
+    num_classes: int | None = None
+    hidden: int | None = None
+    width: int | None = None
+    lr: float = 1e-4
+    scale: float = 1.0
+    warmup_steps: int = 0
+
+    def __call__(self, k: int, shape: tuple[int, ...]) -> BackwardInterface:
+        hidden = self.hidden if self.hidden is not None else (0 if self.conditioned else 2)
+        context = (self.num_classes or 0) if self.conditioned else 0
+        return BackwardInterface(make_synthesizer(shape, hidden, self.width, context), adam(self.lr),
+                                 self.scale, self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class DefaultForwardInterfaces:
+    """Builds the complete unlock's forward interface in front of stage k (k >= 1): an input synthesizer
+    from the network input's shape to the shape of h_(k-1), `hidden` layers of `width`, Adam at `lr`."""
+
+    conditioned: bool = False
+    num_classes: int | None = None
+    hidden: int = 1
+    width: int = 1024
+    lr: float = 1e-4
+
+    def __call__(self, k: int, input_shape: tuple[int, ...], shape: tuple[int, ...]) -> ForwardInterface:
+        context = (self.num_classes or 0) if self.conditioned else 0
+        return ForwardInterface(InputSynthesizer(input_shape, shape, self.hidden, self.width, context), adam(self.lr))
