@@ -25,8 +25,10 @@ from torch import nn
 
 from synthgrad import data, models
 from synthgrad.config import TrainConfig
+from synthgrad.engine.launch import free_port
+from synthgrad.engine.process import pin_to_cores, set_up_stage_process
 from synthgrad.metrics import read_metrics
-from synthgrad.pipeline import free_port, pin_to_cores, run_pipeline, set_up_stage_process
+from synthgrad.pipeline import run_pipeline
 from synthgrad.trainer import build_rule, evaluate
 
 METHODS = ["backprop-1t", "backprop-all", "locked-pipeline", "gpipe", "dni-pipeline", "dni-pipeline-linear"]

@@ -16,9 +16,11 @@ import torch
 from synthgrad import checkpoint, data
 from synthgrad.cli import main
 from synthgrad.config import TrainConfig
+from synthgrad.engine.launch import stop_all as _stop
+from synthgrad.engine.process import link_backend, pin_to_cores
 from synthgrad.errors import ConfigError, StageFailure
 from synthgrad.metrics import read_metrics
-from synthgrad.pipeline import _stop, link_backend, pin_to_cores, run_pipeline
+from synthgrad.pipeline import run_pipeline
 from synthgrad.trainer import build_rule, load_network
 
 
@@ -212,7 +214,8 @@ def test_complete_unlock_pipeline_trains(fake_data_dir: Path, tmp_path: Path) ->
     assert all(r["input_loss"][0] is not None for r in steps)  # the forward interface regressed every time
     # The forward interface's state is gathered into the checkpoint, and the real network is what is saved.
     state = checkpoint.load(run / checkpoint.LATEST)["rule"]
-    assert len(state["forward_interfaces"]) == 1 and state["forward_interfaces"][0]["optimizer"]["state"]
+    assert state["stage_rules"][0]["forward_interface"] is None  # nothing in front of the first stage
+    assert state["stage_rules"][1]["forward_interface"]["optimizer"]["state"]
     net, loaded = load_network(run / checkpoint.FINAL)
     assert loaded.unlock == "complete" and len(net) == 2
 
@@ -248,9 +251,9 @@ def test_each_stage_is_pinned_to_its_own_block_of_cores(monkeypatch: pytest.Monk
 def test_links_use_nccl_only_with_a_gpu_per_local_stage(monkeypatch: pytest.MonkeyPatch) -> None:
     # NCCL cannot put two ranks on one GPU: stages that share GPUs talk over gloo, through host memory.
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert link_backend(TrainConfig(device="cuda"), local_world=2) == "gloo"
-    assert link_backend(TrainConfig(device="cuda"), local_world=1) == "nccl"
-    assert link_backend(TrainConfig(device="cpu"), local_world=1) == "gloo"
+    assert link_backend("cuda", local_world=2) == "gloo"
+    assert link_backend("cuda", local_world=1) == "nccl"
+    assert link_backend("cpu", local_world=1) == "gloo"
 
 
 def test_stopping_after_a_failed_start_skips_the_unstarted_stages() -> None:
