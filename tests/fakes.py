@@ -94,8 +94,9 @@ def write_cifar_folder(directory: Path, files: dict[str, bytes] | None = None) -
 
 
 def write_npz(path: Path, shape: tuple[int, ...] = (3, 32, 32), classes: int = 5, n_train: int = 256,
-              n_test: int = 64, **override: np.ndarray) -> Path:
-    """A learnable .npz dataset of uint8 images `shape` ([C, H, W] or [H, W]) and `classes` classes."""
+              n_test: int = 64, names: np.ndarray | None = None, **override: np.ndarray | None) -> Path:
+    """A learnable .npz dataset of uint8 images `shape` ([C, H, W] or [H, W]) and `classes` classes;
+    `override` replaces (or, given None, drops) any array, `names` is saved as `classes`."""
     rng = np.random.default_rng(0)
     arrays = {}
     for split, n in (("train", n_train), ("test", n_test)):
@@ -105,6 +106,8 @@ def write_npz(path: Path, shape: tuple[int, ...] = (3, 32, 32), classes: int = 5
         for i, c in enumerate(y):
             x[i, ..., (c * rows) // classes, :] = 255  # class c lights one row
         arrays[f"{split}_x"], arrays[f"{split}_y"] = x, y
+    if names is not None:
+        arrays["classes"] = names
     arrays.update(override)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})

@@ -8,6 +8,7 @@ documents its default hyperparameters, which the CLI shows in ``synthgrad models
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -133,7 +134,9 @@ def check_input(name: str, input_shape: tuple[int, ...], num_classes: int, width
 
     Raises ConfigError when the model cannot take such inputs (too small an image for its pooling, say)."""
     try:
-        layers = build_layers(name, input_shape, num_classes, width)
+        with warnings.catch_warnings():  # too small an image gives zero-sized layers; the error below says so
+            warnings.simplefilter("ignore")
+            layers = build_layers(name, input_shape, num_classes, width)
         with torch.no_grad():
             out = compose(layers).eval()(torch.zeros(1, *input_shape))
     except (RuntimeError, ValueError) as e:
