@@ -138,3 +138,19 @@ def test_cli_errors_are_one_line(args: list[str], code: int, message: str, tmp_p
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "r").exists()  # refused before the run directory is made
+
+
+def test_trainer_used_directly_records_the_data_shape(tmp_path: Path) -> None:
+    from synthgrad.config import TrainConfig
+    from synthgrad.trainer import Progress, Trainer, load_network, prepare_run_dir
+
+    f = write_npz(tmp_path / "mine.npz", shape=(2, 12, 12), classes=3)
+    cfg = TrainConfig(model="cnn", dataset=str(f), method="backprop", width=4, max_steps=2).resolve()
+    run = tmp_path / "run"
+    prepare_run_dir(run, overwrite=False)
+    t = Trainer(cfg, data.load(str(f)), run, progress=Progress(enabled=False))
+    t.start()
+    t.fit()
+    assert json.loads((run / "config.json").read_text())["input_shape"] == [2, 12, 12]
+    net, _ = load_network(run / "final.pt")
+    assert net(torch.zeros(1, 2, 12, 12)).shape == (1, 3)

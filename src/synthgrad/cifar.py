@@ -256,16 +256,19 @@ def _download(path: Path, timeout: float) -> None:
 def fetch(data_dir: str | Path | None, cache_dir: Path, check_md5: bool = True, timeout: float = 5.0,
           allow_download: bool = True) -> Arrays:
     """CIFAR-10 from --data-dir (an error there is final), else the cache (a bad copy is deleted), else the URL."""
+    # Said wherever the source is shown: without the MD5 nothing vouches for the pickles but the unpickler.
+    unchecked = "" if check_md5 else " (MD5 not checked; batches read with a restricted unpickler)"
     if data_dir is not None:
         arrays = from_user_path(Path(data_dir).expanduser(), check_md5)
-        arrays.source = f"{'archive' if arrays.source.endswith('.gz') else 'directory'} {arrays.source}"
+        kind = "archive" if arrays.source.endswith(".gz") else "directory"
+        arrays.source = f"{kind} {arrays.source}{unchecked}"
         return arrays
     cached = cache_dir / "cifar10" / ARCHIVE
     tried: list[str] = []
     if cached.is_file():
         try:
             arrays = read_archive(cached, check_md5)
-            arrays.source, arrays.tried = f"cache {cached}", tried
+            arrays.source, arrays.tried = f"cache {cached}{unchecked}", tried
             return arrays
         except DataError as e:
             # A corrupt cached archive is never used: delete it and fetch it again.
@@ -277,7 +280,7 @@ def fetch(data_dir: str | Path | None, cache_dir: Path, check_md5: bool = True, 
         try:
             _download(cached, timeout)
             arrays = read_archive(cached, check_md5)
-            arrays.source, arrays.tried = URL, tried
+            arrays.source, arrays.tried = URL + unchecked, tried
             return arrays
         except DataError as e:
             cached.unlink(missing_ok=True)

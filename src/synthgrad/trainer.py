@@ -150,6 +150,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, dataset: data.Dataset, run_dir: Path,
                  rule: StepRule | None = None, progress: Progress | None = None,
                  on_step: Callable[[int], None] | None = None):
+        if cfg.input_shape is None:  # not bound by the CLI: record the data's shape for load_network
+            cfg = cfg.with_data(dataset.input_shape, dataset.num_classes, len(dataset.train_y))
         self.cfg, self.dataset, self.run_dir = cfg, dataset, Path(run_dir)
         self.device = torch.device(cfg.device)
         self.rule = rule or build_rule(cfg, dataset.input_shape, dataset.num_classes)
