@@ -107,3 +107,13 @@ def test_missing_package_is_one_clear_line(fake_data_dir: Path, tmp_path: Path, 
     assert code == 2 and err == ("synthgrad: error: --tensorboard needs the tensorboard package: "
                                  "pip install 'synthgrad[tensorboard]'")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_turns_tensorboard_on_with_the_whole_history(fake_data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["--data-dir", str(fake_data_dir), "--no-verify-md5", "--cache-dir", str(tmp_path / "c"), "--model",
+            "mlp", "--method", "backprop", "--max-steps", "6", "--log-every", "2", "--no-plots", "--quiet"]
+    assert main(["train", *args, "--run-dir", str(run)]) == 0
+    assert not (run / "tensorboard").exists()
+    assert main(["train", "--resume", str(run), "--tensorboard", "--no-plots", "--quiet"]) == 0
+    _assert_same(_board(run), read_metrics(run / "metrics.jsonl"))

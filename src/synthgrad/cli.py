@@ -216,7 +216,9 @@ def cmd_train(a: argparse.Namespace) -> int:
             cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text())).resolve()
         except (json.JSONDecodeError, TypeError) as e:
             raise ConfigError(f"{cfg_path} is unreadable ({e}); the run cannot be resumed") from e
-        cfg.tensorboard = cfg.tensorboard or a.tensorboard
+        if a.tensorboard and not cfg.tensorboard:
+            cfg.tensorboard = True
+            cfg.validate()  # e.g. not with --stages
         run_dir = a.resume
     else:
         cfg = config_from_args(a)
