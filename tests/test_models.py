@@ -89,3 +89,11 @@ def test_step_costs_charge_the_first_layer_no_input_gradient() -> None:
 def test_more_stages_than_layers_is_refused() -> None:
     with pytest.raises(ConfigError, match="cannot cut 2 layers into 3 stages"):
         models.build_stages("mlp", (1, 28, 28), 10, num_stages=3)
+
+
+def test_check_input_leaves_the_random_stream_alone() -> None:
+    torch.manual_seed(3)
+    want = torch.rand(3)
+    torch.manual_seed(3)
+    models.check_input("fcn-2", (1, 28, 28), 10, width=8)
+    assert torch.equal(torch.rand(3), want)

@@ -134,8 +134,9 @@ def check_input(name: str, input_shape: tuple[int, ...], num_classes: int, width
 
     Raises ConfigError when the model cannot take such inputs (too small an image for its pooling, say)."""
     try:
-        with warnings.catch_warnings():  # too small an image gives zero-sized layers; the error below says so
-            warnings.simplefilter("ignore")
+        # fork_rng: initialising this throwaway copy leaves the caller's random stream as it was.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # too small an image gives zero-sized layers; the error below says so
             layers = build_layers(name, input_shape, num_classes, width)
         with torch.no_grad():
             out = compose(layers).eval()(torch.zeros(1, *input_shape))
