@@ -10,7 +10,7 @@ from synthgrad.errors import ConfigError
 
 
 @pytest.mark.parametrize("name,n_stages", [("mlp", 2), ("fcn-1", 2), ("fcn-3", 4), ("fcn-6", 7), ("cnn", 3),
-                                          ("cnn-deep", 4)])
+                                          ("cnn-deep", 4), ("cifar-cnn", 4)])
 def test_registry_builds_stages_that_compose_to_logits(name: str, n_stages: int) -> None:
     stages = models.build_stages(name, (1, 28, 28), 10)
     assert len(stages) == n_stages
@@ -25,6 +25,33 @@ def test_original_architectures() -> None:
     cnn = models.build_stages("cnn", (1, 28, 28), 10)
     convs = [m for m in models.compose(cnn).modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.out_channels, c.kernel_size) for c in convs] == [(16, (5, 5)), (32, (5, 5))]
+
+
+def test_paper_cifar_cnn() -> None:
+    # Jaderberg et al. 2017, CIFAR-10: three 5x5 convolutions of 128 channels with BN, ReLU and a 3x3 max-pool of
+    # stride 2 after each (32 -> 16 -> 8 -> 4), then a linear readout.
+    net = models.compose(models.build_stages("cifar-cnn", (3, 32, 32), 10))
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    pools = [m for m in net.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (3, 128, (5, 5)), (128, 128, (5, 5)), (128, 128, (5, 5))]
+    assert [(p.kernel_size, p.stride) for p in pools] == [(3, 2)] * 3
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 3
+    linear = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.weight.shape for m in linear] == [(10, 128 * 4 * 4)]
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name,shape", [("mlp", (3, 32, 32)), ("fcn-3", (1, 9, 9)), ("cnn", (3, 32, 32)),
+                                        ("cnn-deep", (2, 16, 12)), ("cifar-cnn", (1, 28, 28))])
+def test_every_model_takes_its_input_shape_and_classes(name: str, shape: tuple) -> None:
+    assert models.check_input(name, shape, 7) == len(models.build_layers(name, shape, 7))
+    assert models.compose(models.build_stages(name, shape, 7))(torch.randn(2, *shape)).shape == (2, 7)
+
+
+def test_too_small_an_image_is_refused_with_the_model_named() -> None:
+    with pytest.raises(ConfigError, match=r"model cnn cannot take inputs of shape \[1, 2, 2\]"):
+        models.check_input("cnn", (1, 2, 2), 10)
 
 
 @pytest.mark.parametrize("name", ["fcn-0", "fcn-x", "resnet", ""])
@@ -62,3 +89,11 @@ def test_step_costs_charge_the_first_layer_no_input_gradient() -> None:
 def test_more_stages_than_layers_is_refused() -> None:
     with pytest.raises(ConfigError, match="cannot cut 2 layers into 3 stages"):
         models.build_stages("mlp", (1, 28, 28), 10, num_stages=3)
+
+
+def test_check_input_leaves_the_random_stream_alone() -> None:
+    torch.manual_seed(3)
+    want = torch.rand(3)
+    torch.manual_seed(3)
+    models.check_input("fcn-2", (1, 28, 28), 10, width=8)
+    assert torch.equal(torch.rand(3), want)

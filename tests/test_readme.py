@@ -24,3 +24,18 @@ def test_library_example_runs() -> None:
     exec(compile(example.group(1), "README example", "exec"), scope)  # noqa: S102
     assert scope["stats"]["train_loss"] > 0 and len(scope["stats"]["synth_loss"]) == 2
     assert scope["net"](scope["x"][:4]).shape == (4, 3)
+
+
+def test_cut_and_load_example_runs(fake_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    import synthgrad as sg
+
+    example = re.search(r"### Cutting your model and loading data\n.*?```python\n(.*?)```", README, re.S)
+    assert example is not None
+    ds = sg.load_dataset("mnist", data_dir=fake_data_dir, cache_dir=tmp_path / "c", verify_md5=False)
+    monkeypatch.setattr(sg, "load_dataset", lambda name: ds)  # no real Fashion-MNIST needed
+    scope: dict = {"sg": sg, "nn": torch.nn}
+    exec(compile(example.group(1), "README cut example", "exec"), scope)  # noqa: S102
+    stages = scope["stages"]
+    assert len(stages) == 3 and torch.nn.Sequential(*stages)(ds.train_x[:4]).shape == (4, 10)

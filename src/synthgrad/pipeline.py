@@ -115,7 +115,7 @@ class RunHooks(Hooks):
         if self.rule is None:
             ds = self.dataset
             self.rule = build_rule(self.cfg, ds.input_shape, ds.num_classes)
-            self.metrics = MetricsLog(self.run_dir / METRICS)
+            self.metrics = MetricsLog(self.run_dir / METRICS, tensorboard=self.cfg.tensorboard)
             if self.resumed is not None:  # drop metric lines written after the checkpoint, torn ones included
                 self.metrics.truncate(self.resumed["metrics_offset"])
             if not self.quiet:
@@ -231,11 +231,12 @@ def _resume_job(state: dict, world: int) -> dict:
             "elapsed": state["elapsed"]}
 
 
-def write_config(cfg: TrainConfig, run_dir: Path, source: str) -> None:
+def write_config(cfg: TrainConfig, run_dir: Path, source: str, num_train: int) -> None:
     """config.json, with the same extra fields as the single-process trainer writes."""
     cfg.extra.update({"synthgrad_version": __version__, "torch_version": torch.__version__,
                       "python_version": sys.version.split()[0], "data_source": source,
-                      "started": datetime.now().isoformat(timespec="seconds"), "engine": "pipeline"})
+                      "started": datetime.now().isoformat(timespec="seconds"), "engine": "pipeline",
+                      "num_train": num_train})
     (run_dir / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
@@ -271,14 +272,29 @@ def run_pipeline(cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path, r
                           "--stages K); use --method dni or cdni, or drop --stages")
     if max_inflight < 1:
         raise ConfigError(f"max_inflight must be >= 1, got {max_inflight}")
+    if cfg.input_shape is None:  # bind the config to its data, as the CLI does
+        cfg = cfg.with_data(dataset.input_shape, dataset.num_classes, len(dataset.train_y))
     job, _ = _job(cfg, dataset, run_dir, resume, quiet)  # refuses an unusable checkpoint before any process starts
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, run_dir, dataset.source)
+        write_config(cfg, run_dir, dataset.source, len(dataset.train_y))
     spec = spec_from_config(cfg, dataset.input_shape, dataset.num_classes, len(dataset.train_y), max_inflight,
                             _fault, _slow)
     launch(spec, job)
     return result_from_metrics(run_dir)
+
+
+def data_shape(cfg: TrainConfig) -> tuple[tuple[int, ...], int, int]:
+    """(input shape, classes, training examples) of a run's data without reading it: from the config, or for
+    a known dataset from its description. Ranks other than 0 use it under torchrun."""
+    known = data.DATASETS.get(cfg.dataset)
+    shape = tuple(cfg.input_shape) if cfg.input_shape else data.INPUT_SHAPES.get(cfg.dataset)
+    classes = cfg.num_classes or (len(known.classes) if known else None)
+    num_train = cfg.extra.get("num_train") or (known.counts["train"] if known else None)
+    if shape is None or classes is None or num_train is None:
+        raise ConfigError(f"stages other than the first do not read {cfg.dataset}: give its input_shape, "
+                          "num_classes and extra.num_train in the config (a run's config.json has them)")
+    return shape, classes, num_train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,24 +320,26 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ["RANK"])
     try:
         raw = json.loads(a.config.read_text())
-        raw.pop("extra", None)
+        extra = raw.pop("extra", None) or {}  # versions and dates are this run's; the data's size is kept
         cfg = TrainConfig.from_dict(raw).resolve()
+        if "num_train" in extra:
+            cfg.extra["num_train"] = extra["num_train"]
         if cfg.stages is None:
             cfg.stages = int(os.environ["WORLD_SIZE"])
             cfg.validate()
-        # Every rank needs the data's shape to build its stage; only rank 0 reads the data.
+        # Every rank needs the data's shape and size to build its stage and schedule; only rank 0 reads the data,
+        # the others take them from the config (written by an earlier run, or given): see `data_shape`.
         dataset = data.load(cfg.dataset, cfg.data_dir, cfg.cache_dir, check_md5=cfg.verify_md5) if rank == 0 else None
-        spec_shape = data.DATASETS[cfg.dataset]
-        input_shape, num_classes = (1, 28, 28), len(spec_shape.classes)
+        input_shape, num_classes, num_train = data_shape(cfg)
         job = Job(Schedule(cfg.epochs, cfg.max_steps, cfg.log_every))
-        num_train = spec_shape.counts["train"]
         if dataset is not None:
             from synthgrad.trainer import prepare_run_dir
 
+            cfg = cfg.with_data(dataset.input_shape, dataset.num_classes, len(dataset.train_y))
             input_shape, num_classes, num_train = dataset.input_shape, dataset.num_classes, len(dataset.train_y)
             if not a.resume:
                 prepare_run_dir(a.run_dir, a.overwrite)
-                write_config(cfg, a.run_dir, dataset.source)
+                write_config(cfg, a.run_dir, dataset.source, num_train)
             job, _ = _job(cfg, dataset, a.run_dir, a.resume, a.quiet)
         run_here(spec_from_config(cfg, input_shape, num_classes, num_train, a.max_inflight), job)
     except (SynthgradError, OSError, json.JSONDecodeError, TypeError) as e:

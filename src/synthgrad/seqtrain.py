@@ -91,6 +91,7 @@ class SequenceConfig(JSONConfig):
     holdout: float = 0.1
     eval_every: int = 500
     eval_chars: int | None = 50000
+    tensorboard: bool = False  # mirror metrics.jsonl as TensorBoard scalars into RUN_DIR/tensorboard/
     extra: dict = field(default_factory=dict)
 
     def resolve(self) -> SequenceConfig:
@@ -211,7 +212,7 @@ def config_from_args(a: argparse.Namespace) -> SequenceConfig:
         max_steps=20 if a.dry_run else a.max_steps, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
         clip=a.clip, aux_weight=a.aux_weight, synth_discount=a.synth_discount, solve_threshold=a.solve_threshold,
         max_length=a.max_length,
-        text=str(a.text) if a.text else None, eval_chars=a.eval_chars, **pick,
+        text=str(a.text) if a.text else None, eval_chars=a.eval_chars, tensorboard=a.tensorboard, **pick,
     ).resolve()
 
 
@@ -223,6 +224,7 @@ def cmd_train_sequence(a: argparse.Namespace) -> int:
             cfg = SequenceConfig.from_dict(json.loads(path.read_text())).resolve()
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise ConfigError(f"{path} is unreadable ({e}); the run cannot be resumed") from e
+        cfg.tensorboard = cfg.tensorboard or a.tensorboard
         run_dir = a.resume
     else:
         cfg = config_from_args(a)
@@ -296,7 +298,7 @@ class SequenceTrainer:
             cfg.extra.update({"vocab_size": self.corpus.vocab_size, "train_chars": len(self.corpus.train),
                               "heldout_chars": len(self.corpus.valid)})
         (self.run_dir / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self.metrics = MetricsLog(self.run_dir / METRICS)
+        self.metrics = MetricsLog(self.run_dir / METRICS, tensorboard=self.cfg.tensorboard)
         self.save_checkpoint()
 
     def resume(self) -> None:
@@ -311,7 +313,7 @@ class SequenceTrainer:
         self.step, self.position, self.elapsed = state["step"], state["position"], state["elapsed"]
         self.best_bpc, self.last_bpc = state["best_bpc"], state["last_bpc"]
         torch.set_rng_state(state["torch_rng"])
-        self.metrics = MetricsLog(self.run_dir / METRICS)
+        self.metrics = MetricsLog(self.run_dir / METRICS, tensorboard=self.cfg.tensorboard)
         self.metrics.truncate(state["metrics_offset"])
 
     def save_checkpoint(self) -> None:

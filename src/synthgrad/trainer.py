@@ -150,6 +150,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, dataset: data.Dataset, run_dir: Path,
                  rule: StepRule | None = None, progress: Progress | None = None,
                  on_step: Callable[[int], None] | None = None):
+        if cfg.input_shape is None:  # not bound by the CLI: record the data's shape for load_network
+            cfg = cfg.with_data(dataset.input_shape, dataset.num_classes, len(dataset.train_y))
         self.cfg, self.dataset, self.run_dir = cfg, dataset, Path(run_dir)
         self.device = torch.device(cfg.device)
         self.rule = rule or build_rule(cfg, dataset.input_shape, dataset.num_classes)
@@ -174,7 +176,7 @@ class Trainer:
                           "python_version": sys.version.split()[0], "data_source": self.dataset.source,
                           "started": datetime.now().isoformat(timespec="seconds")})
         (self.run_dir / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self.metrics = MetricsLog(self.run_dir / METRICS)
+        self.metrics = MetricsLog(self.run_dir / METRICS, tensorboard=cfg.tensorboard)
         self.save_checkpoint()
 
     def resume(self) -> None:
@@ -190,7 +192,7 @@ class Trainer:
         self.pending_diag = state.get("pending_diag", {})
         torch.set_rng_state(state["torch_rng"])
         # Drop metric lines written after this checkpoint, including a line torn by a kill.
-        self.metrics = MetricsLog(self.run_dir / METRICS)
+        self.metrics = MetricsLog(self.run_dir / METRICS, tensorboard=self.cfg.tensorboard)
         self.metrics.truncate(state["metrics_offset"])
 
     def save_checkpoint(self) -> None:
@@ -322,8 +324,10 @@ def load_network(path: str | Path) -> tuple[nn.Sequential, TrainConfig]:
     """The plain network saved in final.pt or best.pt, in eval mode, with its config."""
     state = checkpoint.load(path)
     cfg = TrainConfig.from_dict(state["config"])
-    spec = data.DATASETS[cfg.dataset]
-    stages = models.build_stages(cfg.model, (1, 28, 28), len(spec.classes), cfg.stages, cfg.width)
+    # Runs from before the shape was saved in config.json trained on MNIST or Fashion-MNIST.
+    shape = tuple(cfg.input_shape) if cfg.input_shape else data.INPUT_SHAPES[cfg.dataset]
+    num_classes = cfg.num_classes or data.NUM_CLASSES[cfg.dataset]
+    stages = models.build_stages(cfg.model, shape, num_classes, cfg.stages, cfg.width)
     net = models.compose(stages)
     net.load_state_dict(state["stages"])
     return net.eval(), cfg

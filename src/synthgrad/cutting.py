@@ -1,0 +1,143 @@
+"""Cutting a model into stages: by count, or balanced by the measured cost of a training step.
+
+A *layer* is the finest place a model may be cut; a *stage* is a contiguous group of
+layers. Library code: it takes plain modules and tensors, and its errors speak of arguments.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from synthgrad.errors import ConfigError
+
+BALANCES = ("cost", "count")
+
+
+def _sample_batch(layers: Sequence[nn.Module], sample: torch.Tensor | tuple[int, ...]) -> torch.Tensor:
+    """A batch to measure with: `sample` itself, or a zero batch of 2 examples of shape `sample`."""
+    if isinstance(sample, torch.Tensor):
+        return sample
+    param = next((p for layer in layers for p in layer.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    return torch.zeros(2, *sample, device=device)  # 2: BatchNorm in training mode needs two examples
+
+
+def layer_costs(layers: Sequence[nn.Module], sample: torch.Tensor | tuple[int, ...]) -> list[float]:
+    """Multiply-accumulates per example of each layer's forward pass, measured by one forward pass.
+
+    `sample` is an input batch, or the shape of one example (a zero batch is used). Linear and
+    convolution layers are counted (the rest is cheap next to them); a layer without either counts 1.
+    """
+    x = _sample_batch(layers, sample)
+    costs = []
+    for layer in layers:
+        total = 0.0
+
+        def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+            nonlocal total
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                total += mod.weight.numel() * math.prod(out.shape[2:])  # per output position
+            elif isinstance(mod, nn.Linear):
+                total += mod.weight.numel() * math.prod(out.shape[1:-1])  # per position of [B, ..., D]
+
+        handles = [mod.register_forward_hook(hook) for mod in layer.modules()]
+        was_training = layer.training
+        layer.eval()  # no BatchNorm statistics updated by a measurement
+        try:
+            with torch.no_grad():
+                x = layer(x)
+        finally:
+            layer.train(was_training)
+            for h in handles:
+                h.remove()
+        costs.append(max(total, 1.0))
+    return costs
+
+
+def step_costs(layers: Sequence[nn.Module], sample: torch.Tensor | tuple[int, ...]) -> list[float]:
+    """Multiply-accumulates per example of each layer's training step (forward and backward)."""
+    # A training step costs forward + backward = 3x the forward MACs (backward computes the gradient
+    # of the input and of the weights), except the first layer, which needs no gradient of the network
+    # input: 2x. Balancing forward MACs alone leaves the upper stage ~30% busier on an FCN.
+    return [c * (2 if i == 0 else 3) for i, c in enumerate(layer_costs(layers, sample))]
+
+
+def _check_count(num_layers: int, num_stages: int) -> None:
+    if not 1 <= num_stages <= num_layers:
+        raise ConfigError(f"cannot cut {num_layers} layers into {num_stages} stages; "
+                          f"num_stages must be between 1 and {num_layers}")
+
+
+def cut_bounds(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
+    """Where to cut layers of these costs into `num_stages` contiguous stages, minimising the most
+    expensive stage: (0, first layer of stage 2, ..., len(costs)). Ties go to the earliest cut."""
+    _check_count(len(costs), num_stages)
+    best_cuts, best_max = (0, len(costs)), float("inf")
+    for cuts in itertools.combinations(range(1, len(costs)), num_stages - 1):
+        bounds = (0, *cuts, len(costs))
+        worst = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
+        if worst < best_max:
+            best_cuts, best_max = bounds, worst
+    return best_cuts
+
+
+def even_bounds(num_layers: int, num_stages: int) -> tuple[int, ...]:
+    """Cut `num_layers` layers into `num_stages` stages of as even a count as possible (the first
+    stages take one more layer when it does not divide)."""
+    _check_count(num_layers, num_stages)
+    size, extra = divmod(num_layers, num_stages)
+    bounds = [0]
+    for k in range(num_stages):
+        bounds.append(bounds[-1] + size + (1 if k < extra else 0))
+    return tuple(bounds)
+
+
+def group(layers: Sequence[nn.Module], bounds: Sequence[int]) -> list[nn.Module]:
+    """The stages between consecutive bounds: a lone layer as it is, several as an nn.Sequential."""
+    return [layers[a] if b - a == 1 else nn.Sequential(*layers[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def partition(layers: Sequence[nn.Module], num_stages: int,
+              sample: torch.Tensor | tuple[int, ...]) -> list[nn.Module]:
+    """Group layers into `num_stages` contiguous stages, minimising the most expensive stage's training step."""
+    if num_stages == len(layers):
+        return list(layers)  # one layer a stage: no costs to measure
+    return group(layers, cut_bounds(step_costs(layers, sample), num_stages))  # refuses an impossible count
+
+
+def cut(model: nn.Sequential | Sequence[nn.Module], num_stages: int, sample: torch.Tensor | None = None,
+        balance: str = "cost") -> list[nn.Module]:
+    """Cut a model into `num_stages` stages that compose to exactly the same computation.
+
+    model: an ``nn.Sequential`` or a list of layers; the cut falls between its top-level entries
+        (wrap layers in an ``nn.Sequential`` to keep them together).
+    num_stages: how many stages, between 1 and the number of layers.
+    sample: an input batch (a few examples suffice); needed by ``balance="cost"``.
+    balance: ``"cost"`` minimises the most expensive stage's training step, in multiply-accumulates
+        measured on `sample`; ``"count"`` gives every stage the same number of layers (within one).
+
+    The stages share their modules (and so their parameters) with `model`: nothing is copied.
+    Pass the result to ``DNI.build`` or ``Backprop``.
+    """
+    layers = list(model)
+    if not layers:
+        raise ConfigError("cannot cut an empty model: give an nn.Sequential or a list of at least one layer")
+    if not all(isinstance(layer, nn.Module) for layer in layers):
+        raise ConfigError("every layer of the model must be an nn.Module; got "
+                          + ", ".join(sorted({type(x).__name__ for x in layers if not isinstance(x, nn.Module)})))
+    if balance not in BALANCES:
+        raise ConfigError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    if balance == "count":
+        return group(layers, even_bounds(len(layers), num_stages))
+    if sample is None:
+        _check_count(len(layers), num_stages)
+        if num_stages == len(layers):
+            return layers
+        raise ConfigError("balance='cost' measures each layer on an input: pass sample=x[:2] (a small batch), "
+                          "or use balance='count'")
+    return partition(layers, num_stages, sample)
