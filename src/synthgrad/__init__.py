@@ -5,21 +5,38 @@ The public API, enough to decouple any model given as a list of stages::
     import synthgrad as sg
     dni = sg.DNI.build(stages, sample=x[:2], conditioned=True, num_classes=10)
     stats = dni.step(x, y)          # every stage updates without waiting for the ones above
-    net = dni.network()             # the plain network, for evaluation
+    net = dni.network()             # a copy of the plain network, in eval mode
 
-Helpers: ``sg.cut(model, K, sample=x[:2])`` cuts an ``nn.Sequential`` into K stages balanced by
-cost; ``sg.load_dataset("mnist")`` (or "fashion-mnist", "cifar10", a path to an .npz) returns the
-CLI's datasets as tensors.
+    pipe = sg.Pipeline(make_stage, 2, method="cdni", num_classes=10)   # one process per stage
+    result = pipe.fit((x, y), epochs=2, batch_size=128)                # .network, .metrics
+
+Pieces: synthesizers (`VectorSynthesizer`, `ConvSynthesizer`, `InputSynthesizer`, or any module
+called as synth(h, context)), interfaces (`BackwardInterface`, `ForwardInterface`), optimizer
+factories (`adam`, `sgd`), schedules (`cosine_schedule`), the per-stage rule (`StageRule`,
+`stage_step`), rules (`Backprop`, `DNI`), diagnostics (`true_gradient`), the engine (`Pipeline`).
+Helpers: `cut(model, K, sample=x[:2])` cuts an nn.Sequential into K stages balanced by cost;
+`load_dataset("mnist")` (or "fashion-mnist", "cifar10", an .npz path) returns the CLI's datasets
+as tensors.
 """
 
 __version__ = "0.1.0"
 
 from synthgrad.cutting import cut  # noqa: E402
 from synthgrad.data import Dataset, load_dataset  # noqa: E402
+from synthgrad.defaults import DefaultForwardInterfaces, DefaultInterfaces  # noqa: E402
 from synthgrad.diagnostics import true_gradient  # noqa: E402
-from synthgrad.interfaces import BackwardInterface, ForwardInterface, Interface, adam  # noqa: E402
+from synthgrad.engine import Pipeline, PipelineResult  # noqa: E402
+from synthgrad.interfaces import (  # noqa: E402
+    BackwardInterface,
+    ForwardInterface,
+    Interface,
+    OptimizerFactory,
+    adam,
+    sgd,
+)
 from synthgrad.rnn import LSTMCore, TruncatedBPTT, window_step  # noqa: E402
 from synthgrad.rules import DNI, Backprop, StepRule  # noqa: E402
+from synthgrad.schedules import cosine_schedule  # noqa: E402
 from synthgrad.stage import StageRule, stage_step  # noqa: E402
 from synthgrad.synthesizers import (  # noqa: E402
     ConvSynthesizer,
@@ -34,19 +51,26 @@ __all__ = [
     "Backprop",
     "ConvSynthesizer",
     "Dataset",
+    "DefaultForwardInterfaces",
+    "DefaultInterfaces",
     "ForwardInterface",
     "InputSynthesizer",
     "Interface",
     "LSTMCore",
+    "OptimizerFactory",
+    "Pipeline",
+    "PipelineResult",
     "StageRule",
     "StepRule",
     "TruncatedBPTT",
     "VectorSynthesizer",
     "__version__",
     "adam",
+    "cosine_schedule",
     "cut",
     "load_dataset",
     "make_synthesizer",
+    "sgd",
     "stage_step",
     "true_gradient",
     "window_step",

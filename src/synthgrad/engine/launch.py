@@ -20,6 +20,7 @@ import ctypes
 import io
 import multiprocessing.connection
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -139,8 +140,20 @@ def failure(procs: list, reports: list[tuple], world: int) -> errors.SynthgradEr
     return StageFailure(f"stage {k} of {world} exited with status {codes.get(k)}; the other stages were stopped")
 
 
+def check_picklable(spec: PipelineSpec, job: Job) -> None:
+    """Refuse, before any process starts, what cannot travel to the stage processes."""
+    for name, value in [*vars(spec).items(), ("data", job.feed), ("hooks", job.hooks)]:
+        try:
+            pickle.dumps(value)
+        except Exception as e:  # noqa: BLE001 (pickle raises PicklingError, AttributeError, TypeError)
+            raise ConfigError(f"{name} must pickle to reach the stage processes ({e}): use a module-level function "
+                              "or class (not a lambda or a function defined inside another), functools.partial, "
+                              "and run your script under `if __name__ == '__main__':`") from None
+
+
 def launch(spec: PipelineSpec, job: Job) -> tuple[list[dict], object]:
     """Run the pipeline with one local process per stage; returns what rank 0's `run_here` returned."""
+    check_picklable(spec, job)
     world = spec.num_stages
     ctx = mp.get_context("spawn")
     reports_q, results_q = ctx.Queue(), ctx.Queue()

@@ -10,6 +10,7 @@ the header of each activation (`packets.StatsLayout`).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from synthgrad.engine.links import TICK_S, LinkDown
 from synthgrad.engine.packets import EPOCH_END, MID_EPOCH, SNAPSHOT, Forward
 from synthgrad.engine.worker import StageWorker
 
@@ -188,8 +190,27 @@ def gather(w: StageWorker, epoch: int, batch: int, flag: int, clock: Clock) -> S
     if epoch_end:
         w.next_batch = (epoch + 1, 0)
     reports = [report(w, epoch_end, None)]
-    for k in range(1, w.world):
-        got: list = [None]
-        dist.recv_object_list(got, src=k)
-        reports.append(got[0])
+    # The reports come in on the default process group, in a thread: meanwhile this rank keeps taking the
+    # targets that still come down, or the stage above, blocked on a full link to it, would never reach
+    # the snapshot and report (a deadlock seen with 3 stages on a loaded machine).
+    got: list = [None] * w.world
+    error: list[str] = []
+
+    def receive() -> None:
+        try:
+            for k in range(1, w.world):
+                box: list = [None]
+                dist.recv_object_list(box, src=k)
+                got[k] = box[0]
+        except Exception as e:  # noqa: BLE001 (gloo raises RuntimeError on a timeout or a broken peer)
+            error.append(f"stage {k + 1}'s report never came ({e})")
+
+    thread = threading.Thread(target=receive, name="reports", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        w.drain_targets()
+        thread.join(TICK_S)
+    if error:
+        raise LinkDown(error[0])
+    reports += got[1:]
     return Snapshot(epoch, w.step, flag, w.next_batch, reports, reports[-1].get("records", []), clock)
