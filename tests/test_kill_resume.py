@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from synthgrad.metrics import read_metrics
+from synthgrad.rundir import read_model
 
 TIMING = {"wall_time_s", "samples_per_s", "epoch_time_s", "eval_time_s"}
 
@@ -46,8 +47,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(fake_data_dir: Path, tm
     assert r.returncode == 0, r.stderr
     assert "final test accuracy" in r.stdout
 
-    a = torch.load(full / "final.pt", weights_only=False)["stages"]
-    b = torch.load(cut / "final.pt", weights_only=False)["stages"]
+    a = read_model(full / "final.pt").payload["stages"]
+    b = read_model(cut / "final.pt").payload["stages"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = read_metrics(full / "metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
     steps = [r["step"] for r in rb if r["kind"] == "step"]

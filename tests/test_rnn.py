@@ -276,7 +276,7 @@ def test_cosine_schedule_decays_both_learning_rates_over_max_steps(tmp_path: Pat
     assert main(["train", "--task", "copy", "--method", "dni", "--width", "8", "--batch-size", "4", "--max-steps",
                  "4", "--schedule", "cosine", "--lr", "0.002", "--synth-lr", "0.001", "--run-dir", str(run),
                  "--quiet", "--no-plots"]) == 0
-    rule = checkpoint.load(run / checkpoint.LATEST)["rule"]
+    rule = checkpoint.load(run / checkpoint.LATEST)["payload"]["rule"]
     last = 0.5 * (1 + math.cos(math.pi * 3 / 4))  # the factor of the 4th (last) step, 0-based step 3
     assert rule["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.002 * last)
     assert rule["interface"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001 * last)

@@ -127,7 +127,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(fake_data_dir: Path
         t.fit()
     state = checkpoint.load(run_dir / "checkpoint.pt")
     assert state["step"] == 10
-    assert all(torch.isfinite(v).all() for v in state["rule"]["stages"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in state["payload"]["rule"]["stages"].values() if v.is_floating_point())
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:

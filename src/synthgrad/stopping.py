@@ -1,0 +1,48 @@
+"""Stop requests: SIGINT and SIGTERM, for the length of a run, become a flag the training loop reads at safe points."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+from synthgrad.errors import Interrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequests:
+    """Within `with StopRequests() as stop:`, a SIGINT or SIGTERM sets `stop.signum` instead of killing the process.
+
+    The loop checks `stop.signum` after each step, writes its checkpoint and raises `Interrupted`. A
+    second signal does not wait for the safe point: it raises `Interrupted` at once (checkpoints are
+    written atomically, so a half-written one never replaces the last). With `immediate=True` the first
+    signal does so already: for a loop that has no safe point to stop at. The previous handlers come back
+    on exit. Outside the main thread (where Python cannot handle signals) it does nothing.
+    """
+
+    def __init__(self, immediate: bool = False):
+        self.immediate = immediate
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.immediate or self.signum is not None:
+            self.signum = signum
+            raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
