@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from synthgrad import __version__, checkpoint
-from synthgrad.errors import ConfigError
+from synthgrad.errors import ConfigError, DivergenceError
 from synthgrad.metrics import MetricsLog
 
 CONFIG = "config.json"
@@ -184,6 +185,15 @@ class RunDir:
             self.metrics = None
         self.lock.release()
 
+    @contextlib.contextmanager
+    def closing_on_error(self) -> Iterator[None]:
+        """Release the directory if the block raises: a run that failed to start or resume holds nothing."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
+
     def __enter__(self) -> RunDir:
         return self
 
@@ -278,8 +288,14 @@ class RunDir:
         assert self.metrics is not None, "begin() or resume() first"
         self.metrics.sync()
         state = Checkpoint(self.kind, step, self.config, payload, self.metrics.offset()).to_state()
-        checkpoint.save(self.path / checkpoint.LATEST, state)
+        self._save(checkpoint.LATEST, step, state)
 
     def save_model(self, name: str, step: int, payload: dict) -> None:
         """best.pt or final.pt: the network and what the trainer reports with it."""
-        checkpoint.save(self.path / name, Checkpoint(self.kind, step, self.config, payload).to_state())
+        self._save(name, step, Checkpoint(self.kind, step, self.config, payload).to_state())
+
+    def _save(self, name: str, step: int, state: dict) -> None:
+        try:
+            checkpoint.save(self.path / name, state)
+        except DivergenceError as e:  # say when: the step whose parameters went non-finite
+            raise DivergenceError(f"step {step}: {e}") from None

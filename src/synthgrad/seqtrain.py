@@ -292,16 +292,17 @@ class SequenceTrainer:
     # -- run directory -------------------------------------------------------------------------
     def start(self, overwrite: bool = False) -> None:
         """Begin a new run: claim the directory, write config.json, open an empty metrics log, checkpoint step 0."""
-        if not self.run.lock.held:
-            self.run.create(overwrite)
         extra: dict = {}
         if self.task is not None and self.task.repeat:  # tells these runs from those with the old R / max code
             extra["repeat_code"] = REPEAT_CODE
         if self.corpus is not None:
             extra.update({"vocab_size": self.corpus.vocab_size, "train_chars": len(self.corpus.train),
                           "heldout_chars": len(self.corpus.valid)})
-        self.run.begin(self.cfg, self.corpus.source if self.corpus else "generated", **extra)
-        self.save_checkpoint()
+        with self.run.closing_on_error():
+            if not self.run.lock.held:
+                self.run.create(overwrite)
+            self.run.begin(self.cfg, self.corpus.source if self.corpus else "generated", **extra)
+            self.save_checkpoint()
 
     def resume(self, from_previous: bool = False) -> None:
         """Continue from checkpoint.pt (or checkpoint.prev.pt) exactly where the run stopped."""
@@ -309,17 +310,18 @@ class SequenceTrainer:
             raise ConfigError(f"{self.run_dir} is a Repeat Copy run from before 2026-11-27, which coded the repeat "
                               "count as R / max_repeats; resuming it with the standardised code would change its "
                               "task midway. Start a new run instead.")
-        ckpt = self.run.resume(self.cfg, from_previous)
-        state = ckpt.payload
-        self.rule.load_state_dict(state["rule"])
-        self.curriculum.load_state_dict(state["curriculum"])
-        self.generator.set_state(state["generator"])
-        self.step, self.position, self.elapsed = ckpt.step, state["position"], state["elapsed"]
-        self.best_bpc, self.last_bpc = state["best_bpc"], state["last_bpc"]
-        if "window" in state:  # absent in checkpoints written before it was saved: the window restarts
-            self.window = RunningMeans.from_state(state["window"])
-            self.window_samples = state["window_samples"]
-        torch.set_rng_state(state["torch_rng"])
+        with self.run.closing_on_error():
+            ckpt = self.run.resume(self.cfg, from_previous)
+            state = ckpt.payload
+            self.rule.load_state_dict(state["rule"])
+            self.curriculum.load_state_dict(state["curriculum"])
+            self.generator.set_state(state["generator"])
+            self.step, self.position, self.elapsed = ckpt.step, state["position"], state["elapsed"]
+            self.best_bpc, self.last_bpc = state["best_bpc"], state["last_bpc"]
+            if "window" in state:  # absent in checkpoints written before it was saved: the window restarts
+                self.window = RunningMeans.from_state(state["window"])
+                self.window_samples = state["window_samples"]
+            torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> None:
         self.saved_at = self.step

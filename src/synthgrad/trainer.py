@@ -141,25 +141,27 @@ class Trainer:
     # -- run directory ---------------------------------------------------------------------
     def start(self, overwrite: bool = False) -> None:
         """Begin a new run: claim the directory, write config.json, open an empty metrics log, checkpoint step 0."""
-        if not self.run.lock.held:
-            self.run.create(overwrite)
-        self.run.begin(self.cfg, self.dataset.source)
-        self.save_checkpoint()
+        with self.run.closing_on_error():
+            if not self.run.lock.held:
+                self.run.create(overwrite)
+            self.run.begin(self.cfg, self.dataset.source)
+            self.save_checkpoint()
 
     def resume(self, from_previous: bool = False) -> None:
         """Continue from checkpoint.pt (or checkpoint.prev.pt): same parameters, optimizers, RNG and data position."""
-        ckpt = self.run.resume(self.cfg, from_previous)
-        state = ckpt.payload
-        self.rule.load_state_dict(state["rule"])
-        self.rule.to(self.device)
-        self.step = ckpt.step
-        self.epoch, self.batch = state["epoch"], state["batch"]
-        self.elapsed, self.best_accuracy = state["elapsed"], state["best_accuracy"]
-        self.final_accuracy = state.get("final_accuracy", float("nan"))
-        self.epoch_mean = RunningMeans.from_state(state["epoch_mean"])
-        self.window = RunningMeans.from_state(state["window"])
-        self.pending_diag = state.get("pending_diag", {})
-        torch.set_rng_state(state["torch_rng"])
+        with self.run.closing_on_error():
+            ckpt = self.run.resume(self.cfg, from_previous)
+            state = ckpt.payload
+            self.rule.load_state_dict(state["rule"])
+            self.rule.to(self.device)
+            self.step = ckpt.step
+            self.epoch, self.batch = state["epoch"], state["batch"]
+            self.elapsed, self.best_accuracy = state["elapsed"], state["best_accuracy"]
+            self.final_accuracy = state.get("final_accuracy", float("nan"))
+            self.epoch_mean = RunningMeans.from_state(state["epoch_mean"])
+            self.window = RunningMeans.from_state(state["window"])
+            self.pending_diag = state.get("pending_diag", {})
+            torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> None:
         self.saved_at = (self.epoch, self.batch, self.step)
