@@ -188,15 +188,14 @@ def cmd_train(a: argparse.Namespace) -> int:
     """`synthgrad train`: SIGINT and SIGTERM stop the run at the next step, after its checkpoint (exit 130, 143)."""
     if a.from_previous and a.resume is None:
         raise ConfigError("--from-previous goes with --resume RUN_DIR")
-    # The pipeline launcher has no safe point of its own: there a signal stops the stages at once, and the
-    # run continues from their last checkpoint. So does a second signal anywhere.
-    with StopRequests(immediate=a.stages is not None) as stop:
+    # Until the loop runs there is nothing to save: a signal stops the start at once.
+    with StopRequests(immediate=True) as stop:
         try:
             return _train(a, stop)
         except Interrupted as e:
             if "--resume" in str(e):  # stopped at a safe point: the message names the checkpoint
                 raise
-            run_dir = a.resume or a.run_dir
+            run_dir = stop.run_dir
             where = (f"continue from its last checkpoint with `synthgrad train --resume {run_dir}`"
                      if run_dir is not None and (run_dir / CHECKPOINT).is_file() else "no checkpoint was written")
             raise Interrupted(f"{e}; {where}", stop.signum or signal.SIGINT) from None
@@ -221,12 +220,15 @@ def _train(a: argparse.Namespace, stop: StopRequests) -> int:
     else:
         cfg = config_from_args(a)
         run_dir = a.run_dir or new_run_dir(cfg)
-        a.run_dir = run_dir  # for the message of an interrupted start
+    stop.run_dir = run_dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dataset = data.load(cfg.dataset, cfg.data_dir, cfg.cache_dir, check_md5=cfg.verify_md5)
     if cfg.stages is not None:
         from synthgrad.pipeline import run_pipeline
+
+        # The launcher has no safe point of its own: a signal stops the stages at once, and the run
+        # continues from their last checkpoint.
 
         # The launcher claims the directory and holds it while the stage processes write there.
         with RunDir(run_dir, "pipeline") as claim:
@@ -243,6 +245,7 @@ def _train(a: argparse.Namespace, stop: StopRequests) -> int:
             trainer.resume(from_previous=a.from_previous)
         else:
             trainer.start(overwrite=a.overwrite)
+        stop.immediate = False  # from here on, a signal stops the loop after a step, with a checkpoint
         if not a.quiet:
             print(f"training {cfg.model} on {cfg.dataset} with {cfg.method} "
                   f"({dataset.source}); run directory {run_dir}", file=sys.stderr, flush=True)
@@ -310,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"train": cmd_train, "plot": cmd_plot, "data": cmd_data, "models": cmd_models}[args.command]
     try:
         return handler(args)
+    except Interrupted as e:  # not an error: the run stopped where it was asked to
+        print(f"synthgrad: {e}", file=sys.stderr)
+        return e.exit_code
     except SynthgradError as e:
         print(f"synthgrad: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -100,6 +101,9 @@ class RunLock:
             os.close(fd)
             raise ConfigError(f"run directory {self.directory} is in use by another synthgrad run ({holder}); wait "
                               "for it to end, or choose another --run-dir") from None
+        except OSError as e:  # a file system without locks (some network mounts): run, but say so
+            warnings.warn(f"cannot lock {path} ({e.strerror}); nothing stops a second run into this directory",
+                          stacklevel=2)
         with contextlib.suppress(OSError):  # who holds it, for the message above (best effort)
             os.ftruncate(fd, 0)
             started = datetime.now().isoformat(timespec="seconds")

@@ -223,6 +223,8 @@ def cmd_train_sequence(a: argparse.Namespace, stop: StopRequests | None = None) 
         cfg = config_from_args(a)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = a.run_dir or Path("runs") / f"{stamp}-{cfg.task}-{cfg.method}-T{cfg.truncation}-s{cfg.seed}"
+    if stop is not None:
+        stop.run_dir = run_dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     trainer = SequenceTrainer(cfg, run_dir, quiet=a.quiet, stop=stop)  # reads the text: checks before the directory
@@ -230,6 +232,8 @@ def cmd_train_sequence(a: argparse.Namespace, stop: StopRequests | None = None) 
         trainer.resume(from_previous=a.from_previous)
     else:
         trainer.start(overwrite=a.overwrite)
+    if stop is not None:
+        stop.immediate = False  # from here on, a signal stops the loop after a step, with a checkpoint
     result = trainer.fit()
     if not a.no_plots:
         from synthgrad.seqplots import plot_sequence_runs

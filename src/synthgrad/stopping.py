@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 from synthgrad.errors import Interrupted
@@ -16,14 +17,16 @@ class StopRequests:
 
     The loop checks `stop.signum` after each step, writes its checkpoint and raises `Interrupted`. A
     second signal does not wait for the safe point: it raises `Interrupted` at once (checkpoints are
-    written atomically, so a half-written one never replaces the last). With `immediate=True` the first
-    signal does so already: for a loop that has no safe point to stop at. The previous handlers come back
-    on exit. Outside the main thread (where Python cannot handle signals) it does nothing.
+    written atomically, so a half-written one never replaces the last). While `immediate` is True the
+    first signal does so already: before a loop runs, or for one with no safe point to stop at. The
+    previous handlers come back on exit. Outside the main thread (where Python cannot handle signals)
+    it does nothing.
     """
 
     def __init__(self, immediate: bool = False):
         self.immediate = immediate
         self.signum: int | None = None
+        self.run_dir: Path | None = None  # the run being stopped, for the message of an immediate stop
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
