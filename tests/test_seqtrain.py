@@ -98,3 +98,31 @@ def test_both_configurations_share_the_common_fields_and_checks() -> None:
     # config.json of an existing run (keys in the old order) still loads
     old = SequenceConfig(task="copy").resolve().to_dict()
     assert SequenceConfig.from_dict(dict(reversed(list(old.items())))) == SequenceConfig(task="copy").resolve()
+
+
+def test_sigterm_stops_a_sequence_run_after_a_step_and_it_resumes_exactly(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from synthgrad import checkpoint
+    from synthgrad.errors import Interrupted
+    from synthgrad.seqtrain import SequenceTrainer
+    from synthgrad.stopping import StopRequests
+
+    assert main(_copy(tmp_path / "whole")) == 0
+    cfg = SequenceConfig(task="copy", truncation=3, hidden=16, synth_width=16, batch_size=4, max_steps=24,
+                         log_every=4, checkpoint_every=5, synth_warmup=0).resolve()
+    cut = tmp_path / "cut"
+
+    def signal_at_step_7(step: int) -> None:
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled in this process
+
+    with StopRequests() as stop:
+        trainer = SequenceTrainer(cfg, cut, stop=stop, on_step=signal_at_step_7)
+        trainer.start()
+        with pytest.raises(Interrupted, match=f"stopped by SIGTERM at step 7; .*--resume {cut}") as info:
+            trainer.fit()
+    assert info.value.exit_code == 143 and checkpoint.load(cut / checkpoint.LATEST)["step"] == 7
+    assert main(["train", "--resume", str(cut), "--quiet", "--no-plots"]) == 0
+    assert records(cut) == records(tmp_path / "whole")

@@ -236,10 +236,11 @@ class RunDir:
         checkpoint.write_atomic(self.path / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
 
     # -- a run's life ----------------------------------------------------------------------------
-    def begin(self, cfg, data_source: str, **extra: object) -> None:  # cfg: a JSONConfig (application layer)
-        """Start a new run (claimed with `create`): config.json with versions and `extra`, an empty metrics log."""
+    def begin(self, cfg, data_source: str, overwrite: bool = False, **extra: object) -> None:  # cfg: a JSONConfig
+        """Start a new run: claim the directory (`create`) unless claimed already, write config.json with the
+        versions and `extra`, open an empty metrics log."""
         if not self.lock.held:
-            self.create()
+            self.create(overwrite)
         cfg.extra.update({"synthgrad_version": __version__, "torch_version": torch.__version__,
                           "python_version": sys.version.split()[0], "data_source": data_source,
                           "started": datetime.now().isoformat(timespec="seconds"), **extra})

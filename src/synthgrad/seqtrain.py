@@ -23,7 +23,7 @@ import torch
 
 from synthgrad import checkpoint
 from synthgrad.config import CommonConfig, lr_factor
-from synthgrad.errors import ConfigError, Interrupted, require
+from synthgrad.errors import ConfigError, require
 from synthgrad.metrics import MetricsLog, RunningMeans
 from synthgrad.rnn import SEQUENCE_METHODS, LSTMCore, TruncatedBPTT, build_rule
 from synthgrad.rundir import CONFIG, RunDir
@@ -303,9 +303,7 @@ class SequenceTrainer:
             extra.update({"vocab_size": self.corpus.vocab_size, "train_chars": len(self.corpus.train),
                           "heldout_chars": len(self.corpus.valid)})
         with self.run.closing_on_error():
-            if not self.run.lock.held:
-                self.run.create(overwrite)
-            self.run.begin(self.cfg, self.corpus.source if self.corpus else "generated", **extra)
+            self.run.begin(self.cfg, self.corpus.source if self.corpus else "generated", overwrite, **extra)
             self.save_checkpoint()
 
     def resume(self, from_previous: bool = False) -> None:
@@ -337,12 +335,9 @@ class SequenceTrainer:
             "torch_rng": torch.get_rng_state()})
 
     def _stop_if_asked(self) -> None:
-        """Between steps: if SIGINT or SIGTERM came, checkpoint here and raise Interrupted."""
-        if self.stop is not None and self.stop.signum is not None:
-            if self.saved_at != self.step:
-                self.save_checkpoint()
-            raise Interrupted(f"stopped by {self.stop.name} at step {self.step}; {self.run_dir / checkpoint.LATEST} "
-                              f"holds it: continue with `synthgrad train --resume {self.run_dir}`", self.stop.signum)
+        """Between steps: if SIGINT or SIGTERM came, checkpoint here (unless just done) and raise Interrupted."""
+        if self.stop is not None:
+            self.stop.check(self.step, self.run_dir, None if self.saved_at == self.step else self.save_checkpoint)
 
     # -- one step --------------------------------------------------------------------------------
     def _copy_step(self) -> dict:

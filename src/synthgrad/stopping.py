@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from synthgrad.checkpoint import LATEST
 from synthgrad.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -49,3 +51,13 @@ class StopRequests:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def check(self, step: int, run_dir: Path, save: Callable[[], None] | None) -> None:
+        """At a loop's safe point: if a signal came, checkpoint with `save` (None: saved here already) and raise
+        Interrupted, whose message names the checkpoint and the resume command."""
+        if self.signum is None:
+            return
+        if save is not None:
+            save()
+        raise Interrupted(f"stopped by {self.name} at step {step}; {run_dir / LATEST} holds it: continue with "
+                          f"`synthgrad train --resume {run_dir}`", self.signum)

@@ -15,7 +15,6 @@ from torch import nn
 
 from synthgrad import checkpoint, data, models
 from synthgrad.config import TrainConfig
-from synthgrad.errors import Interrupted
 from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.metrics import MetricsLog, RunningMeans
 from synthgrad.rules import DNI, Backprop, StepRule
@@ -142,9 +141,7 @@ class Trainer:
     def start(self, overwrite: bool = False) -> None:
         """Begin a new run: claim the directory, write config.json, open an empty metrics log, checkpoint step 0."""
         with self.run.closing_on_error():
-            if not self.run.lock.held:
-                self.run.create(overwrite)
-            self.run.begin(self.cfg, self.dataset.source)
+            self.run.begin(self.cfg, self.dataset.source, overwrite)
             self.save_checkpoint()
 
     def resume(self, from_previous: bool = False) -> None:
@@ -175,12 +172,10 @@ class Trainer:
         self.run.save_model(name, self.step, {"test_accuracy": accuracy, "stages": self.rule.stages.state_dict()})
 
     def _stop_if_asked(self) -> None:
-        """At a safe point (between steps): if SIGINT or SIGTERM came, checkpoint here and raise Interrupted."""
-        if self.stop is not None and self.stop.signum is not None:
-            if self.saved_at != (self.epoch, self.batch, self.step):
-                self.save_checkpoint()
-            raise Interrupted(f"stopped by {self.stop.name} at step {self.step}; {self.run_dir / checkpoint.LATEST} "
-                              f"holds it: continue with `synthgrad train --resume {self.run_dir}`", self.stop.signum)
+        """Between steps: if SIGINT or SIGTERM came, checkpoint here (unless just done) and raise Interrupted."""
+        if self.stop is not None:
+            self.stop.check(self.step, self.run_dir, None if self.saved_at == (self.epoch, self.batch, self.step)
+                            else self.save_checkpoint)
 
     def _log_window(self, samples_per_s: float) -> None:
         """Write one step record: the means since the last one, and any pending diagnostics."""
