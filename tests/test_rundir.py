@@ -172,3 +172,18 @@ def test_one_envelope_round_trip_and_resume_cuts_metrics_back(tmp_path: Path) ->
         assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
     with RunDir(tmp_path / "run", "sequence") as run, pytest.raises(ConfigError, match="classifier run"):
         run.resume(cfg)
+
+
+def test_a_writer_attaches_to_the_directory_its_launcher_holds(tmp_path: Path) -> None:
+    from synthgrad.rundir import RunDir
+
+    cfg = TrainConfig(model="fcn-2", width=8, epochs=1, batch_size=4, lr=1e-3, stages=2)
+    with RunDir(tmp_path / "run", "pipeline") as launcher:
+        launcher.create()
+        with RunDir(tmp_path / "run", "pipeline") as rank0:  # in a spawned stage process, in the engine
+            rank0.attach()
+            rank0.begin(cfg, "fake data", engine="pipeline")
+            rank0.save_checkpoint(0, {"positions": []})
+        with RunDir(tmp_path / "run", "pipeline") as other, pytest.raises(ConfigError, match="in use"):
+            other.reopen()  # anyone else is still refused
+    assert checkpoint.load(tmp_path / "run" / checkpoint.LATEST)["kind"] == "pipeline"

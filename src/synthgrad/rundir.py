@@ -5,7 +5,7 @@ resume), which takes an exclusive lock held until `close` or the end of the proc
 started into the same directory is refused with the holder's pid. The lock is an `fcntl.flock` on
 `DIR/.lock`, so the kernel drops it when its holder dies, and a killed run never blocks the next one.
 A launcher that starts writer processes (the pipeline engine) claims the directory and keeps it
-claimed while they write; under torchrun, rank 0 claims it.
+claimed while they write, and the writer `attach`es to it; under torchrun, rank 0 claims it.
 
 Checkpoints (checkpoint.pt, best.pt, final.pt) share one envelope, `Checkpoint`: the kind of run, the
 format version, the step, the config, the metrics offset and the trainer's own payload.
@@ -132,6 +132,7 @@ class RunDir:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.path, self.kind = Path(path), kind
         self.lock = RunLock(self.path)
+        self.attached = False  # writes into a directory that another process (its launcher) has claimed
         self.config: dict = {}
         self.metrics: MetricsLog | None = None
 
@@ -181,6 +182,15 @@ class RunDir:
         except OSError as e:
             self.lock.release()
             raise unwritable(self.path, e) from e
+
+    def attach(self) -> None:
+        """Write into a directory that the launching process claimed and holds (a pipeline's rank 0 when the
+        launcher started it): `begin` and `resume` then take no lock here."""
+        self.attached = True
+
+    @property
+    def claimed(self) -> bool:
+        return self.lock.held or self.attached
 
     def close(self) -> None:
         """Close metrics.jsonl and drop the lock (the kernel drops it anyway if the process dies)."""
@@ -239,7 +249,7 @@ class RunDir:
     def begin(self, cfg, data_source: str, overwrite: bool = False, **extra: object) -> None:  # cfg: a JSONConfig
         """Start a new run: claim the directory (`create`) unless claimed already, write config.json with the
         versions and `extra`, open an empty metrics log."""
-        if not self.lock.held:
+        if not self.claimed:
             self.create(overwrite)
         cfg.extra.update({"synthgrad_version": __version__, "torch_version": torch.__version__,
                           "python_version": sys.version.split()[0], "data_source": data_source,
@@ -252,7 +262,7 @@ class RunDir:
     def resume(self, cfg, from_previous: bool = False) -> Checkpoint:
         """Continue a run: verify checkpoint.pt (or, with `from_previous`, checkpoint.prev.pt, which then takes
         its place) and open metrics.jsonl cut back to what that checkpoint had seen."""
-        if not self.lock.held:
+        if not self.claimed:
             self.reopen()
         latest = self.path / checkpoint.LATEST
         state = self.use_previous() if from_previous else checkpoint.load(latest)
