@@ -24,6 +24,7 @@ import torch
 
 from synthgrad import checkpoint
 from synthgrad.rnn import LSTMCore
+from synthgrad.rundir import read_model
 from synthgrad.tasks import CopyTask, has_old_repeat_code
 
 
@@ -45,8 +46,8 @@ def split_errors(model: LSTMCore, task: CopyTask, length: int, reps: int, count:
 
 
 def load_model(run_dir: Path) -> tuple[LSTMCore, CopyTask, dict]:
-    state = checkpoint.load(run_dir / checkpoint.FINAL)
-    cfg = state["config"]
+    saved = read_model(run_dir / checkpoint.FINAL)
+    cfg, state = saved.config, saved.payload  # payload: the model and its final record
     if cfg["task"] not in ("copy", "repeat-copy"):
         raise SystemExit(f"{run_dir}: task {cfg['task']!r} is not a copy task")
     if has_old_repeat_code(cfg["task"], cfg.get("extra", {})):

@@ -71,7 +71,7 @@ def test_sgd_optimizer_has_its_own_default_lr_and_reaches_the_checkpoint(fake_da
                  str(fake_data_dir), "--no-verify-md5", "--cache-dir", str(tmp_path / "c")]) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["optimizer"], cfg["lr"]) == ("sgd", 0.01)
-    groups = checkpoint.load(run / checkpoint.LATEST)["rule"]["stage_rules"][0]["optimizer"]["param_groups"]
+    groups = checkpoint.load(run / checkpoint.LATEST)["payload"]["rule"]["stage_rules"][0]["optimizer"]["param_groups"]
     assert groups[0]["momentum"] == 0.9 and groups[0]["nesterov"]
 
 

@@ -276,13 +276,15 @@ def test_cosine_schedule_decays_both_learning_rates_over_max_steps(tmp_path: Pat
     assert main(["train", "--task", "copy", "--method", "dni", "--width", "8", "--batch-size", "4", "--max-steps",
                  "4", "--schedule", "cosine", "--lr", "0.002", "--synth-lr", "0.001", "--run-dir", str(run),
                  "--quiet", "--no-plots"]) == 0
-    rule = checkpoint.load(run / checkpoint.LATEST)["rule"]
+    rule = checkpoint.load(run / checkpoint.LATEST)["payload"]["rule"]
     last = 0.5 * (1 + math.cos(math.pi * 3 / 4))  # the factor of the 4th (last) step, 0-based step 3
     assert rule["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.002 * last)
     assert rule["interface"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001 * last)
 
 
-def test_cli_refuses_bad_sequence_flags(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_refuses_bad_sequence_flags(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default run directory is ./runs/...: never in the checkout
     assert main(["train", "--task", "charlm", "--method", "dni"]) == 2
     assert "--text" in capsys.readouterr().err
     assert main(["train", "--task", "copy", "--method", "cdni"]) == 2
@@ -297,6 +299,7 @@ def test_cli_refuses_bad_sequence_flags(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["train", "--model", "mlp", "--aux-weight", "10", "--truncation", "8"]) == 2
     err = capsys.readouterr().err
     assert "--truncation, --aux-weight apply to sequence tasks only" in err and "--task" in err
+    assert not (tmp_path / "runs").exists()  # refused starts leave nothing behind
 
 
 def test_resume_refuses_a_repeat_copy_run_with_the_old_repeat_code(tmp_path: Path,

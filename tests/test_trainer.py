@@ -127,8 +127,30 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(fake_data_dir: Path
         t.fit()
     state = checkpoint.load(run_dir / "checkpoint.pt")
     assert state["step"] == 10
-    assert all(torch.isfinite(v).all() for r in state["rule"]["stage_rules"] for v in r["stage"].values()
+    assert all(torch.isfinite(v).all() for r in state["payload"]["rule"]["stage_rules"] for v in r["stage"].values()
                if v.is_floating_point())
+
+
+def test_parameters_gone_non_finite_are_never_checkpointed_and_the_run_resumes(fake_data_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    cfg = _cfg(method="backprop")  # a checkpoint every 5 steps, 32 steps in all
+    ds = _dataset(fake_data_dir, tmp_path)
+    run_dir = tmp_path / "run"
+
+    def poison(step: int) -> None:
+        if step == 10:  # just before the checkpoint of step 10, and before any loss has seen it
+            with torch.no_grad():
+                next(t.rule.stages.parameters())[0, 0] = float("inf")
+
+    prepare_run_dir(run_dir, overwrite=False)
+    t = Trainer(cfg, ds, run_dir, progress=Progress(enabled=False), on_step=poison)
+    t.start()
+    with pytest.raises(DivergenceError, match=r"step 10: non-finite values in .*stage_rules.*stage\.1\.weight \(1 of"):
+        t.fit()
+    assert checkpoint.load(run_dir / "checkpoint.pt")["step"] == 5  # the last good one, not replaced
+    resumed = Trainer(cfg, ds, run_dir, progress=Progress(enabled=False))
+    resumed.resume()  # resuming does not meet the same error again
+    assert resumed.fit().steps == 32
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from synthgrad import __version__, data, models
+from synthgrad.checkpoint import LATEST as CHECKPOINT
 from synthgrad.config import METHOD_DEFAULTS, SCHEDULES, TrainConfig
-from synthgrad.errors import ConfigError, SynthgradError
+from synthgrad.errors import ConfigError, Interrupted, SynthgradError
 from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.rules import METHODS, TARGETS, UNLOCKS
+from synthgrad.stopping import StopRequests
 
 
 def _int(lo: int, hi: int | None = None):
@@ -127,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
     r.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint (its saved config is used)")
+    r.add_argument("--from-previous", action="store_true",
+                   help="with --resume: continue from the checkpoint before the last (checkpoint.prev.pt), when "
+                        "the last is damaged; the damaged one is kept as checkpoint.damaged.pt")
     r.add_argument("--max-steps", type=_int(1), default=None, help="stop after this many steps")
     r.add_argument("--dry-run", action="store_true", help="a 20-step smoke run (sets --max-steps 20)")
     r.add_argument("--log-every", type=_int(1), default=50, help="steps between metric records")
@@ -198,31 +203,46 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    """`synthgrad train`: SIGINT and SIGTERM stop the run at the next step, after its checkpoint (exit 130, 143)."""
+    if a.from_previous and a.resume is None:
+        raise ConfigError("--from-previous goes with --resume RUN_DIR")
+    # Until the loop runs there is nothing to save: a signal stops the start at once.
+    with StopRequests(immediate=True) as stop:
+        try:
+            return _train(a, stop)
+        except Interrupted as e:
+            if "--resume" in str(e):  # stopped at a safe point: the message names the checkpoint
+                raise
+            run_dir = stop.run_dir
+            where = (f"continue from its last checkpoint with `synthgrad train --resume {run_dir}`"
+                     if run_dir is not None and (run_dir / CHECKPOINT).is_file() else "no checkpoint was written")
+            raise Interrupted(f"{e}; {where}", stop.signum or signal.SIGINT) from None
+
+
+def _train(a: argparse.Namespace, stop: StopRequests) -> int:
     import torch
 
     from synthgrad import seqtrain
-    from synthgrad.trainer import CONFIG, Progress, Trainer, new_run_dir, prepare_run_dir
+    from synthgrad.rundir import RunDir
+    from synthgrad.trainer import KIND, Progress, Trainer, new_run_dir
 
     if a.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'synthgrad[tensorboard]'")
     if seqtrain.wants_sequence(a):
-        return seqtrain.cmd_train_sequence(a)
+        return seqtrain.cmd_train_sequence(a, stop)
 
     if a.resume is not None:
-        cfg_path = a.resume / CONFIG
-        if not cfg_path.is_file():
-            raise ConfigError(f"--resume {a.resume}: no {CONFIG} there; give the directory of a synthgrad run")
         try:
-            cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text())).resolve()
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ConfigError(f"{cfg_path} is unreadable ({e}); the run cannot be resumed") from e
+            cfg = TrainConfig.from_dict(RunDir.read_config(a.resume)).resolve()
+        except TypeError as e:
+            raise ConfigError(f"{a.resume / 'config.json'} is unreadable ({e}); the run cannot be resumed") from e
         if a.tensorboard and not cfg.tensorboard:
             cfg.tensorboard = True
-            cfg.validate()  # e.g. not with --stages
         run_dir = a.resume
     else:
         cfg = config_from_args(a)
         run_dir = a.run_dir or new_run_dir(cfg)
+    stop.run_dir = run_dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dataset = data.load(cfg.dataset, cfg.data_dir, cfg.cache_dir, check_md5=cfg.verify_md5)
@@ -230,17 +250,25 @@ def cmd_train(a: argparse.Namespace) -> int:
     if cfg.stages is not None:
         from synthgrad.pipeline import run_pipeline
 
-        if a.resume is None:
-            prepare_run_dir(run_dir, a.overwrite)
-        result = run_pipeline(cfg, dataset, run_dir, resume=a.resume is not None, quiet=a.quiet)
+        # The launcher has no safe point of its own: a signal stops the stages at once, and the run
+        # continues from their last checkpoint.
+
+        # The launcher claims the directory and holds it while the stage processes write there.
+        with RunDir(run_dir, "pipeline") as claim:
+            if a.resume is None:
+                claim.create(a.overwrite)
+            else:
+                claim.reopen()
+                if a.from_previous:
+                    claim.use_previous()  # the pipeline then reads checkpoint.pt as usual
+            result = run_pipeline(cfg, dataset, run_dir, resume=a.resume is not None, quiet=a.quiet)
     else:
-        if a.resume is None:
-            prepare_run_dir(run_dir, a.overwrite)
-        trainer = Trainer(cfg, dataset, run_dir, progress=Progress(enabled=not a.quiet))
+        trainer = Trainer(cfg, dataset, RunDir(run_dir, KIND), progress=Progress(enabled=not a.quiet), stop=stop)
         if a.resume is not None:
-            trainer.resume()
+            trainer.resume(from_previous=a.from_previous)
         else:
-            trainer.start()
+            trainer.start(overwrite=a.overwrite)
+        stop.immediate = False  # from here on, a signal stops the loop after a step, with a checkpoint
         if not a.quiet:
             print(f"training {cfg.model} on {cfg.dataset} with {cfg.method} "
                   f"({dataset.source}); run directory {run_dir}", file=sys.stderr, flush=True)
@@ -309,12 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"train": cmd_train, "plot": cmd_plot, "data": cmd_data, "models": cmd_models}[args.command]
     try:
         return handler(args)
+    except Interrupted as e:  # not an error: the run stopped where it was asked to
+        print(f"synthgrad: {e}", file=sys.stderr)
+        return e.exit_code
     except SynthgradError as e:
         print(f"synthgrad: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("synthgrad: interrupted; a run can be continued with `synthgrad train --resume RUN_DIR`",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # outside a run (plot, data): nothing to resume
+        print("synthgrad: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 (a bug: say so in one line, traceback on request)
         if os.environ.get("SYNTHGRAD_DEBUG"):

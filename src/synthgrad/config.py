@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -14,6 +13,7 @@ from synthgrad import data, models
 from synthgrad.errors import ConfigError, require
 from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.rules import METHODS, TARGETS, UNLOCKS
+from synthgrad.schedules import lr_factor
 
 SCHEDULES = ("constant", "cosine")
 
@@ -44,45 +44,78 @@ class JSONConfig:
         return cls(**d)
 
 
-def lr_factor(schedule: str, step: int, total: int) -> float:
-    """The multiplier of every learning rate at `step` (0-based) of `total`: cosine decay to 0, or constant 1."""
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
-    return 1.0
-
-
 @dataclass
-class TrainConfig(JSONConfig):
-    """A run's resolved configuration; `config.json` in the run directory is this, as JSON."""
+class CommonConfig(JSONConfig):
+    """The fields and checks every run shares, classifier or sequence task; subclasses set their own defaults."""
 
-    model: str = "mlp"
-    dataset: str = "mnist"
     method: str = "dni"
-    target: str = "bootstrap"
-    epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
-    width: int | None = None  # hidden width (FCN/MLP) or base channels (CNN)
-    optimizer: str = "adam"  # the stages' optimizer: adam or sgd (synthesizers always use Adam)
     synth_lr: float | None = None
     synth_hidden: int | None = None
-    synth_width: int | None = None  # 1024 for vectors, 64 channels for feature maps
+    synth_width: int | None = None  # classifier default: 1024 for vectors, 64 channels for feature maps
     synth_scale: float = 1.0
     synth_warmup: int = 0
     schedule: str = "cosine"  # learning-rate schedule: cosine decay to 0 over the run, or constant
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+    max_steps: int | None = None  # stop after this many steps (smoke tests, --dry-run)
+    log_every: int = 50
+    checkpoint_every: int = 500
+    eval_every: int = 0  # steps between mid-run evaluations (classifier: 0, at epoch ends only)
+    tensorboard: bool = False  # mirror metrics.jsonl as TensorBoard scalars into RUN_DIR/tensorboard/
+    extra: dict = field(default_factory=dict)  # versions etc., filled in when the run starts
+
+    def validate(self) -> None:
+        """Refuse values of the shared fields that cannot work, before any work starts."""
+        need = require
+        need(self.batch_size is not None and self.batch_size >= 2,
+             f"--batch-size must be >= 2 (BatchNorm needs two examples), got {self.batch_size}")
+        for key in ("lr", "synth_lr"):
+            v = getattr(self, key)
+            need(v is None or 0 < v <= 10, f"--{key.replace('_', '-')} must be in (0, 10], got {v}")
+        need(self.synth_hidden is None or 0 <= self.synth_hidden <= 16,
+             f"--synth-hidden must be in 0..16, got {self.synth_hidden}")
+        need(self.synth_width is None or 1 <= self.synth_width <= 65536,
+             f"--synth-width must be in 1..65536, got {self.synth_width}")
+        need(0 < self.synth_scale <= 100, f"--synth-scale must be in (0, 100], got {self.synth_scale}")
+        need(self.synth_warmup >= 0, f"--synth-warmup must be >= 0, got {self.synth_warmup}")
+        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        need(self.threads is None or 1 <= self.threads <= 1024, f"--threads must be >= 1, got {self.threads}")
+        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        for key in ("log_every", "checkpoint_every"):
+            need(getattr(self, key) >= 1, f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        need(self.eval_every >= 0, f"--eval-every must be >= 1, got {self.eval_every}")
+        need(self.device == "cpu" or self.device.startswith("cuda"),
+             f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if self.device.startswith("cuda"):
+            need(torch.cuda.is_available(), "--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+        need(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+             "--tensorboard needs the tensorboard package: pip install 'synthgrad[tensorboard]'")
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The schedule's multiplier of every learning rate at `step` (0-based) of `total`."""
+        return lr_factor(self.schedule, step, total)
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    """A classifier run's resolved configuration; `config.json` in the run directory is this, as JSON."""
+
+    model: str = "mlp"
+    dataset: str = "mnist"
+    target: str = "bootstrap"
+    epochs: int | None = None
+    width: int | None = None  # hidden width (FCN/MLP) or base channels (CNN)
+    optimizer: str = "adam"  # the stages' optimizer: adam or sgd (synthesizers always use Adam)
     update_prob: float = 1.0
     unlock: str = "update"  # update: synthetic gradients; complete: also synthetic inputs (forward interfaces)
     input_hidden: int = 1  # hidden layers of each input synthesizer (complete unlock)
     input_width: int = 1024
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None  # torch intra-op threads; None: torch's default
     stages: int | None = None  # None: one stage per layer, single process; K: pipeline of K processes
-    max_steps: int | None = None  # stop after this many steps (smoke tests, --dry-run)
-    log_every: int = 50
     diagnose_every: int = 200  # cosine/relative error vs the true gradient (DNI, cDNI)
-    checkpoint_every: int = 500
-    eval_every: int = 0  # steps between mid-epoch test evaluations ("eval" records); 0: at epoch ends only
     eval_batch_size: int = 1000
     data_dir: str | None = None
     cache_dir: str | None = None
@@ -90,8 +123,6 @@ class TrainConfig(JSONConfig):
     # Taken from the data when the run starts (`with_data`), so that the model can be rebuilt from config.json.
     input_shape: list[int] | None = None  # one example's [C, H, W]
     num_classes: int | None = None
-    tensorboard: bool = False  # mirror metrics.jsonl as TensorBoard scalars into RUN_DIR/tensorboard/
-    extra: dict = field(default_factory=dict)  # versions etc., filled in when the run starts
 
     def resolve(self) -> TrainConfig:
         """Fill None fields from the model's and the method's defaults, then validate."""
@@ -112,41 +143,22 @@ class TrainConfig(JSONConfig):
 
     def validate(self) -> None:
         """Refuse values and combinations that cannot work, before any work starts."""
+        super().validate()
         need = require
         need(self.dataset in data.DATASET_NAMES or data.is_npz(self.dataset),
              f"unknown dataset {self.dataset!r}; choose one of: {', '.join(data.DATASET_NAMES)}, or an .npz file")
         need(not (data.is_npz(self.dataset) and self.data_dir),
              "--data-dir applies to mnist, fashion-mnist and cifar10; an .npz dataset is the file itself: drop it")
-        need(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
-             "--tensorboard needs the tensorboard package: pip install 'synthgrad[tensorboard]'")
         need(self.target in TARGETS, f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
         need(self.epochs is not None and self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        need(self.batch_size is not None and 2 <= self.batch_size <= 60000,
+        need(self.batch_size is not None and self.batch_size <= 60000,
              f"--batch-size must be between 2 (BatchNorm needs two examples) and 60000, got {self.batch_size}")
         need(self.optimizer in OPTIMIZERS,
              f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        for key in ("lr", "synth_lr"):
-            v = getattr(self, key)
-            need(v is None or 0 < v <= 10, f"--{key.replace('_', '-')} must be in (0, 10], got {v}")
         need(self.width is None or 1 <= self.width <= 65536, f"--width must be in 1..65536, got {self.width}")
-        need(self.synth_hidden is None or 0 <= self.synth_hidden <= 16,
-             f"--synth-hidden must be in 0..16, got {self.synth_hidden}")
-        need(self.synth_width is None or 1 <= self.synth_width <= 65536,
-             f"--synth-width must be in 1..65536, got {self.synth_width}")
-        need(0 < self.synth_scale <= 100, f"--synth-scale must be in (0, 100], got {self.synth_scale}")
-        need(self.synth_warmup >= 0, f"--synth-warmup must be >= 0, got {self.synth_warmup}")
-        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(0 <= self.update_prob <= 1, f"--update-prob must be in [0, 1], got {self.update_prob}")
-        need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        need(self.threads is None or 1 <= self.threads <= 1024, f"--threads must be >= 1, got {self.threads}")
-        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
-        for key in ("log_every", "diagnose_every", "checkpoint_every", "eval_batch_size"):
+        for key in ("diagnose_every", "eval_batch_size"):
             need(getattr(self, key) >= 1, f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        need(self.eval_every >= 0, f"--eval-every must be >= 1 (0: at epoch ends only), got {self.eval_every}")
-        need(self.device == "cpu" or self.device.startswith("cuda"),
-             f"--device must be cpu or cuda[:N], got {self.device!r}")
-        if self.device.startswith("cuda"):
-            need(torch.cuda.is_available(), "--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
         need(self.unlock in UNLOCKS, f"--unlock must be one of {', '.join(UNLOCKS)}, got {self.unlock!r}")
         need(0 <= self.input_hidden <= 16, f"--input-hidden must be in 0..16, got {self.input_hidden}")
         need(1 <= self.input_width <= 65536, f"--input-width must be in 1..65536, got {self.input_width}")
@@ -183,8 +195,3 @@ class TrainConfig(JSONConfig):
         """Steps in the whole run: epochs x batches per epoch, capped by max_steps."""
         steps = self.epochs * (num_train // self.batch_size)
         return min(steps, self.max_steps) if self.max_steps else steps
-
-    def lr_factor(self, step: int, total: int) -> float:
-        """The schedule's multiplier of every learning rate at `step` (0-based) of `total`."""
-        return lr_factor(self.schedule, step, total)
-

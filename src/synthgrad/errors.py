@@ -43,3 +43,11 @@ def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless `condition` holds: one line per validation rule."""
     if not condition:
         raise ConfigError(message)
+
+
+class Interrupted(SynthgradError):
+    """SIGINT or SIGTERM stopped the run (after its checkpoint, when it stopped at a safe point)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

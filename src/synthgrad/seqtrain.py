@@ -11,19 +11,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from synthgrad import __version__, checkpoint
-from synthgrad.config import SCHEDULES, JSONConfig, lr_factor
+from synthgrad import checkpoint
+from synthgrad.config import CommonConfig, lr_factor
 from synthgrad.errors import ConfigError, require
-from synthgrad.metrics import MetricsLog
+from synthgrad.metrics import MetricsLog, RunningMeans
 from synthgrad.rnn import SEQUENCE_METHODS, LSTMCore, TruncatedBPTT, build_rule
+from synthgrad.rundir import CONFIG, RunDir
+from synthgrad.stopping import StopRequests
 from synthgrad.tasks import (
     REPEAT_CODE,
     CharCorpus,
@@ -38,8 +42,7 @@ from synthgrad.tasks import (
 )
 
 TASKS = ("copy", "repeat-copy", "charlm")
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
+KIND = "sequence"  # the kind of run in this trainer's checkpoints
 
 # Defaults tuned so that a run shows something within minutes on two CPU cores.
 TASK_DEFAULTS = {
@@ -50,20 +53,20 @@ TASK_DEFAULTS = {
 
 
 @dataclass
-class SequenceConfig(JSONConfig):
-    """A sequence run's resolved configuration; config.json is this, as JSON (with "task" set)."""
+class SequenceConfig(CommonConfig):
+    """A sequence run's resolved configuration; config.json is this, as JSON (with "task" set).
+
+    The shared fields and their checks are CommonConfig's; these are the defaults through time and the
+    fields only sequence tasks have."""
 
     task: str = "copy"
-    method: str = "dni"
     truncation: int = 5
     hidden: int | None = None  # LSTM units (--width)
     embed: int = 32  # charlm: character embedding size
-    batch_size: int | None = None
-    lr: float | None = None
     clip: float | None = 1.0  # global gradient-norm clip per window update
-    synth_lr: float = 1e-3
-    synth_hidden: int = 0  # linear: fitted the bootstrapped targets better than 2 x 256 in short copy runs
-    synth_width: int = 256
+    synth_lr: float | None = 1e-3
+    synth_hidden: int | None = 0  # linear: fitted the bootstrapped targets better than 2 x 256 in short copy runs
+    synth_width: int | None = 256
     # Through time the model can exploit a young synthesizer: a linear prediction of the future loss is
     # unbounded below, and the carried state can grow along it (measured on charlm, T=8: synthesizer MSE
     # 0.3 -> 3,400 in 1,500 windows, BPC stuck at 3.7). A small scale and a warm-up keep it stable.
@@ -75,12 +78,6 @@ class SequenceConfig(JSONConfig):
     aux_weight: float = 0.0  # DNI + Aux: weight of the auxiliary task (predicting the synthetic gradient); 0: off
     # Learning rates of the LSTM and the synthesizer: constant, or cosine decay to 0 over max_steps.
     schedule: str = "constant"
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    max_steps: int | None = None
-    log_every: int = 50
-    checkpoint_every: int = 500
     # copy tasks
     solve_threshold: float = 0.15  # bits per sequence, mean over the last solve_window batches
     solve_window: int = 20
@@ -91,8 +88,6 @@ class SequenceConfig(JSONConfig):
     holdout: float = 0.1
     eval_every: int = 500
     eval_chars: int | None = 50000
-    tensorboard: bool = False  # mirror metrics.jsonl as TensorBoard scalars into RUN_DIR/tensorboard/
-    extra: dict = field(default_factory=dict)
 
     def resolve(self) -> SequenceConfig:
         if self.task not in TASKS:
@@ -105,20 +100,15 @@ class SequenceConfig(JSONConfig):
         return out
 
     def validate(self) -> None:
+        super().validate()
         need = require
         need(self.method in SEQUENCE_METHODS,
              f"--task {self.task} trains with --method bptt or dni, not {self.method!r}")
         need(self.truncation >= 1, f"--truncation must be >= 1, got {self.truncation}")
         need(self.hidden is not None and 1 <= self.hidden <= 65536, f"--width must be in 1..65536, got {self.hidden}")
-        need(self.batch_size is not None and self.batch_size >= 2,
-             f"--batch-size must be >= 2 (the synthesizer's BatchNorm needs two examples), got {self.batch_size}")
-        need(self.lr is not None and 0 < self.lr <= 10, f"--lr must be in (0, 10], got {self.lr}")
-        need(0 < self.synth_lr <= 10, f"--synth-lr must be in (0, 10], got {self.synth_lr}")
-        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        need(0 <= self.synth_hidden <= 16, f"--synth-hidden must be in 0..16, got {self.synth_hidden}")
-        need(self.synth_width >= 1, f"--synth-width must be >= 1, got {self.synth_width}")
-        need(0 < self.synth_scale <= 100, f"--synth-scale must be in (0, 100], got {self.synth_scale}")
-        need(self.synth_warmup >= 0, f"--synth-warmup must be >= 0, got {self.synth_warmup}")
+        need(self.lr is not None, "--lr is missing from the configuration")
+        need(None not in (self.synth_lr, self.synth_hidden, self.synth_width),
+             "--synth-lr, --synth-hidden and --synth-width must be set for a sequence task")
         need(self.synth_discount is None or 0 <= self.synth_discount <= 100,
              f"--synth-discount must be in [0, 100], got {self.synth_discount}")
         need(self.synth_discount is None or self.method == "dni",
@@ -127,20 +117,25 @@ class SequenceConfig(JSONConfig):
         need(self.aux_weight >= 0, f"--aux-weight must be >= 0, got {self.aux_weight}")
         need(self.aux_weight == 0 or self.method == "dni",
              "--aux-weight adds the auxiliary task of DNI (predicting synthetic gradients): use it with --method dni")
-        need(self.max_steps is not None and self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        need(self.max_steps is not None, "--max-steps is missing from the configuration")
         need(self.solve_threshold > 0, f"--solve-threshold must be > 0, got {self.solve_threshold}")
         need(self.max_length >= 1, f"--max-length must be >= 1, got {self.max_length}")
         need(0 < self.holdout < 1, f"holdout must be in (0, 1), got {self.holdout}")
-        for key in ("log_every", "checkpoint_every", "eval_every", "solve_window", "max_repeats", "embed"):
+        for key in ("eval_every", "solve_window", "max_repeats", "embed"):
             need(getattr(self, key) >= 1, f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         need(self.eval_chars is None or self.eval_chars >= 100, f"--eval-chars must be >= 100, got {self.eval_chars}")
         if self.task == "charlm":
             need(self.text is not None, "--task charlm needs --text PATH: any plain-text file to model")
         else:
             need(self.text is None, f"--text applies to --task charlm only, not {self.task}")
-        if self.device.startswith("cuda"):
-            need(torch.cuda.is_available(), "--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
 
+    def min_text_chars(self) -> int:
+        """charlm: the shortest text whose training part fills batch_size streams of one window and its target."""
+        need = self.batch_size * (self.truncation + 1)  # one window of T inputs plus the next character, per stream
+        chars = math.ceil(need / (1 - self.holdout))
+        while int(chars * (1 - self.holdout)) < need:  # CharCorpus's split rounds down
+            chars += 1
+        return max(chars, 100)
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -216,30 +211,30 @@ def config_from_args(a: argparse.Namespace) -> SequenceConfig:
     ).resolve()
 
 
-def cmd_train_sequence(a: argparse.Namespace) -> int:
+def cmd_train_sequence(a: argparse.Namespace, stop: StopRequests | None = None) -> int:
     """`synthgrad train --task ...`: train, write the run directory and plots, print one final line."""
     if a.resume is not None:
-        path = a.resume / CONFIG
         try:
-            cfg = SequenceConfig.from_dict(json.loads(path.read_text())).resolve()
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise ConfigError(f"{path} is unreadable ({e}); the run cannot be resumed") from e
+            cfg = SequenceConfig.from_dict(RunDir.read_config(a.resume)).resolve()
+        except TypeError as e:
+            raise ConfigError(f"{a.resume / CONFIG} is unreadable ({e}); the run cannot be resumed") from e
         cfg.tensorboard = cfg.tensorboard or a.tensorboard
         run_dir = a.resume
     else:
         cfg = config_from_args(a)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = a.run_dir or Path("runs") / f"{stamp}-{cfg.task}-{cfg.method}-T{cfg.truncation}-s{cfg.seed}"
-        from synthgrad.trainer import prepare_run_dir
-
-        prepare_run_dir(run_dir, a.overwrite)
+    if stop is not None:
+        stop.run_dir = run_dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    trainer = SequenceTrainer(cfg, run_dir, quiet=a.quiet)
+    trainer = SequenceTrainer(cfg, run_dir, quiet=a.quiet, stop=stop)  # reads the text: checks before the directory
     if a.resume is not None:
-        trainer.resume()
+        trainer.resume(from_previous=a.from_previous)
     else:
-        trainer.start()
+        trainer.start(overwrite=a.overwrite)
+    if stop is not None:
+        stop.immediate = False  # from here on, a signal stops the loop after a step, with a checkpoint
     result = trainer.fit()
     if not a.no_plots:
         from synthgrad.seqplots import plot_sequence_runs
@@ -254,14 +249,22 @@ def cmd_train_sequence(a: argparse.Namespace) -> int:
 class SequenceTrainer:
     """Runs TruncatedBPTT on a sequence task, writing config, metrics and checkpoints to a run directory."""
 
-    def __init__(self, cfg: SequenceConfig, run_dir: str | Path, quiet: bool = True):
-        self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
+    def __init__(self, cfg: SequenceConfig, run_dir: str | Path | RunDir, quiet: bool = True,
+                 stop: StopRequests | None = None, on_step: Callable[[int], None] | None = None):
+        self.cfg, self.quiet, self.stop, self.on_step = cfg, quiet, stop, on_step
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, KIND)
+        self.run_dir = self.run.path
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.corpus: CharCorpus | None = None
         self.task: CopyTask | None = None
         if cfg.task == "charlm":
             self.corpus = CharCorpus.from_file(cfg.text, cfg.holdout)
+            if len(self.corpus.train) < cfg.batch_size * (cfg.truncation + 1):
+                raise ConfigError(f"--text {cfg.text} holds {len(self.corpus.train) + len(self.corpus.valid)} "
+                                  f"characters; --batch-size {cfg.batch_size} streams of --truncation "
+                                  f"{cfg.truncation} windows need at least {cfg.min_text_chars()}: give a longer "
+                                  "text, or lower --batch-size or --truncation")
             v = self.corpus.vocab_size
             model = LSTMCore(cfg.embed, cfg.hidden, v, vocab=v)
             loss_fn = char_loss
@@ -283,48 +286,59 @@ class SequenceTrainer:
         self.step, self.position, self.elapsed = 0, 0, 0.0
         self.best_bpc: float | None = None
         self.last_bpc: float | None = None
-        self.metrics: MetricsLog | None = None
+        self.window = RunningMeans()  # stats since the last step record (in the checkpoint)
+        self.window_samples = 0
+        self.saved_at: int | None = None  # step of the last checkpoint written
+
+    @property
+    def metrics(self) -> MetricsLog | None:
+        return self.run.metrics
 
     # -- run directory -------------------------------------------------------------------------
-    def start(self) -> None:
-        cfg = self.cfg
-        source = self.corpus.source if self.corpus else "generated"
-        cfg.extra.update({"synthgrad_version": __version__, "torch_version": torch.__version__,
-                          "python_version": sys.version.split()[0], "data_source": source,
-                          "started": datetime.now().isoformat(timespec="seconds")})
+    def start(self, overwrite: bool = False) -> None:
+        """Begin a new run: claim the directory, write config.json, open an empty metrics log, checkpoint step 0."""
+        extra: dict = {}
         if self.task is not None and self.task.repeat:  # tells these runs from those with the old R / max code
-            cfg.extra["repeat_code"] = REPEAT_CODE
+            extra["repeat_code"] = REPEAT_CODE
         if self.corpus is not None:
-            cfg.extra.update({"vocab_size": self.corpus.vocab_size, "train_chars": len(self.corpus.train),
-                              "heldout_chars": len(self.corpus.valid)})
-        (self.run_dir / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self.metrics = MetricsLog(self.run_dir / METRICS, tensorboard=self.cfg.tensorboard)
-        self.save_checkpoint()
+            extra.update({"vocab_size": self.corpus.vocab_size, "train_chars": len(self.corpus.train),
+                          "heldout_chars": len(self.corpus.valid)})
+        with self.run.closing_on_error():
+            self.run.begin(self.cfg, self.corpus.source if self.corpus else "generated", overwrite, **extra)
+            self.save_checkpoint()
 
-    def resume(self) -> None:
+    def resume(self, from_previous: bool = False) -> None:
+        """Continue from checkpoint.pt (or checkpoint.prev.pt) exactly where the run stopped."""
         if has_old_repeat_code(self.cfg.task, self.cfg.extra):
             raise ConfigError(f"{self.run_dir} is a Repeat Copy run from before 2026-11-27, which coded the repeat "
                               "count as R / max_repeats; resuming it with the standardised code would change its "
                               "task midway. Start a new run instead.")
-        state = checkpoint.load(self.run_dir / checkpoint.LATEST)
-        self.rule.load_state_dict(state["rule"])
-        self.curriculum.load_state_dict(state["curriculum"])
-        self.generator.set_state(state["generator"])
-        self.step, self.position, self.elapsed = state["step"], state["position"], state["elapsed"]
-        self.best_bpc, self.last_bpc = state["best_bpc"], state["last_bpc"]
-        torch.set_rng_state(state["torch_rng"])
-        self.metrics = MetricsLog(self.run_dir / METRICS, tensorboard=self.cfg.tensorboard)
-        self.metrics.truncate(state["metrics_offset"])
+        with self.run.closing_on_error():
+            ckpt = self.run.resume(self.cfg, from_previous)
+            state = ckpt.payload
+            self.rule.load_state_dict(state["rule"])
+            self.curriculum.load_state_dict(state["curriculum"])
+            self.generator.set_state(state["generator"])
+            self.step, self.position, self.elapsed = ckpt.step, state["position"], state["elapsed"]
+            self.best_bpc, self.last_bpc = state["best_bpc"], state["last_bpc"]
+            if "window" in state:  # absent in checkpoints written before it was saved: the window restarts
+                self.window = RunningMeans.from_state(state["window"])
+                self.window_samples = state["window_samples"]
+            torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> None:
-        assert self.metrics is not None
-        self.metrics.sync()
-        checkpoint.save(self.run_dir / checkpoint.LATEST, {
+        self.saved_at = self.step
+        self.run.save_checkpoint(self.step, {
             "rule": self.rule.state_dict(), "curriculum": self.curriculum.state_dict(),
-            "generator": self.generator.get_state(), "step": self.step, "position": self.position,
+            "generator": self.generator.get_state(), "position": self.position,
             "elapsed": self.elapsed, "best_bpc": self.best_bpc, "last_bpc": self.last_bpc,
-            "torch_rng": torch.get_rng_state(), "metrics_offset": self.metrics.offset(),
-            "config": self.cfg.to_dict()})
+            "window": self.window.state(), "window_samples": self.window_samples,
+            "torch_rng": torch.get_rng_state()})
+
+    def _stop_if_asked(self) -> None:
+        """Between steps: if SIGINT or SIGTERM came, checkpoint here (unless just done) and raise Interrupted."""
+        if self.stop is not None:
+            self.stop.check(self.step, self.run_dir, None if self.saved_at == self.step else self.save_checkpoint)
 
     # -- one step --------------------------------------------------------------------------------
     def _copy_step(self) -> dict:
@@ -360,13 +374,18 @@ class SequenceTrainer:
 
     # -- loop ------------------------------------------------------------------------------------
     def fit(self) -> str:
-        cfg = self.cfg
+        """Train to max_steps (or to a stop request), then release the run directory; returns the summary."""
         assert self.metrics is not None, "call start() or resume() first"
+        try:
+            return self._fit()
+        finally:
+            self.run.close()
+
+    def _fit(self) -> str:
+        cfg, metrics = self.cfg, self.metrics
+        assert metrics is not None
         charlm = cfg.task == "charlm"
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        samples, t_window = 0, time.perf_counter()
-        t_last = time.perf_counter()
+        t_window = t_last = time.perf_counter()
         self.rule.model.train()
         while self.step < cfg.max_steps:
             if cfg.schedule != "constant":
@@ -376,37 +395,40 @@ class SequenceTrainer:
             now = time.perf_counter()
             self.elapsed += now - t_last
             t_last = now
-            samples += stats.pop("samples")
-            for k, v in stats.items():
-                if v is not None:
-                    sums[k] = sums.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
+            self.window_samples += stats.pop("samples")
+            self.window.add(stats)
+            if self.on_step is not None:
+                self.on_step(self.step)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                record = {"kind": "step", "step": self.step, **{k: sums[k] / counts[k] for k in sums},
-                          "wall_time_s": round(self.elapsed, 3),
-                          "samples_per_s": round(samples / max(now - t_window, 1e-9), 1)}
+                means = {k: v for k, v in self.window.means(scalar_keys=None).items() if v is not None}
+                record = {"kind": "step", "step": self.step, **means, "wall_time_s": round(self.elapsed, 3),
+                          "samples_per_s": round(self.window_samples / max(now - t_window, 1e-9), 1)}
                 if not charlm:
                     record["length"] = self.curriculum.length
                     record["max_length_solved"] = self.curriculum.solved
-                self.metrics.write(record)
+                metrics.write(record)
                 if not self.quiet:
                     shown = (f"length {self.curriculum.length} solved {self.curriculum.solved} "
                              f"bit_error {record['bit_error']:.2f}" if not charlm
                              else f"train_bpc {record['train_bpc']:.3f}")
                     print(f"step {self.step}  loss {record['train_loss']:.4f}  {shown}", file=sys.stderr, flush=True)
-                sums, counts, samples, t_window = {}, {}, 0, now
+                self.window, self.window_samples, t_window = RunningMeans(), 0, now
             if charlm and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                 t0 = time.perf_counter()
                 bpc = self._eval()
-                self.metrics.write({"kind": "eval", "step": self.step, "bpc": bpc,
-                                    "wall_time_s": round(self.elapsed, 3),
-                                    "eval_time_s": round(time.perf_counter() - t0, 3)})
+                metrics.write({"kind": "eval", "step": self.step, "bpc": bpc, "wall_time_s": round(self.elapsed, 3),
+                               "eval_time_s": round(time.perf_counter() - t0, 3)})
                 if not self.quiet:
                     print(f"step {self.step}  held-out bpc {bpc:.4f}", file=sys.stderr, flush=True)
                 t_last = time.perf_counter()  # evaluation is not training time
             if self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
                 t_last = time.perf_counter()
+            self._stop_if_asked()
+        # The last checkpoint comes before the final record, so resuming a finished run rewrites that record
+        # (and final.pt) instead of adding another.
+        if self.saved_at != self.step:
+            self.save_checkpoint()
         final = {"kind": "final", "step": self.step, "wall_time_s": round(self.elapsed, 3)}
         if charlm:
             if self.last_bpc is None:
@@ -417,10 +439,7 @@ class SequenceTrainer:
             final.update({"max_length_solved": self.curriculum.solved, "length": self.curriculum.length,
                           "bit_error": self.curriculum.recent_error()})
             summary = f"longest length solved {self.curriculum.solved} (now training on {self.curriculum.length})"
-        self.metrics.write(final)
-        self.save_checkpoint()
-        checkpoint.save(self.run_dir / checkpoint.FINAL, {"config": self.cfg.to_dict(), "step": self.step,
-                                                          "model": self.rule.model.state_dict(), **{
-                                                              k: v for k, v in final.items() if k != "kind"}})
-        self.metrics.close()
+        metrics.write(final)
+        self.run.save_model(checkpoint.FINAL, self.step, {"model": self.rule.model.state_dict(), **{
+            k: v for k, v in final.items() if k != "kind"}})
         return summary

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -15,15 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthgrad import __version__, checkpoint, data, models
+from synthgrad import checkpoint, data, models
 from synthgrad.config import TrainConfig
-from synthgrad.errors import ConfigError
 from synthgrad.interfaces import OPTIMIZERS
-from synthgrad.metrics import MetricsLog
+from synthgrad.metrics import MetricsLog, RunningMeans
 from synthgrad.rules import DNI, Backprop, StepRule
+from synthgrad.rundir import CONFIG, METRICS, RunDir, read_model
+from synthgrad.stopping import StopRequests
 
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
+__all__ = ["CONFIG", "METRICS", "KIND", "Progress", "RunResult", "Trainer", "build_rule", "evaluate", "load_network",
+           "new_run_dir", "prepare_run_dir"]
+
+KIND = "classifier"  # the kind of run in this trainer's checkpoints
 
 
 def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> StepRule:
@@ -62,47 +63,10 @@ def new_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the run directory; never overwrite an existing run unless told to."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume {run_dir} to "
-                              "continue it, --overwrite to replace it, or choose another --run-dir")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-class _Mean:
-    """Running means of a step's stats (scalars and per-interface lists; None entries skipped)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, list[float]] = {}
-        self.counts: dict[str, list[int]] = {}
-
-    def add(self, stats: dict) -> None:
-        for k, v in stats.items():
-            vals = v if isinstance(v, list) else [v]
-            s = self.sums.setdefault(k, [0.0] * len(vals))
-            c = self.counts.setdefault(k, [0] * len(vals))
-            for i, val in enumerate(vals):
-                if val is not None:
-                    s[i] += val
-                    c[i] += 1
-
-    def means(self, scalar_keys: tuple[str, ...] = ("train_loss",)) -> dict:
-        out = {}
-        for k, s in self.sums.items():
-            m = [si / ci if ci else None for si, ci in zip(s, self.counts[k], strict=True)]
-            out[k] = m[0] if k in scalar_keys else m
-        return out
-
-    def state(self) -> dict:
-        return {"sums": self.sums, "counts": self.counts}
-
-    @classmethod
-    def from_state(cls, state: dict) -> _Mean:
-        m = cls()
-        m.sums, m.counts = state["sums"], state["counts"]
-        return m
+    """Create the run directory; never overwrite an existing run unless told to (it is not kept claimed)."""
+    claim = RunDir(run_dir, KIND)
+    claim.create(overwrite)
+    claim.close()
 
 
 @dataclass
@@ -147,70 +111,73 @@ class Progress:
 class Trainer:
     """Runs a StepRule over a dataset, writing config, metrics and checkpoints to a run directory."""
 
-    def __init__(self, cfg: TrainConfig, dataset: data.Dataset, run_dir: Path,
+    def __init__(self, cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path | RunDir,
                  rule: StepRule | None = None, progress: Progress | None = None,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None, stop: StopRequests | None = None):
         if cfg.input_shape is None:  # not bound by the CLI: record the data's shape for load_network
             cfg = cfg.with_data(dataset.input_shape, dataset.num_classes, len(dataset.train_y))
-        self.cfg, self.dataset, self.run_dir = cfg, dataset, Path(run_dir)
+        self.cfg, self.dataset = cfg, dataset
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, KIND)
+        self.run_dir = self.run.path
         self.device = torch.device(cfg.device)
         self.rule = rule or build_rule(cfg, dataset.input_shape, dataset.num_classes)
         self.rule.to(self.device)
         self.progress = progress or Progress()
         self.on_step = on_step  # test hook: called after every step with the global step
+        self.stop = stop  # SIGINT/SIGTERM seen: checkpoint after the current step and raise Interrupted
         # Position and bookkeeping, all part of the checkpoint.
         self.epoch = self.batch = self.step = 0
         self.elapsed = 0.0
         self.best_accuracy = -1.0
         self.final_accuracy = float("nan")
-        self.epoch_mean = _Mean()  # this epoch's training loss so far
-        self.window = _Mean()  # stats since the last step record
+        self.epoch_mean = RunningMeans()  # this epoch's training loss so far
+        self.window = RunningMeans()  # stats since the last step record
         self.pending_diag: dict = {}  # the last diagnostic step's agreement, written with the next record
-        self.metrics: MetricsLog | None = None
+        self.saved_at: tuple[int, int, int] | None = None  # (epoch, batch, step) of the last checkpoint written
+
+    @property
+    def metrics(self) -> MetricsLog | None:
+        return self.run.metrics
 
     # -- run directory ---------------------------------------------------------------------
-    def start(self) -> None:
-        """Begin a new run: write config.json and open an empty metrics log."""
-        cfg = self.cfg
-        cfg.extra.update({"synthgrad_version": __version__, "torch_version": torch.__version__,
-                          "python_version": sys.version.split()[0], "data_source": self.dataset.source,
-                          "started": datetime.now().isoformat(timespec="seconds")})
-        (self.run_dir / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self.metrics = MetricsLog(self.run_dir / METRICS, tensorboard=cfg.tensorboard)
-        self.save_checkpoint()
+    def start(self, overwrite: bool = False) -> None:
+        """Begin a new run: claim the directory, write config.json, open an empty metrics log, checkpoint step 0."""
+        with self.run.closing_on_error():
+            self.run.begin(self.cfg, self.dataset.source, overwrite)
+            self.save_checkpoint()
 
-    def resume(self) -> None:
-        """Continue from checkpoint.pt: same parameters, optimizers, RNG and data position."""
-        state = checkpoint.load(self.run_dir / checkpoint.LATEST)
-        self.rule.load_state_dict(state["rule"])
-        self.rule.to(self.device)
-        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
-        self.elapsed, self.best_accuracy = state["elapsed"], state["best_accuracy"]
-        self.final_accuracy = state.get("final_accuracy", float("nan"))
-        self.epoch_mean = _Mean.from_state(state["epoch_mean"])
-        self.window = _Mean.from_state(state["window"])
-        self.pending_diag = state.get("pending_diag", {})
-        torch.set_rng_state(state["torch_rng"])
-        # Drop metric lines written after this checkpoint, including a line torn by a kill.
-        self.metrics = MetricsLog(self.run_dir / METRICS, tensorboard=self.cfg.tensorboard)
-        self.metrics.truncate(state["metrics_offset"])
+    def resume(self, from_previous: bool = False) -> None:
+        """Continue from checkpoint.pt (or checkpoint.prev.pt): same parameters, optimizers, RNG and data position."""
+        with self.run.closing_on_error():
+            ckpt = self.run.resume(self.cfg, from_previous)
+            state = ckpt.payload
+            self.rule.load_state_dict(state["rule"])
+            self.rule.to(self.device)
+            self.step = ckpt.step
+            self.epoch, self.batch = state["epoch"], state["batch"]
+            self.elapsed, self.best_accuracy = state["elapsed"], state["best_accuracy"]
+            self.final_accuracy = state.get("final_accuracy", float("nan"))
+            self.epoch_mean = RunningMeans.from_state(state["epoch_mean"])
+            self.window = RunningMeans.from_state(state["window"])
+            self.pending_diag = state.get("pending_diag", {})
+            torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> None:
-        assert self.metrics is not None
-        self.metrics.sync()
-        checkpoint.save(self.run_dir / checkpoint.LATEST, {
-            "rule": self.rule.state_dict(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
+        self.saved_at = (self.epoch, self.batch, self.step)
+        self.run.save_checkpoint(self.step, {
+            "rule": self.rule.state_dict(), "epoch": self.epoch, "batch": self.batch,
             "elapsed": self.elapsed, "best_accuracy": self.best_accuracy,
             "final_accuracy": self.final_accuracy, "epoch_mean": self.epoch_mean.state(),
-            "window": self.window.state(), "pending_diag": self.pending_diag,
-            "torch_rng": torch.get_rng_state(), "metrics_offset": self.metrics.offset(),
-            "config": self.cfg.to_dict(),
-        })
+            "window": self.window.state(), "pending_diag": self.pending_diag, "torch_rng": torch.get_rng_state()})
 
     def _save_model(self, name: str, accuracy: float) -> None:
-        checkpoint.save(self.run_dir / name, {"config": self.cfg.to_dict(), "step": self.step,
-                                              "test_accuracy": accuracy,
-                                              "stages": self.rule.stages.state_dict()})
+        self.run.save_model(name, self.step, {"test_accuracy": accuracy, "stages": self.rule.stages.state_dict()})
+
+    def _stop_if_asked(self) -> None:
+        """Between steps: if SIGINT or SIGTERM came, checkpoint here (unless just done) and raise Interrupted."""
+        if self.stop is not None:
+            self.stop.check(self.step, self.run_dir, None if self.saved_at == (self.epoch, self.batch, self.step)
+                            else self.save_checkpoint)
 
     def _log_window(self, samples_per_s: float) -> None:
         """Write one step record: the means since the last one, and any pending diagnostics."""
@@ -220,7 +187,7 @@ class Trainer:
                   **self.pending_diag}
         self.metrics.write(record)
         self.progress.update(0, record["train_loss"], samples_per_s)
-        self.window, self.pending_diag = _Mean(), {}
+        self.window, self.pending_diag = RunningMeans(), {}
 
     def _log_eval(self, x_test: torch.Tensor, y_test: torch.Tensor) -> float:
         """Measure test accuracy mid-epoch and write an "eval" record; returns the seconds it took.
@@ -238,8 +205,16 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------
     def fit(self) -> RunResult:
-        cfg, ds = self.cfg, self.dataset
+        """Train to the end (or to a stop request), then release the run directory."""
         assert self.metrics is not None, "call start() or resume() first"
+        try:
+            return self._fit()
+        finally:
+            self.run.close()
+
+    def _fit(self) -> RunResult:
+        cfg, ds = self.cfg, self.dataset
+        assert self.metrics is not None
         x_train, y_train = ds.train_x.to(self.device), ds.train_y.to(self.device)
         x_test, y_test = ds.test_x.to(self.device), ds.test_y.to(self.device)
         per_epoch = data.num_batches(len(x_train), cfg.batch_size)
@@ -287,6 +262,7 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                     t_last = time.perf_counter()
+                self._stop_if_asked()
             if self.window.sums:  # the epoch's last steps since the previous record
                 self._log_window(n_window / max(time.perf_counter() - t_window, 1e-9))
             t_eval = time.perf_counter()
@@ -312,22 +288,22 @@ class Trainer:
             if finished_epoch:
                 self.epoch += 1
                 self.batch = 0
-                self.epoch_mean = _Mean()
+                self.epoch_mean = RunningMeans()
             self.save_checkpoint()
             t_last = time.perf_counter()
+            self._stop_if_asked()
         self._save_model(checkpoint.FINAL, self.final_accuracy)
-        self.metrics.close()
         return RunResult(self.run_dir, self.final_accuracy, self.best_accuracy, self.step, self.elapsed)
 
 
 def load_network(path: str | Path) -> tuple[nn.Sequential, TrainConfig]:
     """The plain network saved in final.pt or best.pt, in eval mode, with its config."""
-    state = checkpoint.load(path)
-    cfg = TrainConfig.from_dict(state["config"])
+    saved = read_model(path)
+    cfg = TrainConfig.from_dict(saved.config)
     # Runs from before the shape was saved in config.json trained on MNIST or Fashion-MNIST.
     shape = tuple(cfg.input_shape) if cfg.input_shape else data.INPUT_SHAPES[cfg.dataset]
     num_classes = cfg.num_classes or data.NUM_CLASSES[cfg.dataset]
     stages = models.build_stages(cfg.model, shape, num_classes, cfg.stages, cfg.width)
     net = models.compose(stages)
-    net.load_state_dict(state["stages"])
+    net.load_state_dict(saved.payload["stages"])
     return net.eval(), cfg
