@@ -61,7 +61,7 @@ def test_a_flipped_exponent_byte_is_refused_and_the_previous_checkpoint_resumes(
     run = tmp_path / "run"
     _cut_at(fake_data_dir, tmp_path, run, 23, monkeypatch)  # checkpoints at 5, 10, 15, 16 (epoch end), 20
     latest = run / checkpoint.LATEST
-    weight = payload(checkpoint.load(latest))["rule"]["stages"]["0.1.weight"]
+    weight = payload(checkpoint.load(latest))["rule"]["stage_rules"][0]["stage"]["1.weight"]
     raw = bytearray(latest.read_bytes())
     at = raw.find(weight.numpy().tobytes()[:64])  # the weight's storage inside the file
     assert at > 0
@@ -116,13 +116,13 @@ def test_non_finite_weights_in_a_checkpoint_are_named_on_resume(fake_data_dir: P
     state = checkpoint.load(run / checkpoint.LATEST)
     flat = {**payload(state), "step": state["step"], "config": state["config"],
             "metrics_offset": state["metrics_offset"]}  # the trainer's layout before the envelope
-    flat["rule"]["stages"]["1.0.weight"][0, 0] = float("inf")
+    flat["rule"]["stage_rules"][1]["stage"]["0.weight"][0, 0] = float("inf")
     flat["epoch"] = 0  # so that the resume has steps to take
     torch.save(flat, run / checkpoint.LATEST)
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 2
     err = capsys.readouterr().err
-    assert "non-finite values in rule.stages.1.0.weight (1 of" in err and "diverged" in err
+    assert "non-finite values in rule.stage_rules.1.stage.0.weight (1 of" in err and "diverged" in err
     assert "Traceback" not in err
 
 

@@ -69,7 +69,7 @@ def test_dni_pipeline_trains_and_writes_the_run_directory(fake_data_dir: Path, t
     assert json.loads((run / "config.json").read_text())["stages"] == 2
     net, loaded = load_network(run / checkpoint.FINAL)
     assert loaded.method == "dni" and len(net) == 2
-    assert checkpoint.load(run / checkpoint.LATEST)["rule"]["method"] == "dni"
+    assert checkpoint.load(run / checkpoint.LATEST)["payload"]["rule"]["method"] == "dni"
 
 
 def test_locked_pipeline_matches_single_process_backprop(fake_data_dir: Path, tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_locked_pipeline_matches_single_process_backprop(fake_data_dir: Path, tm
     ds = _dataset(fake_data_dir, tmp_path)
     cfg = _cfg(method="backprop", epochs=1, max_steps=6, schedule="constant")  # the loop below has no schedule
     run_pipeline(cfg, ds, tmp_path / "run", quiet=True)
-    piped = checkpoint.load(tmp_path / "run" / checkpoint.FINAL)["stages"]
+    piped = checkpoint.load(tmp_path / "run" / checkpoint.FINAL)["payload"]["stages"]
 
     torch.set_num_threads(1)
     rule = build_rule(cfg, ds.input_shape, ds.num_classes)
@@ -159,11 +159,11 @@ def test_locked_pipeline_resumed_after_a_failure_matches_an_unbroken_run(fake_da
     with pytest.raises(StageFailure, match="stage 2 of 2 failed"):
         run_pipeline(cfg, ds, broken, quiet=True, _fault=(1, 23))  # epoch 2; last snapshot at step 20
     state = checkpoint.load(broken / checkpoint.LATEST)
-    assert (state["step"], state["epoch"], state["batch"]) == (20, 1, 4)
-    assert [p["step"] for p in state["positions"]] == [20, 20]
+    assert (state["step"], state["payload"]["epoch"], state["payload"]["batch"]) == (20, 1, 4)
+    assert [p["step"] for p in state["payload"]["positions"]] == [20, 20]
     run_pipeline(cfg, ds, broken, resume=True, quiet=True)
-    whole = checkpoint.load(tmp_path / "whole" / checkpoint.FINAL)["stages"]
-    resumed = checkpoint.load(broken / checkpoint.FINAL)["stages"]
+    whole = checkpoint.load(tmp_path / "whole" / checkpoint.FINAL)["payload"]["stages"]
+    resumed = checkpoint.load(broken / checkpoint.FINAL)["payload"]["stages"]
     for k, v in whole.items():
         torch.testing.assert_close(resumed[k], v, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
     # Metrics: every step record once, in order, and one record per epoch, as in the unbroken run.
@@ -181,7 +181,7 @@ def test_dni_pipeline_resumes_after_a_failure(fake_data_dir: Path, tmp_path: Pat
         run_pipeline(cfg, ds, run, quiet=True, _fault=(0, 27))  # epoch 2 (16 steps per epoch)
     saved = checkpoint.load(run / checkpoint.LATEST)
     # Stage 2 may run ahead of stage 1 with the complete unlock; it resumes from its own position.
-    assert saved["step"] == 24 and saved["positions"][1]["step"] >= 24
+    assert saved["step"] == 24 and saved["payload"]["positions"][1]["step"] >= 24
     result = run_pipeline(cfg, ds, run, resume=True, quiet=True)
     assert result.steps == 3 * 16 and result.best_accuracy > 0.3  # chance is 0.1
     steps, epochs = _steps_and_epochs(run)
@@ -213,7 +213,7 @@ def test_complete_unlock_pipeline_trains(fake_data_dir: Path, tmp_path: Path) ->
     assert len(epochs) == 8 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]  # the real network's loss
     assert all(r["input_loss"][0] is not None for r in steps)  # the forward interface regressed every time
     # The forward interface's state is gathered into the checkpoint, and the real network is what is saved.
-    state = checkpoint.load(run / checkpoint.LATEST)["rule"]
+    state = checkpoint.load(run / checkpoint.LATEST)["payload"]["rule"]
     assert state["stage_rules"][0]["forward_interface"] is None  # nothing in front of the first stage
     assert state["stage_rules"][1]["forward_interface"]["optimizer"]["state"]
     net, loaded = load_network(run / checkpoint.FINAL)

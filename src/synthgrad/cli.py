@@ -261,7 +261,7 @@ def _train(a: argparse.Namespace, stop: StopRequests) -> int:
                 claim.reopen()
                 if a.from_previous:
                     claim.use_previous()  # the pipeline then reads checkpoint.pt as usual
-            result = run_pipeline(cfg, dataset, run_dir, resume=a.resume is not None, quiet=a.quiet)
+            result = run_pipeline(cfg, dataset, claim, resume=a.resume is not None, quiet=a.quiet)
     else:
         trainer = Trainer(cfg, dataset, RunDir(run_dir, KIND), progress=Progress(enabled=not a.quiet), stop=stop)
         if a.resume is not None:

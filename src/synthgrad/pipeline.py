@@ -22,12 +22,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from synthgrad import __version__, checkpoint, data
+from synthgrad import checkpoint, data
 from synthgrad.config import TrainConfig
 from synthgrad.engine.feed import Feed
 from synthgrad.engine.launch import launch, run_here
@@ -37,10 +36,13 @@ from synthgrad.engine.snapshots import Snapshot
 from synthgrad.engine.spec import PipelineSpec
 from synthgrad.errors import ConfigError, StageFailure, SynthgradError, require
 from synthgrad.interfaces import OPTIMIZERS, BackwardInterface, ForwardInterface
-from synthgrad.metrics import MetricsLog, read_metrics
+from synthgrad.metrics import read_metrics
 from synthgrad.rules import StepRule
+from synthgrad.rundir import METRICS, Checkpoint, RunDir
 from synthgrad.schedules import lr_factor
-from synthgrad.trainer import CONFIG, METRICS, RunResult, build_rule, evaluate
+from synthgrad.trainer import RunResult, build_rule, evaluate
+
+KIND = "pipeline"  # the run directory's kind of run
 
 DEFAULT_INFLIGHT = 2  # activations a stage may have sent and not yet seen received (backpressure)
 
@@ -101,30 +103,42 @@ def spec_from_config(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes
 
 
 class RunHooks(Hooks):
-    """Rank 0's hooks of a CLI run: evaluations, metrics.jsonl, checkpoints, best.pt and final.pt."""
+    """Rank 0's hooks of a CLI run: evaluations, metrics.jsonl, checkpoints, best.pt and final.pt, all through
+    the run directory (synthgrad.rundir) that the launcher claimed (or, under torchrun, rank 0 itself)."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, dataset: data.Dataset, resumed: dict | None, quiet: bool):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dataset: data.Dataset, resumed: dict | None, quiet: bool,
+                 claimed: RunDir | None = None):
         self.cfg, self.run_dir, self.dataset, self.resumed, self.quiet = cfg, run_dir, dataset, resumed, quiet
+        self.claimed = claimed  # under torchrun: the RunDir rank 0 claimed; locally the launcher holds it
         self.best = resumed["best_accuracy"] if resumed else -1.0
         self.final = resumed["final_accuracy"] if resumed else math.nan
         self.rule: StepRule | None = None  # the whole rule, assembled from the reports (built in rank 0)
-        self.metrics: MetricsLog | None = None
+        self.run: RunDir | None = None
         self.step = 0
 
-    def _open(self) -> tuple[StepRule, MetricsLog]:
-        if self.rule is None:
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "claimed": None}  # a claim (its lock) stays with the process that made it
+
+    def _open(self) -> tuple[StepRule, RunDir]:
+        if self.run is None:
             ds = self.dataset
             self.rule = build_rule(self.cfg, ds.input_shape, ds.num_classes)
-            self.metrics = MetricsLog(self.run_dir / METRICS, tensorboard=self.cfg.tensorboard)
-            if self.resumed is not None:  # drop metric lines written after the checkpoint, torn ones included
-                self.metrics.truncate(self.resumed["metrics_offset"])
+            run = self.claimed
+            if run is None:
+                run = RunDir(self.run_dir, KIND)
+                run.attach()
+            if self.resumed is not None:
+                run.resume(self.cfg)  # metrics.jsonl cut back to what the checkpoint had seen
+            else:
+                run.begin(self.cfg, ds.source, engine="pipeline", num_train=len(ds.train_y))
+            self.run = run
             if not self.quiet:
                 verb = f"resuming at step {self.resumed['step']}" if self.resumed else "training"
                 print(f"{verb} {self.cfg.model} on {self.cfg.dataset} with {self.cfg.method}, a pipeline of "
                       f"{self.cfg.stages} processes ({ds.source}); run directory {self.run_dir}", file=sys.stderr,
                       flush=True)
-        assert self.metrics is not None
-        return self.rule, self.metrics
+        assert self.rule is not None
+        return self.rule, self.run
 
     def snapshot_due(self, step: int, epoch: int, batch: int) -> bool:
         return self._wants(step) != (False, False)
@@ -138,9 +152,10 @@ class RunHooks(Hooks):
         return evaluate(rule.network(), ds.test_x, ds.test_y, self.cfg.eval_batch_size)
 
     def on_snapshot(self, snap: Snapshot) -> None:
-        rule, metrics = self._open()
+        rule, run = self._open()
+        assert run.metrics is not None
         for r in snap.records:  # the last stage's step records since the previous snapshot
-            metrics.write(r)
+            run.metrics.write(r)
         for stage_rule, state in zip(rule.stage_rules, snap.states(), strict=True):
             stage_rule.load_state_dict(state)
         rule.steps = self.step = snap.step
@@ -149,9 +164,9 @@ class RunHooks(Hooks):
             want_eval, want_save = self._wants(snap.step)
             if want_eval:
                 accuracy, test_loss = self._evaluate(rule)
-                metrics.write({"kind": "eval", "epoch": snap.epoch, "step": snap.step, "test_accuracy": accuracy,
-                               "test_loss": test_loss, "wall_time_s": round(snap.clock.wall(), 3),
-                               "eval_time_s": round(time.perf_counter() - t0, 3)})
+                run.metrics.write({"kind": "eval", "epoch": snap.epoch, "step": snap.step, "test_accuracy": accuracy,
+                                   "test_loss": test_loss, "wall_time_s": round(snap.clock.wall(), 3),
+                                   "eval_time_s": round(time.perf_counter() - t0, 3)})
             if want_save:
                 self._save(snap)
             return
@@ -161,7 +176,7 @@ class RunHooks(Hooks):
                   "test_accuracy": accuracy, "test_loss": test_loss, "wall_time_s": round(snap.clock.wall(), 3),
                   "eval_time_s": round(time.perf_counter() - t0, 3), "complete": snap.epoch_end,
                   **{k: v for k, v in er.items() if k != "train_loss"}}
-        metrics.write(record)
+        run.metrics.write(record)
         if not self.quiet:
             loss = record["train_loss"]
             print(f"epoch {snap.epoch + 1}/{self.cfg.epochs}  step {snap.step}  train_loss "
@@ -171,43 +186,38 @@ class RunHooks(Hooks):
         self.final = accuracy
         if accuracy > self.best:
             self.best = accuracy
-            self._save_model(snap, checkpoint.BEST, accuracy)
+            with snap.clock.paused():
+                run.save_model(checkpoint.BEST, snap.step, {"test_accuracy": accuracy,
+                                                            "stages": rule.stages.state_dict()})
         self._save(snap)
 
     def _save(self, snap: Snapshot) -> None:
-        """checkpoint.pt: the trainer's layout (the whole rule, assembled from the reports), plus each rank's
-        position ("positions"), which a pipeline resume restores rank by rank. Left out of the wall clock,
-        as the trainer leaves out its checkpoints, so that wall times compare across the two."""
-        rule, metrics = self._open()
+        """checkpoint.pt: the whole rule (assembled from the reports) and each rank's position, which a pipeline
+        resume restores rank by rank. Left out of the wall clock, as the trainer leaves out its checkpoints,
+        so that wall times compare across the two."""
+        rule, run = self._open()
         with snap.clock.paused():
-            metrics.sync()
             epoch, batch = snap.next_batch
-            checkpoint.save(self.run_dir / checkpoint.LATEST, {
-                "rule": rule.state_dict(), "epoch": epoch, "batch": batch, "step": snap.step,
-                "elapsed": snap.clock.wall(), "best_accuracy": self.best, "final_accuracy": self.final,
-                "metrics_offset": metrics.offset(), "config": self.cfg.to_dict(), "pipeline": True,
+            run.save_checkpoint(snap.step, {
+                "rule": rule.state_dict(), "epoch": epoch, "batch": batch, "elapsed": snap.clock.wall(),
+                "best_accuracy": self.best, "final_accuracy": self.final,
                 "positions": [r["position"] for r in snap.reports]})
 
-    def _save_model(self, snap: Snapshot, name: str, accuracy: float) -> None:
-        rule, _ = self._open()
-        with snap.clock.paused():
-            checkpoint.save(self.run_dir / name, {"config": self.cfg.to_dict(), "step": snap.step,
-                                                  "test_accuracy": accuracy, "stages": rule.stages.state_dict()})
-
     def on_end(self) -> None:
-        rule, metrics = self._open()
-        checkpoint.save(self.run_dir / checkpoint.FINAL, {"config": self.cfg.to_dict(), "step": self.step,
-                                                          "test_accuracy": self.final,
-                                                          "stages": rule.stages.state_dict()})
-        metrics.close()
+        rule, run = self._open()
+        run.save_model(checkpoint.FINAL, self.step, {"test_accuracy": self.final, "stages": rule.stages.state_dict()})
+        if run.metrics is not None:
+            run.metrics.close()
+            run.metrics = None
 
 
 def load_resume_state(run_dir: Path, world: int, per_epoch: int) -> dict:
-    """The run directory's checkpoint.pt, checked to be one a pipeline of `world` stages can resume from."""
+    """The run directory's checkpoint.pt, checked to be one a pipeline of `world` stages can resume from:
+    its payload, with the step."""
     path = run_dir / checkpoint.LATEST
-    state = checkpoint.load(path)
-    positions = state.get("positions")
-    if not state.get("pipeline") or positions is None:
+    ckpt = Checkpoint.from_state(checkpoint.load(path), path)
+    positions = ckpt.payload.get("positions")
+    if ckpt.kind != KIND or positions is None:
         raise ConfigError(f"{path} was not written by the pipeline engine of this synthgrad version (no per-stage "
                           "positions); resume it without --stages, or start again with --overwrite")
     if len(positions) != world:
@@ -216,7 +226,7 @@ def load_resume_state(run_dir: Path, world: int, per_epoch: int) -> dict:
     for pos in positions:
         require(0 <= pos["next_batch"][1] <= per_epoch, f"{path}: a stage position {pos['next_batch']} lies "
                 "outside the epoch; the checkpoint does not match this config (batch size or dataset changed?)")
-    return state
+    return {**ckpt.payload, "step": ckpt.step}
 
 
 def _resume_job(state: dict, world: int) -> dict:
@@ -231,15 +241,6 @@ def _resume_job(state: dict, world: int) -> dict:
             "elapsed": state["elapsed"]}
 
 
-def write_config(cfg: TrainConfig, run_dir: Path, source: str, num_train: int) -> None:
-    """config.json, with the same extra fields as the single-process trainer writes."""
-    cfg.extra.update({"synthgrad_version": __version__, "torch_version": torch.__version__,
-                      "python_version": sys.version.split()[0], "data_source": source,
-                      "started": datetime.now().isoformat(timespec="seconds"), "engine": "pipeline",
-                      "num_train": num_train})
-    (run_dir / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-
 def result_from_metrics(run_dir: Path) -> RunResult:
     """RunResult of a finished pipeline run, read back from its metrics.jsonl."""
     epochs = [r for r in read_metrics(run_dir / METRICS) if r.get("kind") == "epoch"]
@@ -249,22 +250,24 @@ def result_from_metrics(run_dir: Path) -> RunResult:
     return RunResult(run_dir, accs[-1], max(accs), epochs[-1]["step"], epochs[-1]["wall_time_s"])
 
 
-def _job(cfg: TrainConfig, dataset: data.Dataset, run_dir: Path, resume: bool, quiet: bool) -> tuple[Job, int]:
+def _job(cfg: TrainConfig, dataset: data.Dataset, run_dir: Path, resume: bool, quiet: bool,
+         claimed: RunDir | None = None) -> Job:
     assert cfg.stages is not None
     per_epoch = data.num_batches(len(dataset.train_y), cfg.batch_size)
     state = load_resume_state(run_dir, cfg.stages, per_epoch) if resume else None
     feed = Feed((dataset.train_x, dataset.train_y), cfg.batch_size, cfg.seed)
     plan = Schedule(cfg.epochs, cfg.max_steps, cfg.log_every)
-    job = Job(plan, feed, RunHooks(cfg, run_dir, dataset, state, quiet),
-              _resume_job(state, cfg.stages) if state else None)
-    return job, per_epoch
+    return Job(plan, feed, RunHooks(cfg, run_dir, dataset, state, quiet, claimed),
+               _resume_job(state, cfg.stages) if state else None)
 
 
-def run_pipeline(cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path, resume: bool = False,
+def run_pipeline(cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path | RunDir, resume: bool = False,
                  quiet: bool = False, max_inflight: int = DEFAULT_INFLIGHT,
                  _fault: tuple[int, int] | None = None, _slow: tuple[int, float] | None = None) -> RunResult:
-    """Train with one local process per stage (cfg.stages of them); the run directory as the trainer's."""
-    run_dir = Path(run_dir)
+    """Train with one local process per stage (cfg.stages of them); the run directory as the trainer's.
+
+    run_dir: a path (claimed here for the run's life: a new run, or with `resume` an existing one), or a
+        RunDir its caller has claimed already (the CLI claims it before it loads the data)."""
     if cfg.stages is None or cfg.stages < 2:
         raise ConfigError("the pipeline engine needs --stages K with K >= 2")
     if cfg.method == "backprop" and cfg.update_prob < 1:
@@ -274,14 +277,20 @@ def run_pipeline(cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path, r
         raise ConfigError(f"max_inflight must be >= 1, got {max_inflight}")
     if cfg.input_shape is None:  # bind the config to its data, as the CLI does
         cfg = cfg.with_data(dataset.input_shape, dataset.num_classes, len(dataset.train_y))
-    job, _ = _job(cfg, dataset, run_dir, resume, quiet)  # refuses an unusable checkpoint before any process starts
-    if not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, run_dir, dataset.source, len(dataset.train_y))
+    claim = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, KIND)
+    path = claim.path
+    job = _job(cfg, dataset, path, resume, quiet)  # refuses an unusable checkpoint before any process starts
     spec = spec_from_config(cfg, dataset.input_shape, dataset.num_classes, len(dataset.train_y), max_inflight,
                             _fault, _slow)
-    launch(spec, job)
-    return result_from_metrics(run_dir)
+    owned = not claim.claimed
+    if owned:
+        claim.reopen() if resume else claim.create()
+    try:
+        launch(spec, job)  # rank 0 attaches to the directory this process holds
+    finally:
+        if owned:
+            claim.close()
+    return result_from_metrics(path)
 
 
 def data_shape(cfg: TrainConfig) -> tuple[tuple[int, ...], int, int]:
@@ -332,16 +341,18 @@ def main(argv: list[str] | None = None) -> int:
         dataset = data.load(cfg.dataset, cfg.data_dir, cfg.cache_dir, check_md5=cfg.verify_md5) if rank == 0 else None
         input_shape, num_classes, num_train = data_shape(cfg)
         job = Job(Schedule(cfg.epochs, cfg.max_steps, cfg.log_every))
-        if dataset is not None:
-            from synthgrad.trainer import prepare_run_dir
-
+        claim = None
+        if dataset is not None:  # rank 0 claims the run directory, and holds it for the run's life
             cfg = cfg.with_data(dataset.input_shape, dataset.num_classes, len(dataset.train_y))
             input_shape, num_classes, num_train = dataset.input_shape, dataset.num_classes, len(dataset.train_y)
-            if not a.resume:
-                prepare_run_dir(a.run_dir, a.overwrite)
-                write_config(cfg, a.run_dir, dataset.source, num_train)
-            job, _ = _job(cfg, dataset, a.run_dir, a.resume, a.quiet)
-        run_here(spec_from_config(cfg, input_shape, num_classes, num_train, a.max_inflight), job)
+            claim = RunDir(a.run_dir, KIND)
+            claim.reopen() if a.resume else claim.create(a.overwrite)
+            job = _job(cfg, dataset, a.run_dir, a.resume, a.quiet, claim)
+        try:
+            run_here(spec_from_config(cfg, input_shape, num_classes, num_train, a.max_inflight), job)
+        finally:
+            if claim is not None:
+                claim.close()
     except (SynthgradError, OSError, json.JSONDecodeError, TypeError) as e:
         print(f"error (stage {rank + 1}): {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
