@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
@@ -39,3 +43,19 @@ def test_cut_and_load_example_runs(fake_data_dir: Path, tmp_path: Path, monkeypa
     exec(compile(example.group(1), "README cut example", "exec"), scope)  # noqa: S102
     stages = scope["stages"]
     assert len(stages) == 3 and torch.nn.Sequential(*stages)(ds.train_x[:4]).shape == (4, 10)
+
+
+def test_pipeline_example_runs_as_written(tmp_path: Path) -> None:
+    """The README's "Pipeline your own model" block, saved as a file and run with python: 2 processes."""
+    example = re.search(r"## Pipeline your own model\n\n```python\n(.*?)```", README, re.S)
+    assert example is not None
+    script = tmp_path / "pipeline_example.py"
+    script.write_text(example.group(1))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    t0 = time.monotonic()
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert time.monotonic() - t0 < 120
+    accuracy = float(re.search(r"test accuracy (\S+)", run.stdout).group(1))
+    assert accuracy > 0.8  # 10 classes: chance is 0.1
