@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 README = (Path(__file__).parents[1] / "README.md").read_text()
 
 
@@ -21,13 +23,20 @@ def test_readme_opens_with_exactly_two_commands() -> None:
     assert "bash scripts/test.sh" in ci
 
 
-def test_library_example_runs() -> None:
-    example = re.search(r"## Use it on your own model\n\n```python\n(.*?)```", README, re.S)
-    assert example is not None
+def test_library_example_runs(tmp_path: Path, monkeypatch) -> None:
+    """Both blocks of "Use it on your own model", as written: the second (a custom cDNI synthesizer, SGD stages,
+    a schedule, the model's state_dict) goes on from the first."""
+    section = README[README.index("## Use it on your own model"):README.index("### Cutting your model")]
+    first, second = re.findall(r"```python\n(.*?)```", section, re.S)
     scope: dict = {}
-    exec(compile(example.group(1), "README example", "exec"), scope)  # noqa: S102
+    exec(compile(first, "README example", "exec"), scope)  # noqa: S102
     assert scope["stats"]["train_loss"] > 0 and len(scope["stats"]["synth_loss"]) == 2
     assert scope["net"](scope["x"][:4]).shape == (4, 3)
+    monkeypatch.chdir(tmp_path)  # it saves model.pt
+    exec(compile(second, "README example 2", "exec"), scope)  # noqa: S102
+    assert scope["stats"]["grad_cosine"][0] is not None and scope["dni"].method == "cdni"
+    assert set(torch.load(tmp_path / "model.pt")) == {"0.0.weight", "0.0.bias", "1.0.weight", "1.0.bias",
+                                                      "2.weight", "2.bias"}
 
 
 def test_cut_and_load_example_runs(fake_data_dir: Path, tmp_path: Path, monkeypatch) -> None:

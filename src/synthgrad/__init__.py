@@ -14,14 +14,15 @@ Pieces: synthesizers (`VectorSynthesizer`, `ConvSynthesizer`, `InputSynthesizer`
 called as synth(h, context)), interfaces (`BackwardInterface`, `ForwardInterface`), optimizer
 factories (`adam`, `sgd`), schedules (`cosine_schedule`), the per-stage rule (`StageRule`,
 `stage_step`), rules (`Backprop`, `DNI`), diagnostics (`true_gradient`), the engine (`Pipeline`).
-Helpers: `cut(model, K, sample=x[:2])` cuts an nn.Sequential into K stages balanced by cost;
+Helpers: `cut(model, K, sample=x[:2])` cuts an nn.Sequential into K stages balanced by cost, and
+`uncut(stages)` puts them back together (`rule.model_state_dict()` is keyed by layer, whatever the cut);
 `load_dataset("mnist")` (or "fashion-mnist", "cifar10", an .npz path) returns the CLI's datasets
 as tensors.
 """
 
 __version__ = "0.1.0"
 
-from synthgrad.cutting import cut  # noqa: E402
+from synthgrad.cutting import cut, uncut  # noqa: E402
 from synthgrad.data import Dataset, load_dataset  # noqa: E402
 from synthgrad.defaults import DefaultForwardInterfaces, DefaultInterfaces  # noqa: E402
 from synthgrad.diagnostics import true_gradient  # noqa: E402
@@ -30,7 +31,6 @@ from synthgrad.interfaces import (  # noqa: E402
     BackwardInterface,
     ForwardInterface,
     Interface,
-    OptimizerFactory,
     adam,
     sgd,
 )
@@ -57,7 +57,6 @@ __all__ = [
     "InputSynthesizer",
     "Interface",
     "LSTMCore",
-    "OptimizerFactory",
     "Pipeline",
     "PipelineResult",
     "StageRule",
@@ -73,5 +72,6 @@ __all__ = [
     "sgd",
     "stage_step",
     "true_gradient",
+    "uncut",
     "window_step",
 ]

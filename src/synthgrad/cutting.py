@@ -97,9 +97,24 @@ def even_bounds(num_layers: int, num_stages: int) -> tuple[int, ...]:
     return tuple(bounds)
 
 
+class Group(nn.Sequential):
+    """Consecutive layers that a cut put into one stage (an nn.Sequential that `uncut` takes apart again)."""
+
+
 def group(layers: Sequence[nn.Module], bounds: Sequence[int]) -> list[nn.Module]:
-    """The stages between consecutive bounds: a lone layer as it is, several as an nn.Sequential."""
-    return [layers[a] if b - a == 1 else nn.Sequential(*layers[a:b]) for a, b in itertools.pairwise(bounds)]
+    """The stages between consecutive bounds: a lone layer as it is, several as a Group."""
+    return [layers[a] if b - a == 1 else Group(*layers[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def uncut(stages: Sequence[nn.Module]) -> nn.Sequential:
+    """The layers of `stages` as one nn.Sequential, whatever the cut: the Groups a cut made are taken apart.
+
+    Its state_dict's keys name layers, not stages ("3.weight", not "1.0.weight"), so a network trained in
+    2 stages loads into the same model uncut, or cut into 4. The modules are shared, not copied."""
+    layers: list[nn.Module] = []
+    for stage in stages:
+        layers.extend(stage if isinstance(stage, Group) else [stage])
+    return nn.Sequential(*layers)
 
 
 def partition(layers: Sequence[nn.Module], num_stages: int,

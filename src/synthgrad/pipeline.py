@@ -188,7 +188,8 @@ class RunHooks(Hooks):
             self.best = accuracy
             with snap.clock.paused():
                 run.save_model(checkpoint.BEST, snap.step, {"test_accuracy": accuracy,
-                                                            "stages": rule.stages.state_dict()})
+                                                            "stages": rule.stages.state_dict(),
+                                                            "model": rule.model_state_dict()})
         self._save(snap)
 
     def _save(self, snap: Snapshot) -> None:
@@ -205,7 +206,8 @@ class RunHooks(Hooks):
 
     def on_end(self) -> None:
         rule, run = self._open()
-        run.save_model(checkpoint.FINAL, self.step, {"test_accuracy": self.final, "stages": rule.stages.state_dict()})
+        run.save_model(checkpoint.FINAL, self.step, {"test_accuracy": self.final, "stages": rule.stages.state_dict(),
+                                                     "model": rule.model_state_dict()})
         if run.metrics is not None:
             run.metrics.close()
             run.metrics = None

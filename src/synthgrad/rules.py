@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthgrad.cutting import uncut
 from synthgrad.defaults import DefaultForwardInterfaces, DefaultInterfaces
 from synthgrad.diagnostics import check_finite, gradient_agreement, true_gradient
 from synthgrad.errors import ConfigError
@@ -90,6 +91,11 @@ class StepRule:
         cost. It is a snapshot: training the rule further does not change it, and putting it in eval
         mode leaves the training stages alone."""
         return copy.deepcopy(nn.Sequential(*self.stages)).eval()
+
+    def model_state_dict(self) -> dict:
+        """The parameters and buffers keyed by layer, whatever the cut (see `synthgrad.cutting.uncut`): they
+        load into the model uncut, or cut into any number of stages by `sg.cut`."""
+        return uncut(list(self.stages)).state_dict()
 
     # -- a step ----------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, diagnose: bool = False) -> dict:

@@ -20,6 +20,7 @@ both give the same numbers, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgrad.diagnostics import check_finite, frozen_batchnorm_stats
+from synthgrad.errors import ConfigError
 from synthgrad.interfaces import BackwardInterface, ForwardInterface
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -82,6 +84,18 @@ def stage_step(stage: nn.Module, optimizer: torch.optim.Optimizer, inp: torch.Te
     return StageResult(out.detach(), inp.grad if input_grad else None, None if loss is None else loss.detach())
 
 
+def check_signature(model: nn.Module, where: str) -> None:
+    """Refuse, with what to write, a synthesizer that cannot be called as synth(h, context)."""
+    try:
+        inspect.signature(model.forward).bind(None, None)
+    except TypeError:
+        raise ConfigError(f"{where}: its synthesizer {type(model).__name__} cannot be called as synth(h, context); "
+                          "give its forward the signature forward(self, h, context=None) (context is None for DNI "
+                          "and the one-hot label [B, num_classes] for cDNI)") from None
+    except ValueError:  # no signature to read (a builtin): calls will tell
+        pass
+
+
 @dataclass
 class _Pending:
     """A step of this stage whose target has not arrived yet."""
@@ -118,6 +132,10 @@ class StageRule:
                  loss_fn: LossFn = F.cross_entropy, update_prob: float = 1.0, seed: int = 0, keep: int = 16):
         self.index, self.stage, self.optimizer = index, stage, optimizer
         self.interface, self.forward_interface = interface, forward_interface
+        for i, where in ((interface, f"the interface above stage {index + 1}"),
+                         (forward_interface, f"the forward interface in front of stage {index + 1}")):
+            if i is not None:
+                check_signature(i.model, where)
         self.loss_fn, self.update_prob = loss_fn, update_prob
         self.generator = torch.Generator().manual_seed(seed * 1009 + 7 + index)
         self.pending: deque[_Pending] = deque(maxlen=keep)
@@ -165,7 +183,7 @@ class StageRule:
 
             def grad_fn(out: torch.Tensor) -> torch.Tensor:
                 with contextlib.nullcontext() if keep_graph else torch.no_grad():
-                    p = interface.predict(out, context)
+                    p = self._predict(out, context)
                 check_finite(p, "synthetic gradient", self.index, step)
                 prediction.append(p)
                 return interface.stage_gradient(p, step)
@@ -178,6 +196,16 @@ class StageRule:
             p = prediction[0] if prediction else None
             self.pending.append(_Pending(step, res.output, context, p if keep_graph else None, p is not None))
         return res
+
+    def _predict(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """The interface above's synthetic gradient for h_k, checked to be shaped like h_k."""
+        assert self.interface is not None
+        p = self.interface.predict(h, context)
+        if p.shape != h.shape:
+            raise ConfigError(f"the synthesizer of the interface above stage {self.index + 1} "
+                              f"({type(self.interface.model).__name__}) returned a tensor of shape {list(p.shape)}; "
+                              f"it must return one shaped like the activation it sits on, {list(h.shape)}")
+        return p
 
     # -- the interface above: regression onto the target -----------------------------------------
     def take_target(self, step: int, target: torch.Tensor | None) -> float | None:
@@ -200,7 +228,7 @@ class StageRule:
             # since, and graphs do not outlive a parameter update): predict now. When one was made
             # already, its BN statistics saw h once; this pass leaves them alone.
             with frozen_batchnorm_stats([self.interface.model]) if p.predicted else contextlib.nullcontext():
-                prediction = self.interface.predict(p.h, p.context)
+                prediction = self._predict(p.h, p.context)
         loss = self.interface.update(prediction, target)
         for q in self.pending:  # the synthesizer just moved: the other predictions' graphs are stale
             q.prediction = None
@@ -228,6 +256,10 @@ class StageRule:
                     raise ValueError("the forward interface moved since this step: pass its network_input")
                 with frozen_batchnorm_stats([fi.model]):
                     prediction = fi.predict(network_input, context)
+            if prediction.shape != real.shape:
+                raise ConfigError(f"the forward interface in front of stage {self.index + 1} "
+                                  f"({type(fi.model).__name__}) predicted a tensor of shape {list(prediction.shape)}; "
+                                  f"the real input of the stage has shape {list(real.shape)}")
             loss = fi.update(prediction, real)
             for later in self.synthetic_inputs.values():  # the forward interface just moved
                 later.prediction = None

@@ -171,7 +171,8 @@ class Trainer:
             "window": self.window.state(), "pending_diag": self.pending_diag, "torch_rng": torch.get_rng_state()})
 
     def _save_model(self, name: str, accuracy: float) -> None:
-        self.run.save_model(name, self.step, {"test_accuracy": accuracy, "stages": self.rule.stages.state_dict()})
+        self.run.save_model(name, self.step, {"test_accuracy": accuracy, "stages": self.rule.stages.state_dict(),
+                                              "model": self.rule.model_state_dict()})
 
     def _stop_if_asked(self) -> None:
         """Between steps: if SIGINT or SIGTERM came, checkpoint here (unless just done) and raise Interrupted."""
