@@ -7,12 +7,13 @@ import importlib.util
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from synthgrad import __version__, data, models
 from synthgrad.checkpoint import LATEST as CHECKPOINT
 from synthgrad.config import METHOD_DEFAULTS, SCHEDULES, TrainConfig
-from synthgrad.errors import ConfigError, Interrupted, SynthgradError
+from synthgrad.errors import ConfigError, DivergenceError, Interrupted, SynthgradError
 from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.rules import METHODS, TARGETS, UNLOCKS
 from synthgrad.stopping import StopRequests
@@ -332,11 +333,30 @@ def cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
+def _divergence(e: DivergenceError) -> str:
+    """The library's divergence message, in the command line's words (its flags)."""
+    if not e.what:
+        return str(e)
+    return (f"non-finite {e.what} at stage {e.stage + 1}, step {e.step}; the run diverged. Try a lower --lr or "
+            "--synth-lr, a --synth-scale below 1 or --synth-warmup N; the last good checkpoint is kept, but resuming "
+            "with the same settings would diverge again at the same step")
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    """Warnings (a run's health, say) as one line each."""
+    print(f"synthgrad: warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "plot": cmd_plot, "data": cmd_data, "models": cmd_models}[args.command]
     try:
-        return handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # restored when the block ends
+            return handler(args)
+    except DivergenceError as e:
+        print(f"synthgrad: error: {_divergence(e)}", file=sys.stderr)
+        return e.exit_code
     except Interrupted as e:  # not an error: the run stopped where it was asked to
         print(f"synthgrad: {e}", file=sys.stderr)
         return e.exit_code

@@ -77,7 +77,7 @@ def finish_figure(fig: plt.Figure, ax: plt.Axes, path: Path, *, title: str, ylab
 
 
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """Write loss.png, accuracy.png and, for DNI runs, synth_loss.png and grad_cosine.png."""
+    """Write loss.png, accuracy.png and, for DNI runs, synth_loss.png, grad_cosine.png and act_rms.png."""
     runs = [(Path(d), _load(Path(d))) for d in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +112,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
          "cosine similarity", False),
         ("input_loss", "input_loss.png", "Synthetic input loss per stage (complete unlock)",
          "MSE to the real activation", True),
+        ("act_rms_drift", "act_rms.png", "Activation RMS per boundary, over its first sample",
+         "RMS / first RMS", True),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = False

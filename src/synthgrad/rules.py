@@ -19,6 +19,7 @@ from synthgrad.cutting import uncut
 from synthgrad.defaults import DefaultForwardInterfaces, DefaultInterfaces
 from synthgrad.diagnostics import check_finite, gradient_agreement, true_gradient
 from synthgrad.errors import ConfigError
+from synthgrad.health import Health, rms
 from synthgrad.interfaces import (
     BackwardInterface,
     ForwardInterface,
@@ -193,6 +194,8 @@ class DNI(StepRule):
     forward_interfaces: for the complete unlock, one per stage k >= 1: stage k then runs on a
         synthetic input predicted from the network input instead of waiting for stage k-1; each
         forward interface regresses onto the real activation, computed by a forward-only pass.
+    health: how often to sample the synthetic gradients against the true ones and the activations'
+        RMS, and when to warn (`synthgrad.health.Health`; default: every 100 steps).
     """
 
     method = "dni"
@@ -202,7 +205,8 @@ class DNI(StepRule):
                  loss_fn: LossFn = F.cross_entropy, conditioned: bool = False,
                  num_classes: int | None = None, target: str = "bootstrap",
                  update_prob: float = 1.0, seed: int = 0,
-                 forward_interfaces: Sequence[ForwardInterface] | None = None, schedule: Schedule | None = None):
+                 forward_interfaces: Sequence[ForwardInterface] | None = None, schedule: Schedule | None = None,
+                 health: Health | None = None):
         if len(interfaces) != len(stages) - 1:
             raise ConfigError(f"{len(stages)} stages need {len(stages) - 1} interfaces, got {len(interfaces)}")
         if forward_interfaces and len(forward_interfaces) != len(stages) - 1:
@@ -214,6 +218,7 @@ class DNI(StepRule):
             raise ConfigError("cDNI (conditioned=True) needs num_classes to build the one-hot context")
         super().__init__(stages, lr, optimizer, loss_fn, update_prob, seed, interfaces, forward_interfaces, schedule)
         self.conditioned, self.num_classes, self.target = conditioned, num_classes, target
+        self.health = health if health is not None else Health()
         if conditioned:
             self.method = "cdni"
 
@@ -248,15 +253,18 @@ class DNI(StepRule):
         """The synthesizers' context: the one-hot label [B, num_classes] for cDNI, else None."""
         return F.one_hot(y, self.num_classes).float() if self.conditioned else None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, diagnose: bool = False) -> dict:
+    def step(self, x: torch.Tensor, y: torch.Tensor, diagnose: bool | None = None) -> dict:
         """One DNI step on the batch (x [B, ...], y [B]): every stage updates with its synthetic gradient
         (the last with the loss), and every synthesizer regresses onto its target.
 
-        diagnose: also measure each synthetic gradient against the true gradient (one extra forward
-            and backward pass through the stages above each boundary).
+        diagnose: measure each synthetic gradient against the true gradient (one extra forward and
+            backward pass through the stages above each boundary) and each boundary's activation RMS.
+            None (default): on the health schedule's steps (every `health.every`); True / False: now / not.
         Returns {"train_loss": float, "synth_loss": [per interface, None where no target came],
-            "input_loss": [...] (complete unlock), "grad_cosine", "grad_rel_error": [...] (diagnose)}.
+            "input_loss": [...] (complete unlock); on a diagnosed step also "grad_cosine",
+            "grad_rel_error", "act_rms" and "act_rms_drift" (RMS over its first sample): [per interface]}.
         """
+        diagnose = self.health.due(self.steps) if diagnose is None else diagnose
         self._begin_step()
         ctx = self.context(y)
         rules, last, t = self.stage_rules, len(self.stage_rules) - 1, self.steps
@@ -265,6 +273,7 @@ class DNI(StepRule):
         input_loss: list[float | None] = [None] * last
         cosine: list[float | None] = [None] * last
         rel_error: list[float | None] = [None] * last
+        act_rms: list[float | None] = [None] * last
         true_below: torch.Tensor | None = None  # dL/dh_(k-1), for "backprop" targets
         h, real, loss = x, x, None  # real: the real activation, under the complete unlock
         for k, rule in enumerate(rules):
@@ -278,6 +287,8 @@ class DNI(StepRule):
                 true_below = true_gradient(self.stages[k + 1:], res.output, y, self.loss_fn)
                 if diagnose:
                     cosine[k], rel_error[k] = gradient_agreement(rule.pending[-1].prediction, true_below)
+            if diagnose and k < last:
+                act_rms[k] = rms(res.output)
             h, loss = res.output, res.loss
             if complete and k > 0:
                 real, input_loss[k - 1] = rule.take_real_input(t, real, network_input=x, context=ctx)
@@ -291,7 +302,16 @@ class DNI(StepRule):
             stats["input_loss"] = input_loss
         if diagnose:
             stats["grad_cosine"], stats["grad_rel_error"] = cosine, rel_error
+            stats.update(self.health.observe(t, rel_error, act_rms))
         return stats
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "health": self.health.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "health" in state:
+            self.health.load_state_dict(state["health"])
 
 
 def activation_shapes(stages: Sequence[nn.Module], sample: torch.Tensor) -> list[tuple[int, ...]]:

@@ -25,6 +25,7 @@ __all__ = ["CONFIG", "METRICS", "KIND", "Progress", "RunResult", "Trainer", "bui
            "new_run_dir", "prepare_run_dir"]
 
 KIND = "classifier"  # the kind of run in this trainer's checkpoints
+HEALTH_KEYS = ("grad_cosine", "grad_rel_error", "act_rms", "act_rms_drift")  # a diagnosed step's stats
 
 
 def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> StepRule:
@@ -230,7 +231,7 @@ class Trainer:
             t_epoch, n_epoch = time.perf_counter(), 0
             t_last = time.perf_counter()
             for xb, yb in data.batches(x_train, y_train, cfg.batch_size, order, start=self.batch):
-                want_diag = diagnose and self.step % cfg.diagnose_every == 0
+                want_diag = diagnose and self.step % cfg.diagnose_every == 0  # the health sampling
                 if cfg.schedule != "constant":
                     self.rule.set_lr_factor(cfg.lr_factor(self.step, total_steps))
                 stats = self.rule.step(xb, yb, diagnose=want_diag)
@@ -245,9 +246,9 @@ class Trainer:
                 n_epoch += len(xb)
                 if self.on_step is not None:
                     self.on_step(self.step)
-                if want_diag:  # this step's agreement with the true gradient, logged with the next record
-                    self.pending_diag = {"grad_cosine": stats["grad_cosine"],
-                                         "grad_rel_error": stats["grad_rel_error"], "diagnosed_step": self.step}
+                if want_diag:  # this step's health (agreement, activation RMS), logged with the next record
+                    self.pending_diag = {k: stats[k] for k in HEALTH_KEYS}
+                    self.pending_diag["diagnosed_step"] = self.step
                 if self.step % cfg.log_every == 0:
                     self._log_window(n_window / max(now - t_window, 1e-9))
                     t_window, n_window = now, 0

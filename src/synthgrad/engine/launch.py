@@ -89,7 +89,9 @@ def _spawned(rank: int, world: int, port: int, spec: PipelineSpec, job: Job, rep
     except BaseException as e:  # noqa: BLE001 (report everything, then die)
         link = isinstance(e, LinkDown) or "Connection closed" in str(e) or "Connection reset" in str(e)
         kind = type(e).__name__ if isinstance(e, errors.SynthgradError) else None
-        reports.put((rank, time.time(), link, kind, f"{type(e).__name__}: {e}", str(e), traceback.format_exc()))
+        fields = {k: getattr(e, k) for k in ("what", "stage", "step") if isinstance(e, errors.DivergenceError)}
+        reports.put((rank, time.time(), link, kind, f"{type(e).__name__}: {e}", str(e), traceback.format_exc(),
+                     fields))
         reports.close()
         reports.join_thread()
         os._exit(1)
@@ -127,10 +129,10 @@ def failure(procs: list, reports: list[tuple], world: int) -> errors.SynthgradEr
                             "If it was killed for memory, use a smaller batch or model")
     reports = sorted(reports, key=lambda r: (r[2], r[1]))  # raised errors before lost links, earliest first
     if reports:
-        k, _, _, kind, msg, plain, tb = reports[0]
+        k, _, _, kind, msg, plain, tb, fields = reports[0]
         cls = getattr(errors, kind, None) if kind else None
         if cls is not None and issubclass(cls, errors.SynthgradError) and cls is not StageFailure:
-            return cls(f"stage {k + 1} of {world}: {plain}; the other stages were stopped")
+            return cls(f"stage {k + 1} of {world}: {plain}; the other stages were stopped", **fields)
         last = tb.strip().splitlines()[-3:] if tb else []
         detail = "; ".join(line.strip() for line in last[:-1])
         return StageFailure(f"stage {k + 1} of {world} failed: {msg}" + (f" (at {detail})" if detail else "")

@@ -1,0 +1,93 @@
+"""Health of a decoupled run, watched by sampling: do the synthetic gradients agree with the true ones, and do
+the activations at the boundaries stay in range? It warns once per problem, with what to try.
+
+Every `every` steps the rule measures, per interface, the synthetic gradient against the true one
+(cosine, and the error relative to the true gradient's norm) and the RMS of each boundary's
+activation. A synthesizer is *no better than nothing* when its prediction lies farther from the
+true gradient than zero does (relative error >= 1) in most samples of a sustained window; an
+activation *runs away* when its RMS grows past `runaway` times its first sample.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+
+class HealthWarning(UserWarning):
+    """A decoupled run looks unhealthy: a synthesizer no better than nothing, or activations running away."""
+
+
+def rms(h: torch.Tensor) -> float:
+    """Root mean square of an activation, over the batch and every feature."""
+    return h.detach().double().pow(2).mean().sqrt().item()
+
+
+@dataclass
+class Health:
+    """The sampled health figures of one rule's interfaces, and the warnings already given.
+
+    every: sample every this many steps (0: never, unless a step asks with diagnose=True).
+    window: samples that make a sustained judgement. runaway: RMS growth that counts as running away.
+    warmup: steps before any judgement (a fresh synthesizer predicts zero: no better than nothing, yet).
+    """
+
+    every: int = 100
+    window: int = 10
+    runaway: float = 5.0
+    warmup: int = 500
+    rel_errors: list[list[float]] = field(default_factory=list)  # per interface, the recent samples
+    first_rms: list[float | None] = field(default_factory=list)
+    warned: set[str] = field(default_factory=set)
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def observe(self, step: int, rel_error: list[float | None], act_rms: list[float | None]) -> dict:
+        """Take one sample (per interface); returns the figures for the step's stats, and warns if it must."""
+        n = len(act_rms)
+        if not self.first_rms:
+            self.first_rms, self.rel_errors = [None] * n, [[] for _ in range(n)]
+        drift: list[float | None] = [None] * n
+        for k in range(n):
+            if act_rms[k] is not None:
+                if self.first_rms[k] is None:
+                    self.first_rms[k] = act_rms[k]
+                base = self.first_rms[k]
+                drift[k] = act_rms[k] / base if base else None
+            if rel_error[k] is not None:
+                self.rel_errors[k] = (self.rel_errors[k] + [rel_error[k]])[-self.window:]
+        if step >= self.warmup:
+            self._judge(step, drift)
+        return {"act_rms": act_rms, "act_rms_drift": drift}
+
+    def _judge(self, step: int, drift: list[float | None]) -> None:
+        for k, errors in enumerate(self.rel_errors):
+            if len(errors) >= self.window and statistics.median(errors) >= 1.0:
+                self._warn(f"useless-{k}", (
+                    f"step {step}: the synthesizer above stage {k + 1} has been no better than nothing for the "
+                    f"last {self.window} samples (its prediction lies farther from the true gradient than zero: "
+                    f"median relative error {statistics.median(errors):.2f}). Its stage learns little or drifts. "
+                    "Try cDNI (conditioned=True: the label makes the gradient predictable), SGD stages "
+                    "(optimizer=sg.sgd(...)), a lower stage learning rate, or fewer stages"))
+        for k, d in enumerate(drift):
+            if d is not None and d > self.runaway:
+                self._warn(f"runaway-{k}", (
+                    f"step {step}: the activation above stage {k + 1} has grown {d:.1f}x in RMS since the first "
+                    "sample: the synthetic gradient pushes the stage where the true one would not. Try a lower "
+                    "stage learning rate, SGD stages (optimizer=sg.sgd(...)), or normalising the stage's output"))
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, HealthWarning, stacklevel=4)
+
+    def state_dict(self) -> dict:
+        return {"rel_errors": self.rel_errors, "first_rms": self.first_rms, "warned": sorted(self.warned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rel_errors, self.first_rms = state["rel_errors"], state["first_rms"]
+        self.warned = set(state["warned"])

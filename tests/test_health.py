@@ -1,0 +1,105 @@
+"""Health sampling: agreement with the true gradient and activation RMS in the stats, warnings once, with advice."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import synthgrad as sg
+from synthgrad import data
+from synthgrad.config import TrainConfig
+from synthgrad.health import Health, HealthWarning
+from synthgrad.metrics import read_metrics
+from synthgrad.trainer import Progress, Trainer
+
+
+class NoiseSynthesizer(nn.Module):
+    """Predicts loud noise: farther from the true gradient than zero, always."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return 100 * torch.randn_like(h) + self.p
+
+
+class Oracle(nn.Module):
+    """Predicts the true per-example gradient, from the stage above."""
+
+    def __init__(self, upper: nn.Module, labels: torch.Tensor):
+        super().__init__()
+        self.upper, self.labels = [upper], labels
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return sg.true_gradient(self.upper, h, self.labels) * h.shape[0] + 0 * self.p
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(32, 20, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+
+def test_a_useless_synthesizer_is_warned_about_once_with_what_to_try() -> None:
+    x, y = _batch()
+    stages = [nn.Linear(20, 16), nn.Linear(16, 3)]
+    dni = sg.DNI(stages, [sg.BackwardInterface(NoiseSynthesizer(), sg.adam(1e-3))],
+                 health=Health(every=2, window=3, warmup=0))
+    with pytest.warns(HealthWarning, match=r"synthesizer above stage 1 has been no better than nothing .* Try cDNI"):
+        for _ in range(5):  # samples at steps 0, 2 and 4: a window of 3
+            stats = dni.step(x, y)
+    assert "act_rms" in stats and stats["grad_rel_error"][0] > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: no second warning
+        for _ in range(6):
+            dni.step(x, y)
+
+
+def test_a_true_gradient_synthesizer_is_healthy_and_sampled_on_schedule() -> None:
+    x, y = _batch()
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(20, 16), nn.ReLU()), nn.Linear(16, 3)]
+    dni = sg.DNI(stages, [sg.BackwardInterface(Oracle(stages[1], y), sg.adam(1e-3))],
+                 health=Health(every=3, window=2, warmup=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampled = [("grad_cosine" in dni.step(x, y)) for _ in range(7)]
+    assert sampled == [True, False, False, True, False, False, True]
+    stats = dni.step(x, y, diagnose=True)
+    assert stats["grad_cosine"][0] == pytest.approx(1.0, abs=1e-5) and stats["act_rms"][0] > 0
+    assert stats["act_rms_drift"][0] == pytest.approx(stats["act_rms"][0] / dni.health.first_rms[0])
+
+
+def test_activations_that_run_away_are_warned_about() -> None:
+    health = Health(every=1, window=3, warmup=0, runaway=5.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        health.observe(0, [0.5], [1.0])
+        health.observe(1, [0.5], [4.0])  # 4x: not yet
+    with pytest.warns(HealthWarning, match=r"activation above stage 1 has grown 6.0x in RMS"):
+        drift = health.observe(2, [0.5], [6.0])["act_rms_drift"]
+    assert drift == [6.0]
+    restored = Health()
+    restored.load_state_dict(copy.deepcopy(health.state_dict()))
+    assert restored.warned == health.warned and restored.first_rms == [1.0]
+
+
+def test_the_trainer_logs_health_and_plots_it(fake_data_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(model="fcn-2", method="dni", epochs=1, batch_size=32, width=32, synth_width=32, log_every=4,
+                      diagnose_every=4, verify_md5=False).resolve()
+    ds = data.load("mnist", fake_data_dir, cache_dir=tmp_path / "c", check_md5=False)
+    t = Trainer(cfg, ds, tmp_path / "run", progress=Progress(enabled=False))
+    t.start()
+    t.fit()
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "step"]
+    assert all(len(r["act_rms"]) == 2 and r["act_rms"][0] > 0 and r["diagnosed_step"] == r["step"] - 3
+               for r in steps[1:])
+    from synthgrad.plots import plot_runs
+
+    assert tmp_path / "run" / "act_rms.png" in plot_runs([tmp_path / "run"], tmp_path / "run")
