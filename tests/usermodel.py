@@ -112,3 +112,9 @@ class NaNSynthesizer(nn.Module):
 
 def nan_interface(k: int, shape: tuple[int, ...]) -> sg.BackwardInterface:
     return sg.BackwardInterface(NaNSynthesizer(), sg.adam(1e-3))
+
+
+def auxiliary(k: int, shape: tuple[int, ...]) -> sg.AuxiliaryClassifier:
+    """DGL's auxiliary classifier above stage k: a linear head, seeded."""
+    torch.manual_seed(300 + k)
+    return sg.AuxiliaryClassifier(nn.Linear(shape[0], NUM_CLASSES), sg.adam(1e-3))

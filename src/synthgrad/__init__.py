@@ -13,7 +13,8 @@ The public API, enough to decouple any model given as a list of stages::
 Pieces: synthesizers (`VectorSynthesizer`, `ConvSynthesizer`, `InputSynthesizer`, or any module
 called as synth(h, context)), interfaces (`BackwardInterface`, `ForwardInterface`), optimizer
 factories (`adam`, `sgd`), schedules (`cosine_schedule`), the per-stage rule (`StageRule`,
-`stage_step`), rules (`Backprop`, `DNI`), diagnostics (`true_gradient`), the engine (`Pipeline`).
+`stage_step`), rules (`Backprop`, `DNI`; `DGL` with `AuxiliaryClassifier`s as a baseline),
+diagnostics (`true_gradient`), the engine (`Pipeline`, also with methods "ddg" and "dgl").
 Helpers: `cut(model, K, sample=x[:2])` cuts an nn.Sequential into K stages balanced by cost, and
 `uncut(stages)` puts them back together (`rule.model_state_dict()` is keyed by layer, whatever the cut);
 `load_dataset("mnist")` (or "fashion-mnist", "cifar10", an .npz path) returns the CLI's datasets
@@ -22,6 +23,7 @@ as tensors.
 
 __version__ = "0.1.0"
 
+from synthgrad.auxiliary import DGL, AuxiliaryClassifier  # noqa: E402
 from synthgrad.cutting import cut, uncut  # noqa: E402
 from synthgrad.data import Dataset, load_dataset  # noqa: E402
 from synthgrad.defaults import DefaultForwardInterfaces, DefaultInterfaces  # noqa: E402
@@ -46,7 +48,9 @@ from synthgrad.synthesizers import (  # noqa: E402
 )
 
 __all__ = [
+    "DGL",
     "DNI",
+    "AuxiliaryClassifier",
     "BackwardInterface",
     "Backprop",
     "ConvSynthesizer",

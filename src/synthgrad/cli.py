@@ -12,10 +12,10 @@ from pathlib import Path
 
 from synthgrad import __version__, data, models
 from synthgrad.checkpoint import LATEST as CHECKPOINT
-from synthgrad.config import METHOD_DEFAULTS, SCHEDULES, TrainConfig
+from synthgrad.config import METHOD_DEFAULTS, METHODS, SCHEDULES, TrainConfig
 from synthgrad.errors import ConfigError, DivergenceError, Interrupted, SynthgradError
 from synthgrad.interfaces import OPTIMIZERS
-from synthgrad.rules import METHODS, TARGETS, UNLOCKS
+from synthgrad.rules import TARGETS, UNLOCKS
 from synthgrad.stopping import StopRequests
 
 
@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{', '.join(data.DATASET_NAMES)}, or PATH.npz: your own images and labels "
                         "(layout in the README)")
     g.add_argument("--method", choices=(*METHODS, "bptt"), default="dni",
-                   help="backprop; dni (synthetic gradients); cdni (conditioned on the label); "
-                        "bptt (truncated BPTT, with --task only)")
+                   help="backprop; dni (synthetic gradients); cdni (conditioned on the label); baselines: ddg "
+                        "(delayed true gradients, with --stages) and dgl (local auxiliary classifiers); bptt "
+                        "(truncated BPTT, with --task only)")
     g.add_argument("--target", choices=TARGETS, default="bootstrap",
                    help="what synthesizers regress onto: bootstrap (paper) or backprop (true gradient "
                         "of a full backward pass, the original reimplementation's simulation)")

@@ -12,7 +12,7 @@ import torch
 from synthgrad import data, models
 from synthgrad.errors import ConfigError, require
 from synthgrad.interfaces import OPTIMIZERS
-from synthgrad.rules import METHODS, TARGETS, UNLOCKS
+from synthgrad.rules import TARGETS, UNLOCKS
 from synthgrad.schedules import lr_factor
 
 SCHEDULES = ("constant", "cosine")
@@ -26,6 +26,11 @@ METHOD_DEFAULTS = {
     "dni": {"lr": 3e-4, "synth_lr": 1e-4, "synth_hidden": 2},  # two hidden layers of 1024, as in the paper
     "cdni": {"synth_lr": 1e-4, "synth_hidden": 0},  # linear synthesizer, as in the paper
 }
+# The classifier's methods: the rules of synthgrad.rules, and two decoupling baselines: delayed true gradients
+# (ddg, pipeline only) and decoupled greedy learning with auxiliary classifiers (dgl; synth_lr is theirs).
+METHODS = ("backprop", "dni", "cdni", "ddg", "dgl")
+METHOD_DEFAULTS["ddg"] = {}
+METHOD_DEFAULTS["dgl"] = {"synth_lr": 1e-3}
 SGD_LR = 0.01  # the stage learning rate with --optimizer sgd (Nesterov momentum 0.9), for every method
 
 
@@ -162,9 +167,13 @@ class TrainConfig(CommonConfig):
         need(self.unlock in UNLOCKS, f"--unlock must be one of {', '.join(UNLOCKS)}, got {self.unlock!r}")
         need(0 <= self.input_hidden <= 16, f"--input-hidden must be in 0..16, got {self.input_hidden}")
         need(1 <= self.input_width <= 65536, f"--input-width must be in 1..65536, got {self.input_width}")
-        if self.method == "backprop":
-            need(self.target == "bootstrap", "--target applies to dni and cdni only; drop it for backprop")
+        if self.method in ("backprop", "ddg", "dgl"):
+            need(self.target == "bootstrap", f"--target applies to dni and cdni only; drop it for {self.method}")
             need(self.unlock == "update", "--unlock complete needs synthetic gradients: use --method dni or cdni")
+        if self.method in ("ddg", "dgl"):
+            need(self.update_prob == 1, f"--update-prob applies to backprop, dni and cdni, not {self.method}")
+        need(self.method != "ddg" or self.stages is not None,
+             "--method ddg delays the true gradients between the processes of a pipeline: add --stages K")
         # Any valid shape counts the layers; the data's own is checked once it is loaded (`with_data`).
         shape = tuple(self.input_shape) if self.input_shape else data.INPUT_SHAPES.get(self.dataset, (1, 28, 28))
         n_layers = len(models.build_layers(self.model, shape, self.num_classes or 10, self.width))

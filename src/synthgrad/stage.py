@@ -134,7 +134,7 @@ class StageRule:
         self.interface, self.forward_interface = interface, forward_interface
         for i, where in ((interface, f"the interface above stage {index + 1}"),
                          (forward_interface, f"the forward interface in front of stage {index + 1}")):
-            if i is not None:
+            if i is not None and getattr(i, "calls_model_with_context", True):
                 check_signature(i.model, where)
         self.loss_fn, self.update_prob = loss_fn, update_prob
         self.generator = torch.Generator().manual_seed(seed * 1009 + 7 + index)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgrad import checkpoint, data, models
+from synthgrad.auxiliary import DGL
 from synthgrad.config import TrainConfig
 from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.metrics import MetricsLog, RunningMeans
@@ -33,9 +34,11 @@ def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int)
     torch.manual_seed(cfg.seed)
     stages = models.build_stages(cfg.model, input_shape, num_classes, cfg.stages, cfg.width)
     optimizer = OPTIMIZERS[cfg.optimizer](cfg.lr)
-    if cfg.method == "backprop":
-        return Backprop(stages, optimizer=optimizer, update_prob=cfg.update_prob, seed=cfg.seed)
     sample = torch.zeros(2, *input_shape)
+    if cfg.method in ("backprop", "ddg"):  # ddg: the pipeline delays backprop's gradients (synthgrad.delayed)
+        return Backprop(stages, optimizer=optimizer, update_prob=cfg.update_prob, seed=cfg.seed)
+    if cfg.method == "dgl":
+        return DGL.build(stages, sample, num_classes, optimizer=optimizer, aux_lr=cfg.synth_lr, seed=cfg.seed)
     return DNI.build(stages, sample, conditioned=cfg.method == "cdni", num_classes=num_classes,
                      optimizer=optimizer, synth_lr=cfg.synth_lr, synth_hidden=cfg.synth_hidden,
                      synth_width=cfg.synth_width, synth_scale=cfg.synth_scale,
@@ -221,7 +224,7 @@ class Trainer:
         x_test, y_test = ds.test_x.to(self.device), ds.test_y.to(self.device)
         per_epoch = data.num_batches(len(x_train), cfg.batch_size)
         total_steps = cfg.total_steps(len(x_train))
-        diagnose = cfg.method != "backprop"
+        diagnose = isinstance(self.rule, DNI)  # the health sampling of synthetic gradients
         self.rule.train()
         done = cfg.max_steps is not None and self.step >= cfg.max_steps
         while self.epoch < cfg.epochs and not done:

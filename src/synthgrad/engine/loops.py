@@ -57,6 +57,7 @@ def epoch_record(snap: Snapshot, n_examples: int, epoch_time: float, complete_un
               "staleness": [r["staleness"] for r in reports[:-1]],
               "staleness_max": [r["staleness_max"] for r in reports[:-1]],
               "dropped_targets": [r["dropped_targets"] for r in reports[:-1]],
+              "targets_received": [r["targets_received"] for r in reports[:-1]],
               "stage_busy_s": [round(r["busy_s"], 3) for r in reports],
               "stage_idle_s": [round(r["idle_s"], 3) for r in reports],
               "stage_synth_s": [round(r["synth_s"], 3) for r in reports]}

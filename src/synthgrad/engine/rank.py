@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from synthgrad.auxiliary import DefaultAuxiliaryClassifiers
 from synthgrad.defaults import DefaultForwardInterfaces, DefaultInterfaces
+from synthgrad.delayed import DelayedStageRule
 from synthgrad.engine.complete import RealChain, run_complete
 from synthgrad.engine.feed import Feed
 from synthgrad.engine.loops import Hooks, Schedule, run_first, run_upper
@@ -54,15 +56,18 @@ def build_rule(spec: PipelineSpec, rank: int, world: int, input_shape: tuple[int
     stage = spec.stage(rank)
     (out_shape,) = activation_shapes([stage], torch.zeros(2, *in_shape))
     interface = forward = None
-    if spec.method != "backprop" and rank < world - 1:
-        make = spec.interface or DefaultInterfaces(spec.method == "cdni", spec.num_classes)
+    if spec.method in ("dni", "cdni", "dgl") and rank < world - 1:
+        default = (DefaultAuxiliaryClassifiers(spec.num_classes or 0) if spec.method == "dgl"
+                   else DefaultInterfaces(spec.method == "cdni", spec.num_classes))
+        make = spec.interface or default
         torch.manual_seed(spec.seed * 7919 + 1 + rank)
         interface = make(rank, out_shape)
     if spec.complete and rank > 0:
         make_input = spec.forward_interface or DefaultForwardInterfaces(spec.method == "cdni", spec.num_classes)
         torch.manual_seed(spec.seed * 7919 + 5003 + rank)
         forward = make_input(rank, input_shape, in_shape)
-    rule = StageRule(rank, stage, spec.optimizer(stage.parameters()), interface=interface,
+    kind = DelayedStageRule if spec.method == "ddg" and rank < world - 1 else StageRule
+    rule = kind(rank, stage, spec.optimizer(stage.parameters()), interface=interface,
                      forward_interface=forward, loss_fn=spec.loss_fn, update_prob=spec.update_prob, seed=spec.seed,
                      keep=2 * spec.max_inflight + 8)
     return rule, out_shape

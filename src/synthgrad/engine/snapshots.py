@@ -162,7 +162,8 @@ def report(w: StageWorker, epoch_end: bool, log: StepLog | None) -> dict:
     out = {"state": cpu(rule.state_dict()), "position": w.position(),
            "busy_s": time.perf_counter() - w.t0 - w.idle[0], "idle_s": w.idle[0], "synth_s": w.synth[0],
            "staleness": w.stale_sum / w.stale_n if w.stale_n else None,
-           "staleness_max": w.stale_max if w.stale_n else None, "dropped_targets": rule.dropped}
+           "staleness_max": w.stale_max if w.stale_n else None, "dropped_targets": rule.dropped,
+           "targets_received": w.received}
     if w.complete:
         out["steps_done_s"], out["targets_not_sent"] = w.steps_done_s, w.not_sent
     if log is not None:

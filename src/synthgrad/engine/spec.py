@@ -13,7 +13,7 @@ from synthgrad.errors import ConfigError
 from synthgrad.interfaces import BackwardInterface, ForwardInterface, OptimizerFactory, adam
 from synthgrad.stage import LossFn
 
-METHODS = ("backprop", "dni", "cdni")
+METHODS = ("backprop", "dni", "cdni", "ddg", "dgl")
 StageFactory = Callable[[int], nn.Module]  # k -> stage k
 InterfaceFactory = Callable[[int, tuple[int, ...]], BackwardInterface]  # (k, shape of h_k) -> interface above k
 # (k, network input shape, shape of h_(k-1)) -> forward interface in front of stage k
@@ -29,7 +29,10 @@ class PipelineSpec:
     stage: k -> stage k (an nn.Module); each process calls it for its own k only (rank 0 also calls it
         for every k to assemble the plain network at the end). The engine seeds torch with
         seed + k before the call.
-    method: "backprop" (the locked pipeline: each stage waits for the true gradient), "dni" or "cdni".
+    method: "backprop" (the locked pipeline: each stage waits for the true gradient), "dni", "cdni",
+        "ddg" (delayed true gradients: a stage updates when the true gradient of its step arrives, K-1-k
+        steps late; synthgrad.delayed) or "dgl" (each stage but the last trains on a local auxiliary
+        classifier, nothing is sent down; synthgrad.auxiliary).
     interface: (k, per-example shape of h_k) -> the BackwardInterface above stage k; None: the
         library's default (`synthgrad.defaults.DefaultInterfaces`).
     forward_interface: the complete unlock's (k, input shape, shape of h_(k-1)) -> ForwardInterface
@@ -65,8 +68,10 @@ class PipelineSpec:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.num_stages < 2:
             raise ConfigError(f"a pipeline needs num_stages >= 2, got {self.num_stages}")
-        if self.method == "cdni" and not self.num_classes:
-            raise ConfigError("method 'cdni' needs num_classes to build the one-hot context")
+        if self.method in ("cdni", "dgl") and not self.num_classes:
+            raise ConfigError(f"method {self.method!r} needs num_classes to build the one-hot label")
+        if self.method in ("ddg", "dgl") and (self.unlock != "update" or self.update_prob < 1):
+            raise ConfigError(f"method {self.method!r} takes neither the complete unlock nor update_prob below 1")
         if self.unlock not in ("update", "complete"):
             raise ConfigError(f"unknown unlock {self.unlock!r}; choose update or complete")
         if self.method == "backprop" and self.unlock != "update":
@@ -84,5 +89,5 @@ class PipelineSpec:
         return self.unlock == "complete" and self.method != "backprop"
 
     def context(self, y: torch.Tensor) -> torch.Tensor | None:
-        """The synthesizers' context: the one-hot label for cDNI, else None (as `DNI.context`)."""
-        return F.one_hot(y, self.num_classes).float() if self.method == "cdni" else None
+        """The interfaces' context: the one-hot label for cDNI and DGL, else None (as `DNI.context`)."""
+        return F.one_hot(y, self.num_classes).float() if self.method in ("cdni", "dgl") else None

@@ -28,8 +28,11 @@ class StageWorker:
                  batch: int, in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
         self.spec, self.rank, self.world, self.rule, self.device = spec, rank, world, rule, device
         self.last = rank == world - 1
-        self.locked = spec.method == "backprop"
+        self.locked = spec.method == "backprop"  # waits for the true gradient of each step
+        self.delayed = spec.method == "ddg" and not self.last  # updates when the true gradient of a step comes
+        self.local = spec.method == "dgl"  # trains on its own auxiliary loss: no backward messages at all
         self.complete = spec.complete
+        self.draining = False  # inside drain_targets (DDG sends gradients down from there: no re-entry)
         self.in_shape, self.out_shape, self.batch = in_shape, out_shape, batch
         self.stats = StatsLayout(world - 1, world - 1 if self.complete else 0)
         self.fwd_in_layout = ForwardLayout(batch, in_shape, self.stats)
@@ -52,6 +55,7 @@ class StageWorker:
         self.input_loss = math.nan  # complete unlock: the forward interface's latest loss
         self.stale_sum, self.stale_n, self.stale_max = 0.0, 0, 0
         self.not_sent = 0  # complete unlock: targets dropped because the link down was full
+        self.received = 0  # messages with a target (DDG: a gradient) that came down to this stage
         self.steps_done_s = math.nan  # complete unlock: when this rank finished its own steps of the epoch
         self.elapsed0 = 0.0  # seconds of training before a resume
         self.t0 = time.perf_counter()
@@ -63,10 +67,13 @@ class StageWorker:
         if r > 0:
             self.fwd_in = Inbox(r - 1, fwd_groups[r - 1], self.fwd_in_layout.numel, self.device, 1, "activations",
                                 link)
-            self.bwd_out = Outbox(r - 1, bwd_groups[r - 1], m + 2, "targets", link)
+            if not self.local:
+                self.bwd_out = Outbox(r - 1, bwd_groups[r - 1], m + 2, "targets", link)
         if not self.last:
             self.fwd_out = Outbox(r + 1, fwd_groups[r], m, "activations", link)
-            self.bwd_in = Inbox(r + 1, bwd_groups[r], self.bwd_in_layout.numel, self.device, m + 2, "targets", link)
+            if not self.local:
+                self.bwd_in = Inbox(r + 1, bwd_groups[r], self.bwd_in_layout.numel, self.device, m + 2, "targets",
+                                    link)
 
     def send_up(self, msg: torch.Tensor) -> None:
         assert self.fwd_out is not None
@@ -98,13 +105,18 @@ class StageWorker:
             if self.locked:
                 upstream = self.wait_gradient
         res = self.rule.step(x, y, step, context=ctx, network_input=network_input, upstream=upstream,
-                             on_output=on_output, input_grad=self.rank > 0, keep_graph=spec.lockstep)
+                             on_output=on_output, input_grad=self.rank > 0 and not self.local,
+                             keep_graph=spec.lockstep)
         self.step += 1
         self.next_batch = (epoch, batch + 1)
-        self.send_down(step, res.input_grad)
+        if self.local and not self.last:  # DGL: the auxiliary classifier's loss stands for the synthesizer's
+            self.my_stats = [math.nan, self.rule.interface.last_loss]  # type: ignore[union-attr]
+        if not self.delayed:  # a delayed stage sends its input's gradient when its own comes (apply_gradient)
+            self.send_down(step, res.input_grad)
         if not spec.lockstep:
             self.drain_targets()
-        elif self.rule.interface is not None and not (self.complete and self.rank > 0):
+        elif self.delayed or (self.rule.interface is not None and not self.local
+                              and not (self.complete and self.rank > 0)):
             self.await_target(step)  # lockstep (a stage on a synthetic input first waits for its real input)
         return None if res.loss is None else res.loss.item()
 
@@ -137,21 +149,32 @@ class StageWorker:
             if not self.bwd_out.offer(msg):
                 self.not_sent += 1
             return
-        self.bwd_out.put(msg, on_idle=self.drain_targets, idle=self.idle)
+        # While draining (DDG sends from there) it waits without draining again: the stage below drains.
+        self.bwd_out.put(msg, on_idle=None if self.draining else self.drain_targets, idle=self.idle)
 
     def drain_targets(self) -> None:
         """Apply every target that has arrived from above, without waiting for any."""
-        if self.bwd_in is None or self.locked or self.stopped_above:
+        if self.bwd_in is None or self.locked or self.stopped_above or self.draining:
             return
-        while self.early and int(self.early[0][1]) < self.step:  # complete unlock: their step has run now
-            self.apply_target(self.early.popleft())
-        while (msg := self.bwd_in.get(block=False)) is not None:
-            self.apply_target(msg)
+        self.draining = True
+        try:
+            while self.early and int(self.early[0][1]) < self.step:  # complete unlock: their step has run now
+                self.apply_target(self.early.popleft())
+            while not self.stopped_above and (msg := self.bwd_in.get(block=False)) is not None:
+                self.apply_target(msg)
+        finally:
+            self.draining = False
+
+    def _waiting_for(self, step: int) -> bool:
+        """Lockstep: whether the target (DDG: the gradient) of `step` has yet to be taken."""
+        if self.delayed:
+            return bool(self.rule.stored) and self.rule.stored[0].step <= step  # type: ignore[attr-defined]
+        return bool(self.rule.pending) and self.rule.pending[0].step <= step
 
     def await_target(self, step: int) -> None:
         """Lockstep: apply targets, waiting for them, until the one of `step` has been taken."""
         assert self.bwd_in is not None
-        while not self.stopped_above and self.rule.pending and self.rule.pending[0].step <= step:
+        while not self.stopped_above and self._waiting_for(step):
             if self.early and int(self.early[0][1]) < self.step:  # it came before this stage ran its step
                 self.apply_target(self.early.popleft())
                 continue
@@ -159,10 +182,32 @@ class StageWorker:
             assert msg is not None
             self.apply_target(msg)
 
+    def apply_gradient(self, s: int, grad: torch.Tensor) -> None:
+        """DDG: the true gradient of step s came down: the stage replays and updates, and its input's
+        gradient goes on down."""
+        t0 = time.perf_counter()
+        below = self.rule.take_gradient(s, grad, input_grad=self.rank > 0)  # type: ignore[attr-defined]
+        self.synth[0] += time.perf_counter() - t0
+        staleness = self.step - 1 - s
+        self.stale_sum, self.stale_n = self.stale_sum + staleness, self.stale_n + 1
+        self.stale_max = max(self.stale_max, staleness)
+        self.my_stats = [float(staleness), math.nan]
+        if below is not None:
+            was, self.draining = self.draining, True
+            try:
+                self.send_down(s, below)
+            finally:
+                self.draining = was
+
     def apply_target(self, msg: torch.Tensor) -> None:
         kind, s, target = self.bwd_in_layout.unpack(msg)
         if kind == STOP:
             self.stopped_above = True
+            return
+        self.received += kind == DATA
+        if self.delayed:
+            if target is not None:
+                self.apply_gradient(s, target.clone())  # the message buffer is not ours to keep
             return
         if self.complete and s >= self.step:  # from a stage above that runs ahead: keep it until step s has run
             if len(self.early) < self.early_max:
@@ -189,7 +234,7 @@ class StageWorker:
                 if self.locked:
                     self.stopped_above = float(msg[0]) == STOP
                 else:
-                    self.apply_target(msg)
+                    self.apply_target(msg)  # late targets (DDG: late gradients, which still update)
         if self.bwd_out is not None:
             self.bwd_out.put(self.bwd_out_layout.pack(STOP, self.step, device=self.device))
             self.bwd_out.close()
