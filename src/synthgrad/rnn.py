@@ -167,9 +167,10 @@ class TruncatedBPTT:
                  optimizer: OptimizerFactory | None = None, aux_weight: float = 0.0,
                  discount: float | None = None):
         if truncation < 1:
-            raise ConfigError(f"--truncation must be >= 1, got {truncation}")
+            raise ConfigError(f"truncation must be >= 1, got {truncation}")
         if aux_weight < 0 or (aux_weight > 0 and interface is None):
-            raise ConfigError(f"the auxiliary task (--aux-weight {aux_weight}) needs --method dni and a weight >= 0")
+            raise ConfigError(f"the auxiliary task (aux_weight={aux_weight}) needs a backward interface (DNI) and a "
+                              "weight >= 0")
         self.model, self.truncation, self.loss_fn = model, truncation, loss_fn
         # DNI + Aux: a head from h_t [.., H] to the synthetic gradient's shape [.., 2H], zero-initialised like a
         # synthesizer (it starts by predicting 0), trained with the core by the core's optimizer.
@@ -184,7 +185,7 @@ class TruncatedBPTT:
             params += list(self.aux.parameters())
         self.optimizer = (optimizer or adam(lr))(params)
         if discount is not None and (interface is None or discount < 0):
-            raise ConfigError(f"a bootstrap discount ({discount}) needs --method dni and a value >= 0")
+            raise ConfigError(f"a bootstrap discount ({discount}) needs a backward interface (DNI) and a value >= 0")
         self.interface, self.clip, self.discount = interface, clip, discount
         self.state: torch.Tensor | None = None  # carried state [B, 2H], detached
         # The boundary state whose synthetic gradient awaits its bootstrapped target. Only the
@@ -271,7 +272,7 @@ def build_rule(model: LSTMCore, method: str, truncation: int, loss_fn: SequenceL
     (aux_weight > 0: with the auxiliary task of predicting the synthetic gradient, DNI + Aux; synth_discount:
     the next window's weight in the bootstrapped target, None: synth_scale)."""
     if method not in SEQUENCE_METHODS:
-        raise ConfigError(f"sequence tasks train with --method bptt or dni, not {method!r}")
+        raise ConfigError(f"sequence rules are {' or '.join(SEQUENCE_METHODS)}, not {method!r}")
     interface = None
     if method == "dni":
         synth = VectorSynthesizer(model.state_size, synth_hidden, synth_width)

@@ -53,7 +53,8 @@ def run_here(spec: PipelineSpec, job: Job) -> tuple[list[dict], object]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != spec.num_stages:
         raise ConfigError(f"the pipeline has {spec.num_stages} stages but {world} processes were started; start "
-                          f"{spec.num_stages} (torchrun --nproc-per-node) or cut the model into {world}")
+                          f"{spec.num_stages} processes (torchrun's nproc-per-node times nnodes) or cut the model into "
+                          f"{world}")
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     set_up_stage_process(local_rank, local_world, threads_per_stage(spec.threads, local_world))
