@@ -120,7 +120,7 @@ def test_bootstrap_discount_weighs_the_future_in_the_start_gradient_only(discoun
     torch.testing.assert_close(res.start_grad, want_start)
     for (name, a), b in zip(ref.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, msg=lambda s, n=name: f"{n}: {s}")
-    with pytest.raises(ConfigError, match="--method dni"):
+    with pytest.raises(ConfigError, match=r"needs a backward interface \(DNI\)"):
         build_rule(_model(), "bptt", 3, copy_loss, synth_discount=0.5)
 
 
@@ -157,7 +157,7 @@ def test_zero_initialised_aux_head_leaves_the_core_as_dni_at_step_0() -> None:
     # ...while the head itself learnt, from an aux loss of mean(value^2) (it predicted 0).
     assert out["aux_loss"] == pytest.approx((value ** 2).mean().item())
     assert rules[1.0].aux is not None and rules[1.0].aux.weight.abs().sum() > 0 and rules[0.0].aux is None
-    with pytest.raises(ConfigError, match="--method dni"):
+    with pytest.raises(ConfigError, match=r"needs a backward interface \(DNI\)"):
         build_rule(_model(), "bptt", 3, copy_loss, aux_weight=1.0)
 
 
