@@ -16,6 +16,7 @@ from synthgrad.rules import DNI, Backprop, StepRule, stage_step, true_gradient  
 from synthgrad.synthesizers import (  # noqa: E402
     ConvSynthesizer,
     InputSynthesizer,
+    TokenSynthesizer,
     VectorSynthesizer,
     make_synthesizer,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "Interface",
     "LSTMCore",
     "StepRule",
+    "TokenSynthesizer",
     "TruncatedBPTT",
     "VectorSynthesizer",
     "__version__",
