@@ -1,11 +1,12 @@
-"""Interfaces: regression toward targets, gradient units, scale and warm-up."""
+"""Interfaces: regression toward targets, gradient units, scale and warm-up, trust factor, projection."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from synthgrad import BackwardInterface, ForwardInterface, VectorSynthesizer, adam
+from synthgrad import BackwardInterface, ForwardInterface, VectorSynthesizer, adam, true_gradient
 
 
 def test_backward_interface_regresses_toward_the_target_gradient() -> None:
@@ -54,3 +55,125 @@ def test_state_dict_round_trip() -> None:
     a.train(False)
     b.train(False)
     torch.testing.assert_close(a.predict(h), b.predict(h))
+
+
+class _FixedMap(nn.Module):
+    """A synthesizer that predicts h @ A whatever it is taught (its one parameter is unused)."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.register_buffer("a", a)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return h @ self.a + 0 * self.dummy
+
+
+@pytest.mark.parametrize("c,expected", [(0.5, 0.5), (0.25, 0.25), (2.0, 1.0), (-1.0, 0.0)])
+def test_trust_factor_is_the_least_squares_scalar_clamped(c: float, expected: float) -> None:
+    # Oracle: targets t = c p exactly give E[p.t] / E[p.p] = c on every batch, clamped to [0, 1].
+    torch.manual_seed(0)
+    iface = BackwardInterface(_FixedMap(torch.randn(6, 6)), adam(1e-3), trust=True)
+    assert float(iface.trust_factor) == 1.0  # no evidence yet
+    for _ in range(5):
+        h = torch.randn(16, 6)
+        p = iface.predict(h)
+        iface.update(p, c * p.detach() / 16)  # targets arrive in batch-mean units
+    assert float(iface.trust_factor) == pytest.approx(expected, abs=1e-12)
+    torch.testing.assert_close(iface.stage_gradient(p), p.detach() * expected / 16)
+
+
+def test_trust_shrinks_a_synthesizer_that_predicts_noise_to_about_zero() -> None:
+    # The prediction is a fixed random map of h; the targets a different function of h: no agreement on average.
+    torch.manual_seed(0)
+    iface = BackwardInterface(_FixedMap(torch.randn(32, 32)), adam(1e-3), trust=True)
+    w = torch.randn(32, 32)
+    for _ in range(500):
+        h = torch.randn(64, 32)
+        iface.update(iface.predict(h), (h @ w) / 64)
+    assert abs(float(iface.trust_factor)) < 0.05
+    h = torch.randn(64, 32)
+    p = iface.predict(h)
+    assert iface.stage_gradient(p).norm() < 0.05 * (p / 64).norm()
+    # Off, the same interface applies the prediction as it is.
+    iface.trust = False
+    torch.testing.assert_close(iface.stage_gradient(p), p.detach() / 64)
+
+
+def test_trust_state_is_checkpointed() -> None:
+    torch.manual_seed(0)
+    a = BackwardInterface(_FixedMap(torch.randn(4, 4)), adam(1e-3), trust=True)
+    for _ in range(3):
+        p = a.predict(torch.randn(8, 4))
+        a.update(p, 0.3 * p.detach() / 8)
+    b = BackwardInterface(_FixedMap(torch.randn(4, 4)), adam(1e-3), trust=True)
+    b.load_state_dict(a.state_dict())
+    assert float(b.trust_factor) == pytest.approx(0.3) and torch.equal(a.fit, b.fit)
+    legacy = {k: v for k, v in a.state_dict().items() if k != "fit"}  # a checkpoint from before the trust factor
+    c = BackwardInterface(_FixedMap(torch.randn(4, 4)), adam(1e-3), trust=True)
+    c.load_state_dict(legacy)
+    assert float(c.trust_factor) == 1.0
+
+
+def test_projection_removes_the_component_along_h_per_example() -> None:
+    torch.manual_seed(0)
+    raw = BackwardInterface(_FixedMap(torch.randn(5, 5)), adam(1e-3))
+    proj = BackwardInterface(raw.model, adam(1e-3), project=True)
+    h = torch.randn(7, 5)
+    p, q = raw.predict(h), proj.predict(h)
+    torch.testing.assert_close((q * h).sum(1), torch.zeros(7), atol=1e-5, rtol=0)
+    coef = (p * h).sum(1, keepdim=True) / (h * h).sum(1, keepdim=True)
+    torch.testing.assert_close(q + coef * h, p)  # only the component along h went
+
+
+def test_projection_keeps_the_true_gradient_of_a_stage_that_normalises_its_input() -> None:
+    # LayerNorm(c h) = LayerNorm(h): the true gradient at h is orthogonal to h, so projecting it changes nothing.
+    torch.manual_seed(0)
+    upper = nn.Sequential(nn.LayerNorm(12, eps=1e-12), nn.Linear(12, 3))  # eps 0: exactly scale-invariant
+    h, y = torch.randn(9, 12), torch.randint(0, 3, (9,))
+
+    class Oracle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dummy = nn.Parameter(torch.zeros(()))
+
+        def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+            return true_gradient([upper], h, y) * h.shape[0] + 0 * self.dummy
+
+    iface = BackwardInterface(Oracle(), adam(1e-3), project=True)
+    torch.testing.assert_close(iface.stage_gradient(iface.predict(h)), true_gradient([upper], h, y),
+                               atol=1e-7, rtol=1e-4)
+
+
+def test_trusted_true_gradient_synthesizers_still_give_backprops_update() -> None:
+    # Oracle: with synthesizers that output the true gradient, the trust factor is 1 and DNI is backprop
+    # (SGD, whose step follows the gradient's scale).
+    import copy
+
+    from synthgrad import DNI, Backprop
+    from synthgrad.interfaces import sgd
+    from synthgrad.models import build_stages
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)
+    torch.manual_seed(0)
+    stages = build_stages("fcn-3", (1, 28, 28), 10)
+    bp = Backprop(copy.deepcopy(stages), optimizer=sgd(0.1))
+
+    class Oracle(nn.Module):
+        def __init__(self, upper: list[nn.Module]):
+            super().__init__()
+            self.upper, self.dummy = upper, nn.Parameter(torch.zeros(()))
+
+        def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+            return true_gradient(self.upper, h, y) * h.shape[0] + 0 * self.dummy
+
+    ifaces = [BackwardInterface(Oracle(list(stages[k + 1:])), adam(1e-3), trust=True)
+              for k in range(len(stages) - 1)]
+    dni = DNI(stages, ifaces, optimizer=sgd(0.1))
+    for _ in range(3):
+        bp.step(x, y)
+        dni.step(x, y)
+    assert all(float(i.trust_factor) == pytest.approx(1.0, abs=1e-6) for i in ifaces)
+    for a, b in zip(bp.stages.parameters(), dni.stages.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from synthgrad.synthesizers import ConvSynthesizer, VectorSynthesizer, make_synthesizer
+from synthgrad.synthesizers import ConvSynthesizer, TokenSynthesizer, VectorSynthesizer, make_synthesizer
 
 
 @pytest.mark.parametrize("hidden", [0, 1, 2])
@@ -60,3 +60,24 @@ def test_conditioned_synthesizer_without_context_says_why() -> None:
         VectorSynthesizer(8, context_dim=10)(torch.randn(2, 8))
     with pytest.raises(ValueError, match="needs the context"):
         ConvSynthesizer(4, hidden_layers=0, context_dim=10)(torch.randn(2, 4, 5, 5))
+
+
+def test_token_synthesizer_is_one_vector_synthesizer_shared_across_positions() -> None:
+    # Oracle: the same VectorSynthesizer applied to each position's [h_n, context] separately.
+    torch.manual_seed(0)
+    s = TokenSynthesizer(6, hidden_layers=1, width=5, context_dim=3)
+    assert torch.count_nonzero(s(torch.randn(2, 4, 6), torch.eye(3)[:2])) == 0  # zero start
+    torch.nn.init.normal_(s.token.net[-1].weight)
+    s.eval()
+    h, ctx = torch.randn(2, 4, 6), torch.eye(3)[[0, 2]]
+    out = s(h, ctx)
+    for n in range(4):
+        torch.testing.assert_close(out[:, n], s.token(h[:, n], ctx))
+
+
+def test_make_synthesizer_dispatches_tokens_to_a_token_synthesizer() -> None:
+    assert isinstance(make_synthesizer((16, 32), hidden_layers=0), TokenSynthesizer)
+    assert isinstance(make_synthesizer((32,), hidden_layers=0), VectorSynthesizer)
+    assert isinstance(make_synthesizer((4, 7, 7), hidden_layers=0), ConvSynthesizer)
+    with pytest.raises(ValueError, match="needs the context"):
+        TokenSynthesizer(8, context_dim=10)(torch.randn(2, 3, 8))

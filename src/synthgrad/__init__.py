@@ -43,6 +43,7 @@ from synthgrad.stage import StageRule, stage_step  # noqa: E402
 from synthgrad.synthesizers import (  # noqa: E402
     ConvSynthesizer,
     InputSynthesizer,
+    TokenSynthesizer,
     VectorSynthesizer,
     make_synthesizer,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "PipelineResult",
     "StageRule",
     "StepRule",
+    "TokenSynthesizer",
     "TruncatedBPTT",
     "VectorSynthesizer",
     "__version__",

@@ -108,29 +108,84 @@ class BackwardInterface(Interface):
     scale: multiplies the synthetic gradient that the stage below applies.
     warmup_steps: the applied scale ramps linearly from 0 to `scale` over these steps,
         so the stage below waits for a synthesizer that has learnt something.
+    trust: also multiply the applied synthetic gradient by `trust_factor`, alpha = E[p.t] / E[p.p],
+        the least-squares scalar that best maps the synthesizer's predictions p onto the targets t
+        that later arrive for them, clamped to [0, 1]. The two expectations are exponential moving
+        averages over the targets received (decay `trust_decay`; their bias corrections cancel in the
+        ratio). A synthesizer that predicts noise, or a gradient many times too large, applies ~0: the
+        stage below stays where it is instead of drifting; a good one applies ~1. It needs only the
+        targets the interface already receives, so it works for any synthesizer and in any engine.
+        The scale matters to a stage optimizer whose step follows the gradient's size (SGD); Adam
+        normalises it away, except for a factor of exactly 0, which stops it.
+    project: remove from each example's prediction its component along that example's activation h
+        (p - (p.h / h.h) h), in what is regressed as in what is applied. A stage that feeds a
+        normalisation has a true gradient orthogonal to h; a synthetic gradient with a component along
+        h changes the scale of h, which a synthesizer linear in h then follows: a runaway loop.
     """
 
     def __init__(self, synthesizer: nn.Module, optimizer: OptimizerFactory | torch.optim.Optimizer,
-                 scale: float = 1.0, warmup_steps: int = 0):
+                 scale: float = 1.0, warmup_steps: int = 0, trust: bool = False, trust_decay: float = 0.99,
+                 project: bool = False):
         super().__init__(synthesizer, optimizer)
+        if not 0.0 <= trust_decay < 1.0:
+            raise ValueError(f"trust_decay must lie in [0, 1), got {trust_decay}")
         self.scale, self.warmup_steps = scale, warmup_steps
+        self.trust, self.trust_decay, self.project = trust, trust_decay, project
+        # Moving averages of the per-example p.t and p.p (float64 [2]); the trust factor is their ratio.
+        self.fit = torch.zeros(2, dtype=torch.float64)
 
     @property
     def synthesizer(self) -> nn.Module:
         return self.model
 
+    @property
+    def trust_factor(self) -> torch.Tensor:
+        """alpha in [0, 1] (a 0-dim float64 tensor); 1 when `trust` is off or before any non-zero prediction
+        met its target (a zero-initialised synthesizer applies zero then anyway)."""
+        if not self.trust:
+            return torch.ones((), dtype=torch.float64)
+        pt, pp = self.fit[0], self.fit[1]
+        return torch.where(pp > 0, (pt / pp.clamp_min(1e-300)).clamp(0.0, 1.0), torch.ones_like(pp))
+
     def predict(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The synthesizer's per-example gradient B * dL/dh, shaped like h, graph kept for `update`."""
-        return self.model(h.detach(), context)
+        p = self.model(h.detach(), context)
+        if self.project:  # per example: p - (p.h / h.h) h, on the flattened [B, D] views
+            pf, hf = p.flatten(1), h.detach().flatten(1)
+            coef = (pf * hf).sum(1, keepdim=True) / hf.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+            p = (pf - coef * hf).view_as(p)
+        return p
 
     def stage_gradient(self, prediction: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """What the stage below backpropagates: the prediction in batch-mean units, scaled and warmed up."""
+        """What the stage below backpropagates: the prediction in batch-mean units, scaled, warmed up and trusted."""
         ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        return prediction.detach() * (self.scale * ramp / prediction.shape[0])
+        factor = self.scale * ramp / prediction.shape[0]
+        if self.trust:
+            return prediction.detach() * (self.trust_factor.to(prediction.dtype) * factor)
+        return prediction.detach() * factor
 
     def update(self, prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
         """Regress onto the gradient that reached h from above, given in batch-mean units."""
-        return self.regress(prediction, target_grad * target_grad.shape[0])
+        target = target_grad * target_grad.shape[0]  # per-example units, like the prediction
+        if self.trust:
+            with torch.no_grad():
+                p, t, b = prediction.detach().double(), target.detach().double(), prediction.shape[0]
+                moments = torch.stack([(p * t).sum() / b, (p * p).sum() / b]).to(self.fit.device)
+                self.fit.mul_(self.trust_decay).add_(moments, alpha=1.0 - self.trust_decay)
+        return self.regress(prediction, target)
+
+    def to(self, device: torch.device | str) -> BackwardInterface:
+        super().to(device)
+        self.fit = self.fit.to(device)
+        return self
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "fit": self.fit.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "fit" in state:  # checkpoints written before the trust factor have none
+            self.fit = state["fit"].to(self.fit.device, self.fit.dtype)
 
 
 class ForwardInterface(Interface):

@@ -159,3 +159,8 @@ def build_stages(name: str, input_shape: tuple[int, ...], num_classes: int,
 def compose(stages: list[nn.Module]) -> nn.Sequential:
     """The plain network: the stages run one after the other (no synthesizers)."""
     return nn.Sequential(*stages)
+
+
+from synthgrad import zoo  # noqa: E402  (user-like architectures beside the paper's; zoo imports nothing from here)
+
+REGISTRY.update({name: ModelSpec(name, *entry) for name, entry in zoo.SPECS.items()})

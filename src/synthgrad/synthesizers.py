@@ -84,6 +84,28 @@ class ConvSynthesizer(nn.Module):
         return self.net[1:](z)
 
 
+class TokenSynthesizer(nn.Module):
+    """For token or sequence activations [B, N, D]: one VectorSynthesizer on D, shared across the N positions.
+
+    Each position's gradient is predicted from that position's activation (and the context, the same
+    for every position), as a Linear over D would act on tokens: D x D weights instead of a flattened
+    (N D) x (N D) matrix, and the same map at every position of a sequence of any length.
+    """
+
+    def __init__(self, dim: int, hidden_layers: int = 0, width: int = 256, context_dim: int = 0):
+        super().__init__()
+        self.dim, self.context_dim = dim, context_dim
+        self.token = VectorSynthesizer(dim, hidden_layers, width, context_dim)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = h.shape
+        if self.context_dim:
+            if context is None:
+                raise ValueError("this synthesizer was built for cDNI and needs the context (one-hot labels)")
+            context = context[:, None, :].expand(b, n, context.shape[1]).reshape(b * n, -1)  # [B N, C]
+        return self.token(h.reshape(b * n, d), context).view(b, n, d)
+
+
 class InputSynthesizer(nn.Module):
     """Predicts a stage's input activation (any shape) from the network input (any shape).
 
@@ -115,8 +137,10 @@ class InputSynthesizer(nn.Module):
 
 def make_synthesizer(activation_shape: tuple[int, ...], hidden_layers: int, width: int | None = None,
                      context_dim: int = 0, kernel_size: int = 5) -> nn.Module:
-    """A synthesizer that fits an activation of shape [C, H, W] (conv) or [D] / other (vector)."""
+    """A synthesizer that fits an activation of shape [C, H, W] (conv), [N, D] (tokens) or [D] / other (vector)."""
     if len(activation_shape) == 3:
         return ConvSynthesizer(activation_shape[0], hidden_layers, width or 64, kernel_size, context_dim)
+    if len(activation_shape) == 2:
+        return TokenSynthesizer(activation_shape[1], hidden_layers, width or 256, context_dim)
     dim = int(torch.tensor(activation_shape).prod())
     return VectorSynthesizer(dim, hidden_layers, width or 1024, context_dim)

@@ -1,0 +1,380 @@
+"""The zoo benchmark: backprop, cDNI, DNI and the frozen floor on user-like models, at the library's defaults.
+
+For every (model, dataset, K stages, method, seed) one run trains through the public API only
+(`sg.DNI.build(stages, sample, conditioned=..., num_classes=...)` with no tuning arguments, or
+`sg.Backprop(stages)`), batch 128, cosine schedule, and records final and best test accuracy, the
+accuracy after each epoch, and every --diagnose-every steps each interface's cosine to the true
+gradient and each boundary's activation RMS (plus, with --probe, the synthetic gradient's norm against
+the true and the bootstrapped target's, its component along h, and each stage's relative step size).
+`frozen` is the floor: the lower stages frozen at their initialisation, only the last stage trained.
+
+Each run is one JSON file under --runs-root (outside the checkout), reused when it exists, so a
+stopped benchmark continues where it stopped. `--variant NAME` runs a candidate rule (TOKENS below)
+in place of the library's defaults; backprop and frozen runs do not depend on it and are shared.
+
+    python benchmarks/zoo.py --epochs 3 --seeds 0 --models resmlp --datasets mnist   # a quick screen
+    python benchmarks/zoo.py --jobs 2                                               # the full table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import date
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import synthgrad as sg
+from synthgrad import zoo
+from synthgrad.config import lr_factor
+from synthgrad.data import batches, epoch_order, load
+from synthgrad.interfaces import sgd
+from synthgrad.models import build_layers
+from synthgrad.rules import activation_shapes
+from synthgrad.trainer import evaluate
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+METHODS = ("backprop", "cdni", "dni", "frozen")
+SHARED = ("backprop", "frozen")  # runs that no variant changes
+DNI_GAP = {"mnist": 3.0, "fashion-mnist": 5.0}  # the issue's DNI targets, points below backprop
+CDNI_GAP = 1.0
+
+StepHook = Callable[[], None]  # called after each step's schedule is set: a variant's own learning-rate rule
+
+
+def library(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, num_classes: int) -> sg.StepRule:
+    """The library's defaults, exactly as a user gets them."""
+    return sg.DNI.build(stages, sample, conditioned=conditioned, num_classes=num_classes)
+
+
+# A candidate rule is named by '+'-joined tokens, e.g. "lin+trust+sgd"; "library" is DNI.build's defaults.
+TOKENS = {
+    "lin": "linear synthesizers for DNI too (cDNI's are linear already)",
+    "trust": "BackwardInterface(trust=True): the applied synthetic gradient times alpha = E[p.t] / E[p.p] in [0, 1]",
+    "proj": "BackwardInterface(project=True): the prediction's component along h removed, per example",
+    "sgd": "every stage SGD (Nesterov momentum 0.9, lr 0.01) instead of Adam (lr 1e-3)",
+    "sgdlow": "stages below an interface SGD (lr 0.01), the last stage Adam (lr 1e-3)",
+    "lrtrust": "Adam stages; each stage's learning rate times its interface's trust factor (needs trust)",
+    "slr<x>": "synthesizer learning rate x (default 1e-4)",
+    "decay<x>": "trust_decay x (default 0.99)",
+}
+
+
+def parse_variant(name: str) -> dict:
+    """The options a variant name stands for; ValueError naming the unknown token."""
+    opts: dict = {"lin": False, "trust": False, "proj": False, "opt": "adam", "lrtrust": False,
+                  "synth_lr": 1e-4, "decay": 0.99}
+    if name == "library":
+        return opts
+    for tok in name.split("+"):
+        if tok in ("lin", "trust", "proj", "lrtrust"):
+            opts[tok] = True
+        elif tok in ("sgd", "sgdlow"):
+            opts["opt"] = tok
+        elif tok.startswith("slr"):
+            opts["synth_lr"] = float(tok[3:])
+        elif tok.startswith("decay"):
+            opts["decay"] = float(tok[5:])
+        else:
+            raise ValueError(f"unknown variant token {tok!r}; tokens: {', '.join(TOKENS)}")
+    return opts
+
+
+def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, conditioned: bool,
+                  num_classes: int) -> tuple[sg.StepRule, StepHook | None]:
+    if name == "library":
+        return library(stages, sample, conditioned, num_classes), None
+    o = parse_variant(name)
+    ctx = num_classes if conditioned else 0
+    hidden = 0 if (o["lin"] or conditioned) else 2
+    interfaces = [sg.BackwardInterface(sg.make_synthesizer(shape, hidden, None, ctx), sg.adam(o["synth_lr"]),
+                                       trust=o["trust"], trust_decay=o["decay"], project=o["proj"])
+                  for shape in activation_shapes(stages, sample)[:-1]]
+    opt = sgd(0.01) if o["opt"] == "sgd" else sg.adam(1e-3)
+    rule = sg.DNI(stages, interfaces, optimizer=opt, conditioned=conditioned, num_classes=num_classes)
+    if o["opt"] == "sgdlow":
+        rule.optimizers = [sgd(0.01)(s.parameters()) for s in stages[:-1]] + [sg.adam(1e-3)(stages[-1].parameters())]
+    hook = None
+    if o["lrtrust"]:
+        def hook() -> None:  # after set_lr_factor: lower stage k's lr times interface k's trust factor
+            for opt_k, iface in zip(rule.optimizers[:-1], rule.interfaces, strict=True):
+                for group in opt_k.param_groups:
+                    group["lr"] *= float(iface.trust_factor)
+    return rule, hook
+
+
+@dataclass(frozen=True)
+class Run:
+    model: str
+    dataset: str
+    stages: int
+    method: str
+    seed: int
+    epochs: int
+    variant: str = "library"
+
+    @property
+    def key(self) -> str:
+        variant = "base" if self.method in SHARED else self.variant
+        k = "kall" if self.method == "backprop" else f"k{self.stages}"  # backprop is the same network for any K
+        return f"{variant}/{self.dataset}-{self.model}-{k}-{self.method}-s{self.seed}-e{self.epochs}"
+
+
+class Probe:
+    """Diagnostics sampled on some steps: activation RMS per boundary and, for DNI, the synthetic gradient's
+    geometry (wrapping each interface's predict and update, which the rule calls as usual)."""
+
+    def __init__(self, rule: sg.StepRule, detail: bool):
+        self.rule, self.detail, self.on = rule, detail, False
+        self.labels: torch.Tensor | None = None
+        self.rms: dict[int, float] = {}
+        self.geometry: dict[int, dict] = {}
+        for k, stage in enumerate(rule.stages[:-1]):
+            stage.register_forward_hook(self._hook(k))
+        if detail:
+            for k, iface in enumerate(rule.interfaces):
+                iface.predict = self._predict(k, iface.predict)
+                iface.update = self._update(k, iface.update)
+
+    def _hook(self, k: int) -> Callable:
+        def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+            if self.on and k not in self.rms:  # the first call: the step's own forward pass
+                self.rms[k] = out.detach().pow(2).mean().sqrt().item()
+        return hook
+
+    def _predict(self, k: int, predict: Callable) -> Callable:
+        def wrapped(h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+            p = predict(h, context)
+            if self.on and k not in self.geometry:
+                g = sg.true_gradient(self.rule.stages[k + 1:], h, self.labels, self.rule.loss_fn)  # batch-mean
+                pd, b = p.detach().flatten(1).double() / p.shape[0], p.shape[0]  # [B, D], batch-mean units
+                gd, hd = g.flatten(1).double(), h.detach().flatten(1).double()
+                unit_h = hd / hd.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                along = lambda v: ((v * unit_h).sum(1).pow(2).sum() / v.pow(2).sum().clamp_min(1e-30)).item()  # noqa: E731
+                self.geometry[k] = {
+                    "p_over_true": (pd.norm() / gd.norm().clamp_min(1e-30)).item(),
+                    "p_along_h": along(pd), "true_along_h": along(gd),  # share of |v|^2 along h, per example
+                    "ls_alpha_true": ((pd * gd).sum() / pd.pow(2).sum().clamp_min(1e-30)).item(),
+                    "true_norm": gd.norm().item() * b, "p_norm": pd.norm().item() * b,  # per-example units
+                }
+            return p
+        return wrapped
+
+    def _update(self, k: int, update: Callable) -> Callable:
+        def wrapped(prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
+            if self.on and k in self.geometry and "p_over_target" not in self.geometry[k]:
+                p = prediction.detach().double() / prediction.shape[0]
+                t = target_grad.detach().double()
+                self.geometry[k].update({
+                    "p_over_target": (p.norm() / t.norm().clamp_min(1e-30)).item(),
+                    "cos_target": F.cosine_similarity(p.flatten(), t.flatten(), dim=0).item(),
+                    "ls_alpha_target": ((p * t).sum() / p.pow(2).sum().clamp_min(1e-30)).item()})
+            return update(prediction, target_grad)
+        return wrapped
+
+    def start(self, labels: torch.Tensor) -> None:
+        self.on, self.labels, self.rms, self.geometry = True, labels, {}, {}
+
+    def stop(self) -> dict:
+        self.on = False
+        out: dict = {"rms": [self.rms.get(k) for k in range(len(self.rule.stages) - 1)]}
+        if self.detail:
+            out["geometry"] = [self.geometry.get(k) for k in range(len(self.rule.interfaces))]
+        return out
+
+
+def build_rule(run: Run, stages: list[nn.Module], sample: torch.Tensor,
+               num_classes: int) -> tuple[sg.StepRule, StepHook | None]:
+    if run.method == "backprop":
+        return sg.Backprop(stages), None
+    if run.method == "frozen":
+        for s in stages[:-1]:
+            s.requires_grad_(False)  # BatchNorm statistics still track the data, as in DNI
+        return sg.Backprop(stages), None
+    return build_variant(run.variant, stages, sample, run.method == "cdni", num_classes)
+
+
+def train(run: Run, diagnose_every: int, probe_detail: bool, data_dir: str | None) -> dict:
+    """One run, start to end; returns its record."""
+    torch.set_num_threads(1)
+    ds = load(run.dataset, data_dir)
+    torch.manual_seed(run.seed)
+    stages = zoo.group_blocks(build_layers(run.model, ds.input_shape, ds.num_classes), run.stages)
+    rule, hook = build_rule(run, stages, ds.train_x[:2], ds.num_classes)
+    probe = Probe(rule, probe_detail and isinstance(rule, sg.DNI))
+    params = [[p for p in s.parameters() if p.requires_grad] for s in rule.stages]
+    steps_per_epoch = len(ds.train_x) // 128
+    total, step, t0 = run.epochs * steps_per_epoch, 0, time.time()
+    record: dict = {**asdict(run), "accuracy": [], "diagnostics": []}
+    for epoch in range(run.epochs):
+        rule.train()
+        for xb, yb in batches(ds.train_x, ds.train_y, 128, epoch_order(len(ds.train_x), run.seed, epoch)):
+            rule.set_lr_factor(lr_factor("cosine", step, total))
+            if hook is not None:
+                hook()
+            diag = step % diagnose_every == 0 or step == total - 1
+            if diag:
+                probe.start(yb)
+                before = [torch.cat([p.detach().flatten() for p in ps]) if ps else None for ps in params]
+            stats = rule.step(xb, yb, diagnose=diag and isinstance(rule, sg.DNI))
+            if diag:
+                entry = {"step": step, "train_loss": stats["train_loss"], **probe.stop()}
+                if "grad_cosine" in stats:
+                    entry["cosine"], entry["synth_loss"] = stats["grad_cosine"], stats["synth_loss"]
+                    entry["trust"] = [float(i.trust_factor) for i in rule.interfaces]
+                if probe_detail:  # each stage's step relative to its parameters' norm
+                    entry["rel_step"] = [None if b is None else
+                                         ((torch.cat([p.detach().flatten() for p in ps]) - b).norm() / b.norm()).item()
+                                         for b, ps in zip(before, params, strict=True)]
+                    entry["param_norm"] = [None if b is None else b.norm().item() for b in before]
+                record["diagnostics"].append(entry)
+            if not math.isfinite(stats["train_loss"]):
+                raise FloatingPointError(f"{run.key}: non-finite loss at step {step}")
+            step += 1
+        acc, _ = evaluate(rule.network(), ds.test_x, ds.test_y)
+        record["accuracy"].append(100 * acc)
+        print(f"{run.key}: epoch {epoch + 1}/{run.epochs} {100 * acc:.2f}% ({time.time() - t0:.0f} s)", flush=True)
+    record.update(final=record["accuracy"][-1], best=max(record["accuracy"]), time_s=time.time() - t0,
+                  steps=total, date=date.today().isoformat())
+    return record
+
+
+def run_and_save(run: Run, root: Path, diagnose_every: int, probe_detail: bool, data_dir: str | None) -> dict:
+    path = root / f"{run.key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    try:
+        rec = train(run, diagnose_every, probe_detail, data_dir)
+    except FloatingPointError as e:  # a diverged run is a result too: at chance
+        print(e, flush=True)
+        rec = {**asdict(run), "accuracy": [], "diagnostics": [], "final": 10.0, "best": 10.0, "diverged": str(e)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec) + "\n")
+    tmp.replace(path)
+    return rec
+
+
+# ----------------------------------------------------------------------------- report
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def fmt(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    m, s = mean_std(xs)
+    return f"{m:.2f} ± {s:.2f}" if len(xs) > 1 else f"{m:.2f}"
+
+
+def summarise(records: dict[Run, dict], runs: list[Run]) -> tuple[list[str], list[dict]]:
+    """Markdown rows and JSON rows: one per (dataset, model, K), with each target met or not."""
+    cells = sorted({(r.dataset, r.model, r.stages) for r in runs}, key=lambda c: (c[0] != "mnist", c[1], c[2]))
+    rows, out = [], []
+    for ds, model, k in cells:
+        acc = {m: [records[r]["final"] for r in runs if (r.dataset, r.model, r.stages, r.method) == (ds, model, k, m)
+                   and r in records] for m in METHODS}
+        cos = [records[r]["diagnostics"][-1].get("cosine") for r in runs
+               if (r.dataset, r.model, r.stages) == (ds, model, k) and r.method == "dni" and r in records
+               and records[r]["diagnostics"]]
+        bp = statistics.mean(acc["backprop"]) if acc["backprop"] else None
+        floor = statistics.mean(acc["frozen"]) if acc["frozen"] else None
+        verdict = {}
+        for m, gap in (("cdni", CDNI_GAP), ("dni", DNI_GAP[ds])):
+            if acc[m] and bp is not None:
+                mean = statistics.mean(acc[m])
+                ok = mean >= bp - gap and (floor is None or min(acc[m]) > floor)
+                verdict[m] = {"gap": mean - bp, "met": ok}
+        row = {"dataset": ds, "model": model, "stages": k, **{m: acc[m] for m in METHODS}, "verdict": verdict}
+        out.append(row)
+        v = {m: f"{x['gap']:+.2f} {'met' if x['met'] else 'NOT met'}" for m, x in verdict.items()}
+        last_cos = ", ".join(f"{c:.2f}" for c in cos[0]) if cos and cos[0] else "-"
+        rows.append(f"| {ds} | {model} | {k} | {fmt(acc['backprop'])} | {fmt(acc['frozen'])} | {fmt(acc['cdni'])} | "
+                    f"{v.get('cdni', '-')} | {fmt(acc['dni'])} | {v.get('dni', '-')} | {last_cos} |")
+    return rows, out
+
+
+def report(records: dict[Run, dict], runs: list[Run], name: str, argv: list[str], variant: str) -> None:
+    rows, js = summarise(records, runs)
+    seeds = sorted({r.seed for r in runs})
+    epochs = sorted({r.epochs for r in runs})
+    lines = [
+        f"# Zoo benchmark: {variant}", "",
+        f"- command: `python benchmarks/zoo.py {' '.join(argv)}`",
+        f"- date: {date.today().isoformat()}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread per run",
+        f"- seeds {seeds}, epochs {epochs}, batch 128, cosine schedule; test accuracy (%) after the last epoch, "
+        "mean ± std over seeds; gap = mean - backprop's mean",
+        f"- targets: cDNI gap >= -{CDNI_GAP}; DNI gap >= -3 (MNIST) / -5 (Fashion-MNIST); every seed above the "
+        "frozen floor's mean",
+        "- last column: DNI's cosine to the true gradient per interface at the last step (first seed)", "",
+        "| dataset | model | K | backprop | frozen floor | cDNI | cDNI gap | DNI | DNI gap | DNI cosine (last) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    summary = {"command": argv, "variant": variant, "date": date.today().isoformat(), "rows": js}
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(zoo.SPECS))
+    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
+    p.add_argument("--stages", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--variant", default="library", help="library, or '+'-joined tokens: " + "; ".join(
+        f"{k}: {v}" for k, v in TOKENS.items()))
+    p.add_argument("--diagnose-every", type=int, default=100)
+    p.add_argument("--probe", action="store_true", help="also record the synthetic gradient's geometry and step sizes")
+    p.add_argument("--jobs", type=int, default=1, choices=[1, 2])
+    p.add_argument("--runs-root", default="/work/runs-zoo")
+    p.add_argument("--report", default="zoo", help="write benchmarks/results/REPORT.md and .json")
+    p.add_argument("--no-run", action="store_true", help="only rebuild the report from the runs already done")
+    p.add_argument("--data-dir", default=None)
+    argv = sys.argv[1:] if argv is None else argv
+    a = p.parse_args(argv)
+    try:
+        parse_variant(a.variant)
+    except ValueError as e:
+        p.error(str(e))
+    root = Path(a.runs_root)
+    runs = [Run(m, d, k, meth, s, a.epochs, a.variant) for d in a.datasets for m in a.models for k in a.stages
+            for meth in a.methods for s in a.seeds]
+    unique = list({r.key: r for r in runs}.values())
+    todo = [r for r in unique if not (root / f"{r.key}.json").exists()]
+    if not a.no_run and todo:
+        print(f"{len(todo)} runs to do, {len(unique) - len(todo)} done", flush=True)
+        args = (root, a.diagnose_every, a.probe, a.data_dir)
+        if a.jobs == 1:
+            for r in todo:
+                run_and_save(r, *args)
+        else:
+            with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
+                for f in [pool.submit(run_and_save, r, *args) for r in todo]:
+                    f.result()
+    records = {r: json.loads((root / f"{r.key}.json").read_text()) for r in runs if (root / f"{r.key}.json").exists()}
+    report(records, runs, a.report, argv, a.variant)
+
+
+if __name__ == "__main__":
+    main()
