@@ -25,10 +25,15 @@ from synthgrad.models import build_stages
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
-# (label, method, synth_hidden, synth_width); width None = the default (1024 vector, 64 conv channels)
+# (label, method, synth_hidden, synth_width[, DNI.build arguments]); width None = the default (1024 vector,
+# 64 conv channels)
 VARIANTS = [
     ("backprop", "backprop", None, None),
     ("cdni linear", "cdni", 0, None),
+    ("cdni linear, every 2nd target", "cdni", 0, None, {"synth_every": 2}),
+    ("cdni rank 64, label embedded", "cdni", 0, None, {"synth_rank": 64}),
+    ("cdni rank 32, label embedded", "cdni", 0, None, {"synth_rank": 32}),
+    ("cdni rank 64, every 2nd target", "cdni", 0, None, {"synth_rank": 64, "synth_every": 2}),
     ("dni linear", "dni", 0, None),
     ("dni 1x256", "dni", 1, 256),
     ("dni 2x256", "dni", 2, 256),
@@ -43,19 +48,19 @@ CONV_VARIANTS = [
 ]
 
 
-def make(model: str, method: str, hidden: int | None, width: int | None, x: torch.Tensor) -> StepRule:
+def make(model: str, method: str, hidden: int | None, width: int | None, x: torch.Tensor, **kw) -> StepRule:
     torch.manual_seed(0)
     stages = build_stages(model, (1, 28, 28), 10)
     if method == "backprop":
         return Backprop(stages)
     return DNI.build(stages, x[:2], conditioned=method == "cdni", num_classes=10, synth_hidden=hidden,
-                     synth_width=width)
+                     synth_width=width, **kw)
 
 
 def measure(model: str, batch: int, steps: int, rounds: int) -> list[tuple[str, float, float]]:
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     variants = CONV_VARIANTS if model.startswith("cnn") else VARIANTS
-    rules = [(label, make(model, m, h, w, x)) for label, m, h, w in variants]
+    rules = [(v[0], make(model, *v[1:4], x, **(v[4] if len(v) > 4 else {}))) for v in variants]
     times: dict[str, list[float]] = {label: [] for label, _ in rules}
     for rule in (r for _, r in rules):  # warm-up
         for _ in range(3):

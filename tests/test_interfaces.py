@@ -177,3 +177,15 @@ def test_trusted_true_gradient_synthesizers_still_give_backprops_update() -> Non
     assert all(float(i.trust_factor) == pytest.approx(1.0, abs=1e-6) for i in ifaces)
     for a, b in zip(bp.stages.parameters(), dni.stages.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_update_every_regresses_onto_every_other_target_only() -> None:
+    import synthgrad as sg
+
+    x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
+    stages = [torch.nn.Linear(20, 16), torch.nn.Linear(16, 3)]
+    dni = sg.DNI.build(stages, x[:2], synth_hidden=0, synth_every=2)
+    losses = [dni.step(x, y, diagnose=False)["synth_loss"][0] for _ in range(5)]
+    assert [v is not None for v in losses] == [True, False, True, False, True]
+    state = dni.interfaces[0].state_dict()
+    assert state["targets_seen"] == 5

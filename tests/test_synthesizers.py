@@ -81,3 +81,18 @@ def test_make_synthesizer_dispatches_tokens_to_a_token_synthesizer() -> None:
     assert isinstance(make_synthesizer((4, 7, 7), hidden_layers=0), ConvSynthesizer)
     with pytest.raises(ValueError, match="needs the context"):
         TokenSynthesizer(8, context_dim=10)(torch.randn(2, 3, 8))
+
+
+def test_low_rank_synthesizer_starts_at_zero_embeds_the_label_and_is_thin() -> None:
+    from synthgrad.synthesizers import LowRankSynthesizer
+
+    s = LowRankSynthesizer(256, rank=16, context_dim=10)
+    h, ctx = torch.randn(8, 256), torch.eye(10)[torch.arange(8)]
+    assert torch.equal(s(h, ctx), torch.zeros(8, 256))
+    assert sum(p.numel() for p in s.parameters()) == 2 * 256 * 16 + 256 + 10 * 256  # V, U (+ bias), embedding
+    with torch.no_grad():
+        s.label.weight.normal_()
+    out = s(h, ctx)
+    assert torch.allclose(out, s.label.weight.t()[torch.arange(8)] + s.up.bias)  # U is still zero: the label's own
+    with pytest.raises(ValueError, match="needs the context"):
+        s(h)

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden layers per synthesizer; default 2 for dni, 0 (linear) for cdni")
     s.add_argument("--synth-width", type=_int(1, 65536), default=None,
                    help="synthesizer hidden width; default 1024 (vectors) or 64 channels (feature maps)")
+    s.add_argument("--synth-rank", type=_int(1, 65536), default=None,
+                   help="low-rank linear synthesizers of this rank (vector activations), the label embedded for cdni")
+    s.add_argument("--synth-every", type=_int(1), default=1,
+                   help="each synthesizer regresses onto every this-many-th target only")
     s.add_argument("--synth-scale", type=_float(0, 100, lo_open=True), default=None,
                    help="multiply the synthetic gradient the stage applies; default 1 (0.1 through time, --task)")
     s.add_argument("--synth-warmup", type=_int(0), default=None,
@@ -192,7 +196,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         model=a.model, dataset=data.dataset_id(a.dataset), method=a.method, target=a.target, epochs=a.epochs,
         batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
         synth_hidden=a.synth_hidden, synth_width=a.synth_width,
-        synth_scale=1.0 if a.synth_scale is None else a.synth_scale,
+        synth_scale=1.0 if a.synth_scale is None else a.synth_scale, synth_rank=a.synth_rank,
+        synth_every=a.synth_every,
         synth_warmup=0 if a.synth_warmup is None else a.synth_warmup, schedule=a.schedule or "cosine", unlock=a.unlock,
         input_hidden=a.input_hidden,
         input_width=a.input_width, update_prob=a.update_prob, seed=a.seed, device=a.device,

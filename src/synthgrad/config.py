@@ -86,6 +86,7 @@ class CommonConfig(JSONConfig):
              f"--synth-width must be in 1..65536, got {self.synth_width}")
         need(0 < self.synth_scale <= 100, f"--synth-scale must be in (0, 100], got {self.synth_scale}")
         need(self.synth_warmup >= 0, f"--synth-warmup must be >= 0, got {self.synth_warmup}")
+
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         need(self.threads is None or 1 <= self.threads <= 1024, f"--threads must be >= 1, got {self.threads}")
@@ -115,6 +116,8 @@ class TrainConfig(CommonConfig):
     epochs: int | None = None
     width: int | None = None  # hidden width (FCN/MLP) or base channels (CNN)
     optimizer: str = "adam"  # the stages' optimizer: adam or sgd (synthesizers always use Adam)
+    synth_rank: int | None = None  # low-rank linear synthesizers of this rank (vector activations), label embedded
+    synth_every: int = 1  # each synthesizer regresses onto every this-many-th target
     update_prob: float = 1.0
     unlock: str = "update"  # update: synthetic gradients; complete: also synthetic inputs (forward interfaces)
     input_hidden: int = 1  # hidden layers of each input synthesizer (complete unlock)
@@ -154,6 +157,9 @@ class TrainConfig(CommonConfig):
              f"unknown dataset {self.dataset!r}; choose one of: {', '.join(data.DATASET_NAMES)}, or an .npz file")
         need(not (data.is_npz(self.dataset) and self.data_dir),
              "--data-dir applies to mnist, fashion-mnist and cifar10; an .npz dataset is the file itself: drop it")
+        need(self.synth_rank is None or 1 <= self.synth_rank <= 65536,
+             f"--synth-rank must be in 1..65536, got {self.synth_rank}")
+        need(self.synth_every >= 1, f"--synth-every must be >= 1, got {self.synth_every}")
         need(self.target in TARGETS, f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
         need(self.epochs is not None and self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size is not None and self.batch_size <= 60000,

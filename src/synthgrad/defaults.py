@@ -6,10 +6,13 @@ process of the pipeline engine builds only the interfaces of its own stage.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from torch import nn
+
 from synthgrad.interfaces import BackwardInterface, ForwardInterface, adam
-from synthgrad.synthesizers import InputSynthesizer, make_synthesizer
+from synthgrad.synthesizers import InputSynthesizer, LowRankSynthesizer, make_synthesizer
 
 
 @dataclass(frozen=True)
@@ -19,7 +22,9 @@ class DefaultInterfaces:
     conditioned: cDNI (the synthesizer also sees the one-hot label; needs num_classes).
     hidden: hidden layers of each synthesizer; None: 2 for DNI, 0 (linear) for cDNI.
     width: hidden width (vectors) or channels (feature maps); None: the synthesizer's default.
-    lr: the synthesizers' Adam learning rate. scale, warmup_steps: see BackwardInterface.
+    lr: the synthesizers' Adam learning rate. scale, warmup_steps, update_every: see BackwardInterface.
+    rank: a low-rank linear synthesizer of this rank (LowRankSynthesizer, the label embedded) for vector
+        activations, instead of the `hidden`-layer one; None: no.
     """
 
     conditioned: bool = False
@@ -29,12 +34,18 @@ class DefaultInterfaces:
     lr: float = 1e-4
     scale: float = 1.0
     warmup_steps: int = 0
+    rank: int | None = None
+    update_every: int = 1
 
     def __call__(self, k: int, shape: tuple[int, ...]) -> BackwardInterface:
         hidden = self.hidden if self.hidden is not None else (0 if self.conditioned else 2)
         context = (self.num_classes or 0) if self.conditioned else 0
-        return BackwardInterface(make_synthesizer(shape, hidden, self.width, context), adam(self.lr),
-                                 self.scale, self.warmup_steps)
+        if self.rank and len(shape) != 3:
+            synth: nn.Module = LowRankSynthesizer(math.prod(shape), self.rank, context)
+        else:
+            synth = make_synthesizer(shape, hidden, self.width, context)
+        return BackwardInterface(synth, adam(self.lr), self.scale, self.warmup_steps,
+                                 update_every=self.update_every)
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,9 @@ class BackwardInterface(Interface):
         targets the interface already receives, so it works for any synthesizer and in any engine.
         The scale matters to a stage optimizer whose step follows the gradient's size (SGD); Adam
         normalises it away, except for a factor of exactly 0, which stops it.
+    update_every: regress onto every this-many-th target only (1: every one). The synthesizer's
+        regression costs about as much as its prediction again; taking every other target halves it,
+        for a synthesizer that learns fast enough from half of them.
     project: remove from each example's prediction its component along that example's activation h
         (p - (p.h / h.h) h), in what is regressed as in what is applied. A stage that feeds a
         normalisation has a true gradient orthogonal to h; a synthetic gradient with a component along
@@ -125,10 +128,13 @@ class BackwardInterface(Interface):
 
     def __init__(self, synthesizer: nn.Module, optimizer: OptimizerFactory | torch.optim.Optimizer,
                  scale: float = 1.0, warmup_steps: int = 0, trust: bool = False, trust_decay: float = 0.99,
-                 project: bool = False):
+                 project: bool = False, update_every: int = 1):
         super().__init__(synthesizer, optimizer)
         if not 0.0 <= trust_decay < 1.0:
             raise ValueError(f"trust_decay must lie in [0, 1), got {trust_decay}")
+        if update_every < 1:
+            raise ValueError(f"update_every must be >= 1, got {update_every}")
+        self.update_every, self.targets_seen = update_every, 0
         self.scale, self.warmup_steps = scale, warmup_steps
         self.trust, self.trust_decay, self.project = trust, trust_decay, project
         # Moving averages of the per-example p.t and p.p (float64 [2]); the trust factor is their ratio.
@@ -164,6 +170,11 @@ class BackwardInterface(Interface):
             return prediction.detach() * (self.trust_factor.to(prediction.dtype) * factor)
         return prediction.detach() * factor
 
+    def accept_target(self) -> bool:
+        """Count one more target that came; whether to regress onto it (every `update_every`-th)."""
+        self.targets_seen += 1
+        return (self.targets_seen - 1) % self.update_every == 0
+
     def update(self, prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
         """Regress onto the gradient that reached h from above, given in batch-mean units."""
         target = target_grad * target_grad.shape[0]  # per-example units, like the prediction
@@ -180,12 +191,13 @@ class BackwardInterface(Interface):
         return self
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "fit": self.fit.clone()}
+        return {**super().state_dict(), "fit": self.fit.clone(), "targets_seen": self.targets_seen}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if "fit" in state:  # checkpoints written before the trust factor have none
             self.fit = state["fit"].to(self.fit.device, self.fit.dtype)
+        self.targets_seen = state.get("targets_seen", 0)
 
 
 class ForwardInterface(Interface):

@@ -193,7 +193,9 @@ def wants_sequence(a: argparse.Namespace) -> bool:
 def config_from_args(a: argparse.Namespace) -> SequenceConfig:
     for flag, value, default in (("--stages", a.stages, None), ("--epochs", a.epochs, None),
                                  ("--target", a.target, "bootstrap"), ("--update-prob", a.update_prob, 1.0),
-                                 ("--optimizer", getattr(a, "optimizer", "adam"), "adam")):
+                                 ("--optimizer", getattr(a, "optimizer", "adam"), "adam"),
+                                 ("--synth-rank", getattr(a, "synth_rank", None), None),
+                                 ("--synth-every", getattr(a, "synth_every", 1), 1)):
         if value != default:
             raise ConfigError(f"{flag} applies to classification only; drop it with --task (use --max-steps "
                               "for the length of a sequence run)")

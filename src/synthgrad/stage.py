@@ -220,7 +220,7 @@ class StageRule:
                 self.dropped += 1  # its activation left the bounded history: too stale to use
             return None
         p = self.pending.popleft()
-        if target is None:
+        if target is None or not self.interface.accept_target():
             return None
         prediction = p.prediction
         if prediction is None:

@@ -46,6 +46,32 @@ class VectorSynthesizer(nn.Module):
         return self.net(flat).view_as(h)
 
 
+class LowRankSynthesizer(nn.Module):
+    """For activations [B, D]: a linear synthesizer of rank `rank`, U V h, with the cDNI label embedded.
+
+    Two thin matrices (D x rank each) instead of one D x D: about 2 rank / D of a linear synthesizer's
+    arithmetic (rank 64 at D = 1024: an eighth). With a context [B, C] (cDNI's one-hot label) a
+    learned vector per class is added, the label's embedding, instead of widening the input to D + C.
+    U and the embedding start at zero, so a fresh synthesizer predicts a zero gradient.
+    """
+
+    def __init__(self, dim: int, rank: int = 64, context_dim: int = 0):
+        super().__init__()
+        self.dim, self.context_dim = dim, context_dim
+        self.down = nn.Linear(dim, rank, bias=False)  # V: [rank, D], random
+        self.up = _zero_(nn.Linear(rank, dim))  # U: [D, rank], zero
+        self.label: nn.Linear | None = _zero_(nn.Linear(context_dim, dim, bias=False)) if context_dim else None
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        flat = h.flatten(1)  # [B, D]
+        out = self.up(self.down(flat))  # [B, rank] -> [B, D]
+        if self.label is not None:
+            if context is None:
+                raise ValueError("this synthesizer was built for cDNI and needs the context (one-hot labels)")
+            out = out + self.label(context.to(flat.dtype))  # + the label's embedding [B, D]
+        return out.view_as(h)
+
+
 class ConvSynthesizer(nn.Module):
     """For feature maps [B, C, H, W]: resolution-preserving convolutions, the last one zero.
 

@@ -42,7 +42,8 @@ def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int)
     return DNI.build(stages, sample, conditioned=cfg.method == "cdni", num_classes=num_classes,
                      optimizer=optimizer, synth_lr=cfg.synth_lr, synth_hidden=cfg.synth_hidden,
                      synth_width=cfg.synth_width, synth_scale=cfg.synth_scale,
-                     synth_warmup=cfg.synth_warmup, target=cfg.target, unlock=cfg.unlock,
+                     synth_warmup=cfg.synth_warmup, synth_rank=cfg.synth_rank, synth_every=cfg.synth_every,
+                     target=cfg.target, unlock=cfg.unlock,
                      input_hidden=cfg.input_hidden, input_width=cfg.input_width,
                      update_prob=cfg.update_prob, seed=cfg.seed)
 
