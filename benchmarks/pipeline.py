@@ -476,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes, to check that everything runs")
+    p.add_argument("--gpipe-records", type=Path, default=None,
+                   help="only train the GPipe baseline for --tta-epochs and write its evaluation records here (as "
+                        "JSON; benchmarks/time_to_accuracy.py uses it)")
     a = p.parse_args(argv)
     a.threads_per_stage = max(1, a.threads_all // a.stages)
     if a.dry_run:
@@ -484,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     ds = data.load("mnist", a.data_dir)
     # Steps between the time-to-accuracy runs' evaluations.
     a.tta_eval_every = max(1, math.ceil(data.num_batches(len(ds.train_y), a.batch_size) / a.tta_evals_per_epoch))
+    if a.gpipe_records is not None:
+        with tempfile.TemporaryDirectory() as tmp_s:
+            a.gpipe_records.write_text(json.dumps(gpipe(a, ds, a.width, Path(tmp_s), epochs=a.tta_epochs)["epochs"]))
+        return 0
     a.cut_shares = cut_shares(a.model, a.width, a.stages, tuple(ds.input_shape), ds.num_classes)
     # The same bound for the paper's FCNs, for the report's "why this model".
     a.fcn_bounds = {m: 1 / max(cut_shares(m, a.width, a.stages, tuple(ds.input_shape), ds.num_classes))
