@@ -6,6 +6,8 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -266,3 +268,24 @@ def test_stopping_after_a_failed_start_skips_the_unstarted_stages() -> None:
     _stop([started, unstarted])
     assert not started.is_alive() and unstarted.pid is None
     assert time.monotonic() - t0 < 10
+
+
+def test_the_cli_pipeline_runs_under_torchrun(fake_data_dir: Path, tmp_path: Path) -> None:
+    """`torchrun -m synthgrad.pipeline --config cfg.json`: rank 0 reads the data and claims the run directory,
+    rank 1 takes the data's shape and size from the config."""
+    cfg = {"model": "fcn-2", "width": 32, "synth_width": 32, "method": "cdni", "stages": 2, "batch_size": 32,
+           "epochs": 2, "threads": 1, "log_every": 4, "data_dir": str(fake_data_dir), "cache_dir": str(tmp_path / "c"),
+           "verify_md5": False, "extra": {"num_train": 512}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    from synthgrad.engine.launch import free_port
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(free_port()), "-m", "synthgrad.pipeline", "--config", str(tmp_path / "cfg.json"),
+                        "--run-dir", str(run), "--quiet"], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    epochs = [x for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "epoch"]
+    assert [x["step"] for x in epochs] == [16, 32] and epochs[-1]["test_accuracy"] > 0.3
+    net, loaded = load_network(run / checkpoint.FINAL)
+    assert loaded.method == "cdni" and len(net) == 2

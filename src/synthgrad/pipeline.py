@@ -28,8 +28,8 @@ import torch
 
 from synthgrad import checkpoint, data
 from synthgrad.config import TrainConfig
-from synthgrad.engine.feed import Feed
-from synthgrad.engine.launch import launch, run_here
+from synthgrad.engine.api import Pipeline
+from synthgrad.engine.launch import run_here
 from synthgrad.engine.loops import Hooks, Schedule
 from synthgrad.engine.rank import Job
 from synthgrad.engine.snapshots import Snapshot
@@ -252,15 +252,18 @@ def result_from_metrics(run_dir: Path) -> RunResult:
     return RunResult(run_dir, accs[-1], max(accs), epochs[-1]["step"], epochs[-1]["wall_time_s"])
 
 
-def _job(cfg: TrainConfig, dataset: data.Dataset, run_dir: Path, resume: bool, quiet: bool,
-         claimed: RunDir | None = None) -> Job:
+def _hooks(cfg: TrainConfig, dataset: data.Dataset, run_dir: Path, resume: bool, quiet: bool,
+           claimed: RunDir | None = None) -> tuple[RunHooks, dict | None]:
+    """Rank 0's hooks of a CLI run and, to resume, what every rank takes up (refusing an unusable checkpoint)."""
     assert cfg.stages is not None
     per_epoch = data.num_batches(len(dataset.train_y), cfg.batch_size)
     state = load_resume_state(run_dir, cfg.stages, per_epoch) if resume else None
-    feed = Feed((dataset.train_x, dataset.train_y), cfg.batch_size, cfg.seed)
-    plan = Schedule(cfg.epochs, cfg.max_steps, cfg.log_every)
-    return Job(plan, feed, RunHooks(cfg, run_dir, dataset, state, quiet, claimed),
-               _resume_job(state, cfg.stages) if state else None)
+    return RunHooks(cfg, run_dir, dataset, state, quiet, claimed), _resume_job(state, cfg.stages) if state else None
+
+
+def _fit(pipe: Pipeline, cfg: TrainConfig, dataset: data.Dataset, hooks: RunHooks, resume: dict | None) -> None:
+    pipe.fit((dataset.train_x, dataset.train_y), epochs=cfg.epochs, batch_size=cfg.batch_size,
+             max_steps=cfg.max_steps, log_every=cfg.log_every, hooks=hooks, resume=resume)
 
 
 def run_pipeline(cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path | RunDir, resume: bool = False,
@@ -281,14 +284,14 @@ def run_pipeline(cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path | 
         cfg = cfg.with_data(dataset.input_shape, dataset.num_classes, len(dataset.train_y))
     claim = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, KIND)
     path = claim.path
-    job = _job(cfg, dataset, path, resume, quiet)  # refuses an unusable checkpoint before any process starts
-    spec = spec_from_config(cfg, dataset.input_shape, dataset.num_classes, len(dataset.train_y), max_inflight,
-                            _fault, _slow)
+    hooks, state = _hooks(cfg, dataset, path, resume, quiet)  # refuses an unusable checkpoint before any start
+    pipe = Pipeline.from_spec(spec_from_config(cfg, dataset.input_shape, dataset.num_classes, len(dataset.train_y),
+                                               max_inflight, _fault, _slow))
     owned = not claim.claimed
     if owned:
         claim.reopen() if resume else claim.create()
     try:
-        launch(spec, job)  # rank 0 attaches to the directory this process holds
+        _fit(pipe, cfg, dataset, hooks, state)  # rank 0 attaches to the directory this process holds
     finally:
         if owned:
             claim.close()
@@ -342,16 +345,18 @@ def main(argv: list[str] | None = None) -> int:
         # the others take them from the config (written by an earlier run, or given): see `data_shape`.
         dataset = data.load(cfg.dataset, cfg.data_dir, cfg.cache_dir, check_md5=cfg.verify_md5) if rank == 0 else None
         input_shape, num_classes, num_train = data_shape(cfg)
-        job = Job(Schedule(cfg.epochs, cfg.max_steps, cfg.log_every))
         claim = None
         if dataset is not None:  # rank 0 claims the run directory, and holds it for the run's life
             cfg = cfg.with_data(dataset.input_shape, dataset.num_classes, len(dataset.train_y))
             input_shape, num_classes, num_train = dataset.input_shape, dataset.num_classes, len(dataset.train_y)
             claim = RunDir(a.run_dir, KIND)
             claim.reopen() if a.resume else claim.create(a.overwrite)
-            job = _job(cfg, dataset, a.run_dir, a.resume, a.quiet, claim)
+        pipe = Pipeline.from_spec(spec_from_config(cfg, input_shape, num_classes, num_train, a.max_inflight))
         try:
-            run_here(spec_from_config(cfg, input_shape, num_classes, num_train, a.max_inflight), job)
+            if dataset is None:  # ranks other than 0: the engine gives them their part of the run
+                run_here(pipe.spec, Job(Schedule(cfg.epochs, cfg.max_steps, cfg.log_every)))
+            else:
+                _fit(pipe, cfg, dataset, *_hooks(cfg, dataset, a.run_dir, a.resume, a.quiet, claim))
         finally:
             if claim is not None:
                 claim.close()

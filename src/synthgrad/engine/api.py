@@ -92,8 +92,17 @@ class Pipeline:
                                  max_inflight, threads, device)
         self.spec.validate()
 
+    @classmethod
+    def from_spec(cls, spec: PipelineSpec) -> Pipeline:
+        """A pipeline of a PipelineSpec built elsewhere (the command line builds one from its config)."""
+        spec.validate()
+        pipe = cls.__new__(cls)
+        pipe.spec = spec
+        return pipe
+
     def fit(self, data: object, *, epochs: int = 1, batch_size: int | None = None, max_steps: int | None = None,
-            log_every: int = 50, evaluate: Evaluate | None = None, drop_last: bool = True) -> PipelineResult:
+            log_every: int = 50, evaluate: Evaluate | None = None, drop_last: bool = True,
+            hooks: Hooks | None = None, resume: dict | None = None) -> PipelineResult:
         """Train on `data` and return the plain network and the metrics.
 
         data: (x, y) tensors (shuffled by the seed each epoch, in batches of batch_size); or a factory
@@ -102,11 +111,18 @@ class Pipeline:
         max_steps: stop after this many steps (all epochs otherwise).
         evaluate: network -> {metric: value} (or one number: test_accuracy), run on rank 0 with the
             assembled network at each epoch's end, left out of the wall time.
+        hooks: for clients that keep a run directory (the command line does): rank 0's
+            `synthgrad.engine.loops.Hooks` (mid-epoch snapshots, evaluation, checkpoints) instead of the
+            default ones, which keep the metrics and call `evaluate`. metrics is then hooks.result().
+        resume: continue a run: {"ranks": [{"state": StageRule state, "position": ...} per stage],
+            "elapsed": seconds}, as a checkpoint written by such hooks from snapshots holds them.
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if hooks is not None and evaluate is not None:
+            raise ValueError("give either hooks or evaluate: hooks do their own evaluation")
         feed = Feed(data, batch_size, self.spec.seed, drop_last)
-        job = Job(Schedule(epochs, max_steps, log_every), feed, _Collect(self.spec, evaluate))
+        job = Job(Schedule(epochs, max_steps, log_every), feed, hooks or _Collect(self.spec, evaluate), resume)
         states, metrics = run_here(self.spec, job) if under_torchrun() else launch(self.spec, job)
         return PipelineResult(assemble(self.spec, states), list(metrics or []), states)
 
