@@ -1,6 +1,7 @@
 """The README's reported results and their commands (benchmarks/results/reported.json): which commands are plain.
 
-    python benchmarks/reported.py
+    python benchmarks/reported.py                     # every result's command; the count of plain ones
+    python benchmarks/reported.py --settings RUN_DIR  # a run's settings, as a row of reported.json records them
 
 A command is plain when it carries no flag but those of reported.json's `plain_flags` (what is trained
 and on what, the method, the seed, the length in epochs, and where the network is cut): everything
@@ -10,11 +11,31 @@ and counts plain results and plain README table rows (a row is plain when all it
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
 
 REPORTED = Path(__file__).resolve().parent / "results" / "reported.json"
+# The fields of config.json that a row records: those that decide a result.
+CLASSIFIER_KEYS = ("model", "dataset", "method", "epochs", "optimizer", "lr", "synth_lr", "synth_hidden",
+                   "synth_width", "schedule", "batch_size", "target")
+SEQUENCE_KEYS = ("task", "method", "truncation", "hidden", "batch_size", "lr", "max_steps", "clip", "schedule")
+SEQUENCE_DNI_KEYS = ("synth_lr", "synth_hidden", "synth_width", "synth_scale", "synth_warmup", "synth_discount",
+                     "aux_weight")
+TASK_KEYS = {"copy": ("solve_threshold", "solve_window", "max_length"),
+             "repeat-copy": ("solve_threshold", "solve_window", "max_length", "max_repeats"),
+             "charlm": ("embed", "holdout", "eval_chars")}
+
+
+def settings(run_dir: Path) -> dict:
+    """The settings a row records, from a run directory's config.json (paste them into its row)."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    if "task" in cfg:
+        keys = SEQUENCE_KEYS + TASK_KEYS[cfg["task"]] + (SEQUENCE_DNI_KEYS if cfg["method"] == "dni" else ())
+    else:
+        keys = tuple(k for k in CLASSIFIER_KEYS if cfg["method"] != "backprop" or k != "synth_width")
+    return {k: cfg[k] for k in keys}
 
 
 def extra_flags(command: str, plain: set[str]) -> list[str]:
@@ -26,6 +47,12 @@ def extra_flags(command: str, plain: set[str]) -> list[str]:
 
 
 def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", type=Path, metavar="RUN_DIR", help="print the settings of this run and stop")
+    a = p.parse_args()
+    if a.settings is not None:
+        print(json.dumps(settings(a.settings), indent=1))
+        return 0
     doc = json.loads(REPORTED.read_text())
     plain = set(doc["plain_flags"])
     rows: dict[tuple[str, str], bool] = {}
