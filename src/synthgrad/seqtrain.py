@@ -87,9 +87,6 @@ class SequenceConfig(CommonConfig):
             raise ConfigError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
         if self.method not in SEQUENCE_METHODS:
             raise ConfigError(f"--task {self.task} trains with --method bptt or dni, not {self.method!r}")
-        if self.preset is not None:
-            raise ConfigError(f"--preset {self.preset} holds the paper's classifier settings; its sequence-task "
-                              "settings are not encoded: drop --preset with --task")
         out = dataclasses.replace(self, extra=dict(self.extra))
         if out.truncation is None:
             out.truncation = TRUNCATION
@@ -104,7 +101,7 @@ class SequenceConfig(CommonConfig):
     @classmethod
     def from_saved(cls, d: dict) -> SequenceConfig:
         """The configuration of a saved run (config.json), as it ran: nothing is filled in from today's defaults
-        (in older runs a None synth_discount means the scale, and no --clip was ever None from the CLI)."""
+        (in runs saved before 2026-11-30, a None synth_discount means the scale)."""
         cfg = cls.from_dict(d)
         if cfg.truncation is None or cfg.synth_scale is None or cfg.synth_warmup is None or cfg.aux_weight is None:
             raise ConfigError("the saved configuration lacks truncation, synth_scale, synth_warmup or aux_weight; "
@@ -116,7 +113,8 @@ class SequenceConfig(CommonConfig):
         super().validate()
         need = require
         need(self.task in TASKS, f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
-        need(self.preset is None, f"--preset applies to classifiers only, not to --task {self.task}")
+        need(self.preset is None, f"--preset {self.preset} holds classifier settings (the paper's sequence-task "
+                                  f"settings are not encoded): drop it with --task {self.task}")
         need(self.method in SEQUENCE_METHODS,
              f"--task {self.task} trains with --method bptt or dni, not {self.method!r}")
         need(self.truncation >= 1, f"--truncation must be >= 1, got {self.truncation}")
@@ -224,8 +222,8 @@ def config_from_args(a: argparse.Namespace) -> SequenceConfig:
                                  ("--optimizer", getattr(a, "optimizer", "adam"), "adam"),
                                  ("--preset", getattr(a, "preset", None), None)):
         if value != default:
-            raise ConfigError(f"{flag} applies to classification only; drop it with --task (use --max-steps "
-                              "for the length of a sequence run)")
+            hint = " (use --max-steps for the length of a sequence run)" if flag == "--epochs" else ""
+            raise ConfigError(f"{flag} applies to classification only; drop it with --task{hint}")
     # Flags left unset (None) take the task's and method's defaults in resolve().
     pick = {k: v for k, v in {
         "hidden": a.width, "batch_size": a.batch_size, "lr": a.lr, "synth_lr": a.synth_lr,
