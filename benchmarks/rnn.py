@@ -1,12 +1,14 @@
 """Benchmark: truncated BPTT vs DNI through time on copy, repeat copy and charlm; writes a table and plots.
 
     python benchmarks/rnn.py --quick          # 1 seed, short runs: about 10 minutes on 2 CPU cores
-    python benchmarks/rnn.py                  # 3 seeds, the full step budgets (hours on 2 cores)
+    python benchmarks/rnn.py                  # 3 seeds at the defaults: the README's RNN table (hours on 2 cores)
 
 Every run is a plain `synthgrad train --task ...` in its own process (one torch thread each,
---jobs at a time), so each row can be reproduced from its command alone. A finished run of the
-same step budget is reused, so an interrupted benchmark continues and seeds can be added later. Results go to
-benchmarks/results/rnn.md and rnn.png; run directories to benchmarks/runs/rnn/.
+--jobs at a time), so each row can be reproduced from its command alone. Settings not given here are
+synthgrad's defaults for the task and method (synthgrad/seqdefaults.py), which are the settings of the
+README's results. A finished run with the same resolved configuration is reused, so an interrupted benchmark
+continues and seeds can be added later. Results go to benchmarks/results/rnn.md and rnn.png; run directories
+to benchmarks/runs/rnn/.
 """
 
 from __future__ import annotations
@@ -29,40 +31,55 @@ from synthgrad.tasks import has_old_repeat_code
 ROOT = Path(__file__).resolve().parent
 COPY_T = (2, 3, 4, 5, 8)
 CHARLM_T = (5, 8, 16)
-DEFAULT_COPY_STEPS, DEFAULT_CHARLM_STEPS = 10_000, 5_000  # per run
+QUICK_STEPS = 1500  # per run with --quick; otherwise the task's default (copy tasks 20,000, charlm 40,000)
 DEFAULT_TEXT = "/work/shared/data/tinyshakespeare/input.txt"
 
 
-def run_args(task: str, method: str, t: int, seed: int, steps: int, run_dir: Path, text: str | None,
+def run_args(task: str, method: str, t: int, seed: int, steps: int | None, run_dir: Path, text: str | None,
              synth_scale: float | None = None, schedule: str | None = None,
              aux_weight: float | None = None, synth_discount: float | None = None,
              clip: float | None = None) -> list[str]:
+    """The `synthgrad` arguments of one run; every setting left None is the task's and method's default."""
     args = ["train", "--task", task, "--method", method, "--truncation", str(t), "--seed", str(seed),
-            "--max-steps", str(steps), "--threads", "1", "--run-dir", str(run_dir), "--overwrite", "--quiet",
-            "--no-plots", "--log-every", "100"]  # DNI: the defaults (synthetic gradient x 0.1, 500-window warm-up)
+            "--threads", "1", "--run-dir", str(run_dir), "--overwrite", "--quiet", "--no-plots", "--log-every", "100"]
+    if steps is not None:
+        args += ["--max-steps", str(steps)]
     if method == "dni" and synth_scale is not None:
-        args += ["--synth-scale", str(synth_scale)]  # instead of the default 0.1
+        args += ["--synth-scale", str(synth_scale)]
     if method == "dni" and aux_weight is not None:
         args += ["--aux-weight", str(aux_weight)]  # DNI + Aux
     if method == "dni" and synth_discount is not None:
         args += ["--synth-discount", str(synth_discount)]  # the bootstrapped target's weight of the future
     if clip is not None:
-        args += ["--clip", str(clip)]  # instead of the default gradient-norm clip of 1
+        args += ["--clip", str(clip)]
     if schedule is not None:
-        args += ["--schedule", schedule]  # instead of the sequence tasks' constant learning rate
+        args += ["--schedule", schedule]
     if task == "charlm":
-        args += ["--text", text, "--eval-every", str(max(steps // 4, 1))]
+        args += ["--text", text, "--eval-every", "10000"]  # the final evaluation is the result; these are for plots
     return args
 
 
-def finished(run_dir: Path, steps: int) -> bool:
-    """True when run_dir holds a finished run of `steps` steps (reused, so that seeds can be added later)."""
+def resolved(args: list[str]) -> dict:
+    """The configuration `synthgrad` resolves from `args`, as config.json records it (less the run's own extras)."""
+    from synthgrad import cli
+    from synthgrad.seqtrain import config_from_args
+
+    cfg = config_from_args(cli.build_parser().parse_args(args)).to_dict()
+    return {k: v for k, v in cfg.items() if k not in ("extra", "tensorboard")}
+
+
+def finished(run_dir: Path, args: list[str]) -> bool:
+    """True when run_dir holds a finished run of exactly the configuration `args` resolve to (reused, so that
+    seeds can be added later; a run at other settings, older defaults included, is run again)."""
     try:
         cfg = json.loads((run_dir / "config.json").read_text())
-        return (run_dir / "final.pt").exists() and cfg.get("max_steps") == steps and \
+        if cfg.get("method") == "dni" and cfg.get("synth_discount") is None:
+            cfg["synth_discount"] = cfg["synth_scale"]  # how runs before 2026-11-30 recorded a discount at the scale
+        want = resolved(args)
+        return (run_dir / "final.pt").exists() and {k: cfg.get(k) for k in want} == want and \
             not has_old_repeat_code(cfg["task"], cfg.get("extra", {})) and \
             final_record(run_dir).get("kind") == "final"
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, KeyError):
         return False
 
 
@@ -82,27 +99,31 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 seed and short step budgets (about 10 minutes)")
     p.add_argument("--seeds", type=int, default=None, help="default: 3 (1 with --quick)")
-    p.add_argument("--copy-steps", type=int, default=None, help="steps (batches) per copy run; default 10000 (1500)")
-    p.add_argument("--charlm-steps", type=int, default=None, help="steps (windows) per charlm run; default 5000 (1500)")
+    p.add_argument("--copy-steps", type=int, default=None,
+                   help="steps (batches) per copy run; default: synthgrad's, 20000 (1500 with --quick)")
+    p.add_argument("--charlm-steps", type=int, default=None,
+                   help="steps (windows) per charlm run; default: synthgrad's, 40000 (1500 with --quick)")
     p.add_argument("--text", default=DEFAULT_TEXT, help="text file for charlm")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
     p.add_argument("--tasks", default="copy,repeat-copy,charlm", help="comma-separated subset")
     p.add_argument("--out", type=Path, default=ROOT / "results", help="folder for rnn.md and rnn*.png")
     p.add_argument("--synth-scale", type=float, default=None,
-                   help="DNI runs: scale of the synthetic gradient (default: the sequence tasks' 0.1)")
-    p.add_argument("--aux-weight", type=float, default=None, help="DNI runs: DNI + Aux with this weight")
+                   help="DNI runs: scale of the synthetic gradient (default: the task's, 0.1; charlm 0.3)")
+    p.add_argument("--aux-weight", type=float, default=None,
+                   help="DNI runs: DNI + Aux with this weight (default: the task's, 0; charlm 100)")
     p.add_argument("--synth-discount", type=float, default=None,
                    help="DNI runs: weight of the next window's synthetic gradient in the bootstrapped target "
-                        "(default: the synthetic-gradient scale)")
-    p.add_argument("--clip", type=float, default=None, help="every run: gradient-norm clip (default: 1)")
+                        "(default: the task's, 1; charlm: the synthetic-gradient scale)")
+    p.add_argument("--clip", type=float, default=None,
+                   help="every run: gradient-norm clip (default: the task's, 1; charlm 5)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default=None,
-                   help="learning-rate schedule of every run (default: the sequence tasks' constant)")
+                   help="learning-rate schedule of every run (default: the task's, constant; charlm cosine)")
     p.add_argument("--charlm-t", default=",".join(map(str, CHARLM_T)),
                    help="comma-separated truncation lengths for charlm (the target compares DNI T=5 with BPTT T=8)")
     a = p.parse_args()
     seeds = a.seeds or (1 if a.quick else 3)
-    copy_steps = a.copy_steps or (1500 if a.quick else DEFAULT_COPY_STEPS)
-    charlm_steps = a.charlm_steps or (1500 if a.quick else DEFAULT_CHARLM_STEPS)
+    copy_steps = a.copy_steps or (QUICK_STEPS if a.quick else None)
+    charlm_steps = a.charlm_steps or (QUICK_STEPS if a.quick else None)
     tasks = a.tasks.split(",")
     try:
         a.charlm_ts = tuple(int(t) for t in a.charlm_t.split(","))
@@ -129,7 +150,7 @@ def main() -> int:
                         name += f"-clip{a.clip:g}"
                     if a.schedule is not None:
                         name += f"-{a.schedule}"
-                    if steps != (DEFAULT_CHARLM_STEPS if task == "charlm" else DEFAULT_COPY_STEPS):
+                    if steps is not None:
                         name += f"-{steps}steps"  # keeps the runs of the default budget for reuse
                     run_dir = ROOT / "runs" / "rnn" / name
                     jobs.append((task, method, t, seed, run_dir,
@@ -141,7 +162,7 @@ def main() -> int:
     start = time.time()
 
     def launch(job: tuple) -> tuple:
-        if finished(job[4], job[6]):
+        if finished(job[4], job[5]):
             print(f"[{time.time() - start:6.0f}s] {job[0]} {job[1]} T={job[2]} s{job[3]}: reused {job[4]}", flush=True)
             return job, 0
         cmd = [sys.executable, "-m", "synthgrad", *job[5]]
@@ -155,13 +176,15 @@ def main() -> int:
     wall = time.time() - start
 
     results: dict[tuple[str, str, int], list[dict]] = {}
+    configs: dict[tuple[str, str], dict] = {}  # one finished run's config.json per task and method
     for job, code in done:
         if code == 0:
             record = final_record(job[4])
             if job[0] == "charlm":
                 record["train_bpc_end"] = training_bpc(job[4])
             results.setdefault(job[:3], []).append(record)
-    write_report(a, tasks, seeds, copy_steps, charlm_steps, results, wall)
+            configs.setdefault(job[:2], json.loads((job[4] / "config.json").read_text()))
+    write_report(a, tasks, seeds, results, configs, wall)
     return 0
 
 
@@ -172,8 +195,19 @@ def _mean_std(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps: int, charlm_steps: int,
-                 results: dict, wall: float) -> None:
+SHOWN = ("max_steps", "hidden", "batch_size", "lr", "schedule", "clip", "synth_lr", "synth_hidden", "synth_scale",
+         "synth_warmup", "synth_discount", "aux_weight")  # the settings a report lists per task and method
+
+
+def settings_line(task: str, method: str, cfg: dict) -> str:
+    """One report line: the settings a task's runs of `method` ran with, from one run's config.json."""
+    keys = [k for k in SHOWN if method == "dni" or not k.startswith(("synth_", "aux_"))]
+    return f"- {task}, {method.upper()}: " + ", ".join(f"{k} {cfg[k]:g}" if isinstance(cfg[k], float) else
+                                                       f"{k} {cfg[k]}" for k in keys)
+
+
+def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, results: dict, configs: dict,
+                 wall: float) -> None:
     import torch
 
     a.out.mkdir(parents=True, exist_ok=True)
@@ -184,18 +218,13 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
              f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores (shared), "
              f"Python {platform.python_version()}, torch {torch.__version__}; {a.jobs} runs in parallel, "
              f"1 thread each; wall time of this invocation (reused runs cost none) {wall / 60:.1f} min",
-             f"- seeds: {seeds}; copy tasks: {copy_steps} steps (batches of 32 sequences) per run; "
-             f"charlm: {charlm_steps} steps (one T-character window of 32 streams each) per run",
-             "- model: one-layer LSTM (128 units for copy tasks, 256 for charlm), Adam, gradient clip "
-             f"{1.0 if a.clip is None else a.clip:g}; "
-             "DNI synthesizer on [h, c]: linear, zero-initialised, Adam lr 1e-3, "
-             f"synthetic gradient scaled by {0.1 if a.synth_scale is None else a.synth_scale:g} and ramped up from 0 "
-             "over the first 500 windows, "
-             "bootstrapped targets"
-             + ("" if a.synth_discount is None else f" (next window's synthetic gradient x {a.synth_discount:g})")
-             + ("" if a.aux_weight is None else f"; DNI + Aux, weight {a.aux_weight:g}"),
-             f"- learning rate: {a.schedule or 'constant'}"
-             + (" (decay to 0 over each run)" if a.schedule == "cosine" else ""),
+             f"- seeds: {seeds}; a copy-task step is a batch of sequences, a charlm step one T-character window "
+             "of every stream",
+             "- model: one-layer LSTM, Adam; DNI: a linear, zero-initialised synthesizer on [h, c] with "
+             "bootstrapped targets (synth_discount: the next window's weight in them), its synthetic gradient x "
+             "synth_scale, ramped up from 0 over synth_warmup windows; DNI + Aux when aux_weight > 0. Settings, "
+             "from each task's and method's config.json:",
+             *(settings_line(task, method, cfg) for (task, method), cfg in sorted(configs.items())),
              "", "Notes and earlier measurements: rnn-notes.md.", ""]
     summary: dict = {}
     for task in (t for t in tasks if t != "charlm"):
@@ -212,7 +241,8 @@ def write_report(a: argparse.Namespace, tasks: list[str], seeds: int, copy_steps
             summary[(task, t)] = (b, d)
         lines.append("")
     if "charlm" in tasks:
-        lines += [f"## charlm: held-out bits per character after {charlm_steps} steps (last 10% of {a.text})", "",
+        steps = next((cfg["max_steps"] for (task, _), cfg in configs.items() if task == "charlm"), "n/a")
+        lines += [f"## charlm: held-out bits per character after {steps} steps (last 10% of {a.text})", "",
                   "Training BPC: mean of each run's last 40 logged windows (a gap to the held-out BPC is overfitting).",
                   "", "| T | BPTT | DNI | BPTT, training | DNI, training |", "|---|---|---|---|---|"]
         for t in a.charlm_ts:

@@ -15,6 +15,7 @@ from synthgrad import BackwardInterface, adam, checkpoint
 from synthgrad.cli import main
 from synthgrad.errors import ConfigError
 from synthgrad.rnn import LSTMCore, TruncatedBPTT, build_rule, window_step
+from synthgrad.seqdefaults import sequence_defaults
 from synthgrad.tasks import CharCorpus, CopyTask, Curriculum, bit_errors, copy_loss, evaluate_bpc
 
 
@@ -249,7 +250,9 @@ def test_cli_smoke_run_per_task(task: str, method: str, tmp_path: Path, capsys: 
     assert str(run) in last and ("held-out bpc" in last if task == "charlm" else "longest length solved" in last)
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["task"], cfg["method"], cfg["truncation"], cfg["hidden"]) == (task, method, 3, 16)
-    assert (cfg["synth_scale"], cfg["synth_warmup"]) == (0.1, 500)  # the stable defaults through time
+    row = sequence_defaults(task, method)  # the task's defaults: a stable scale and warm-up through time
+    assert (cfg["synth_scale"], cfg["synth_warmup"], cfg["clip"]) == (row["synth_scale"], row["synth_warmup"],
+                                                                      row["clip"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [4, 8, 12]

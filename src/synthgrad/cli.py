@@ -15,6 +15,8 @@ from synthgrad.checkpoint import LATEST as CHECKPOINT
 from synthgrad.config import METHOD_DEFAULTS, METHODS, SCHEDULES, TrainConfig
 from synthgrad.errors import ConfigError, DivergenceError, Interrupted, SynthgradError
 from synthgrad.interfaces import OPTIMIZERS
+from synthgrad.presets import describe as describe_preset
+from synthgrad.presets import preset_names
 from synthgrad.rules import TARGETS, UNLOCKS
 from synthgrad.stopping import StopRequests
 
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"synthgrad {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,plot,data,models}")
 
+    from synthgrad import seqtrain  # sequence tasks: their own flags, defaults and trainer
+
     t = sub.add_parser("train", formatter_class=fmt, help="train a model; writes a run directory",
                        description="Train a registered model. Model-dependent defaults (epochs, "
                                    "batch size, lr, width) are listed by `synthgrad models`.")
@@ -92,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden width (mlp/fcn) or base channels (cnn); default: the model's")
     g.add_argument("--stages", type=_int(2, 64), default=None,
                    help="run the pipeline engine: cut the model into K stages, one process each")
+    g.add_argument("--preset", choices=preset_names(), default=None,
+                   help="fill every setting not given on the command line from a named set instead of our defaults "
+                        "(classifiers; recorded in config.json). "
+                        + "; ".join(describe_preset(n).replace("%", "%%") for n in preset_names()))
     o = t.add_argument_group("optimisation")
     o.add_argument("--epochs", type=_int(1, 100000), default=None, help="default: the model's")
     o.add_argument("--batch-size", type=_int(2, 60000), default=None, help="default: the model's")
@@ -99,10 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the stages' optimizer: adam, or sgd with Nesterov momentum 0.9 (synthesizers use Adam)")
     o.add_argument("--lr", type=_float(0, 10, lo_open=True), default=None,
                    help="learning rate of the stages; default: 0.01 with sgd; with adam 3e-4 for dni, "
-                        "else the model's")
+                        "else the model's; with --task 3e-3")
     o.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="learning-rate schedule of stages and synthesizers: cosine decay to 0 over the run, or "
-                        "constant (default: cosine; with --task: constant, since a curriculum has no fixed end)")
+                        "constant (default: cosine; with --task: constant for the copy tasks, whose curriculum "
+                        "has no fixed end, cosine for charlm)")
     o.add_argument("--update-prob", type=_float(0, 1), default=1.0,
                    help="each stage's backward pass and update happen with this probability per step")
     o.add_argument("--seed", type=_int(0, 2**31 - 1), default=0)
@@ -118,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--synth-every", type=_int(1), default=1,
                    help="each synthesizer regresses onto every this-many-th target only")
     s.add_argument("--synth-scale", type=_float(0, 100, lo_open=True), default=None,
-                   help="multiply the synthetic gradient the stage applies; default 1 (0.1 through time, --task)")
+                   help="multiply the synthetic gradient the stage applies; default 1 (through time, --task: 0.1, "
+                        "charlm dni 0.3)")
     s.add_argument("--synth-warmup", type=_int(0), default=None,
                    help="ramp the synthetic gradient's scale from 0 over this many steps; default 0 (500 "
                         "windows through time, --task)")
@@ -138,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from-previous", action="store_true",
                    help="with --resume: continue from the checkpoint before the last (checkpoint.prev.pt), when "
                         "the last is damaged; the damaged one is kept as checkpoint.damaged.pt")
-    r.add_argument("--max-steps", type=_int(1), default=None, help="stop after this many steps")
+    r.add_argument("--max-steps", type=_int(1), default=None,
+                   help="stop after this many steps; with --task, the run's length (default: "
+                        f"{seqtrain.per_task('max_steps')})")
     r.add_argument("--dry-run", action="store_true", help="a 20-step smoke run (sets --max-steps 20)")
     r.add_argument("--log-every", type=_int(1), default=50, help="steps between metric records")
     r.add_argument("--diagnose-every", type=_int(1), default=200,
@@ -155,8 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
     d = t.add_argument_group("data")
     _data_args(d)
-    from synthgrad import seqtrain  # sequence tasks: their own flags and trainer
-
     seqtrain.add_arguments(t.add_argument_group("sequence tasks (LSTM, truncated BPTT or DNI through time)"))
 
     pl = sub.add_parser("plot", formatter_class=fmt, help="plot one or more runs")
@@ -198,7 +208,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         synth_hidden=a.synth_hidden, synth_width=a.synth_width,
         synth_scale=1.0 if a.synth_scale is None else a.synth_scale, synth_rank=a.synth_rank,
         synth_every=a.synth_every,
-        synth_warmup=0 if a.synth_warmup is None else a.synth_warmup, schedule=a.schedule or "cosine", unlock=a.unlock,
+        synth_warmup=0 if a.synth_warmup is None else a.synth_warmup, schedule=a.schedule, preset=a.preset,
+        unlock=a.unlock,
         input_hidden=a.input_hidden,
         input_width=a.input_width, update_prob=a.update_prob, seed=a.seed, device=a.device,
         threads=a.threads, stages=a.stages, max_steps=20 if a.dry_run else a.max_steps,
@@ -336,6 +347,16 @@ def cmd_models(_: argparse.Namespace) -> int:
         print(f"{shown:10s} {d['epochs']:6d} {d['batch_size']:6d} {d['lr']:8.0e} {d['width']:6d}  "
               f"{spec.description}")
     print("\nmethod defaults: " + "; ".join(f"{m}: {v or 'none'}" for m, v in METHOD_DEFAULTS.items()))
+    print("\npresets (--preset NAME fills what the command line leaves unset):")
+    for name in preset_names():
+        print(f"  {describe_preset(name)}")
+    from synthgrad.seqdefaults import SEQUENCE_DEFAULTS, TRUNCATION
+
+    print(f"\nsequence tasks (--task; --truncation default {TRUNCATION}):")
+    for (task, method), row in SEQUENCE_DEFAULTS.items():
+        shown = {k: v for k, v in row.items() if method == "dni" or not k.startswith(("synth_", "aux_"))}
+        print(f"  {task:11s} {method:4s}  " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in shown.items()))
     return 0
 
 

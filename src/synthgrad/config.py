@@ -12,6 +12,7 @@ import torch
 from synthgrad import data, models
 from synthgrad.errors import ConfigError, require
 from synthgrad.interfaces import OPTIMIZERS
+from synthgrad.presets import preset_values
 from synthgrad.rules import TARGETS, UNLOCKS
 from synthgrad.schedules import lr_factor
 
@@ -61,7 +62,8 @@ class CommonConfig(JSONConfig):
     synth_width: int | None = None  # classifier default: 1024 for vectors, 64 channels for feature maps
     synth_scale: float = 1.0
     synth_warmup: int = 0
-    schedule: str = "cosine"  # learning-rate schedule: cosine decay to 0 over the run, or constant
+    schedule: str | None = None  # learning-rate schedule: cosine decay to 0 over the run, or constant; None: default
+    preset: str | None = None  # a named set of settings (presets.py) that filled what was left unset
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None: torch's default
@@ -133,11 +135,17 @@ class TrainConfig(CommonConfig):
     num_classes: int | None = None
 
     def resolve(self) -> TrainConfig:
-        """Fill None fields from the model's and the method's defaults, then validate."""
+        """Fill None fields from the preset (if any), then the method's and the model's defaults, then validate."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         spec = models.get_spec(self.model)
         out = dataclasses.replace(self, extra=dict(self.extra))
+        if out.preset is not None:
+            for key, value in preset_values(out.preset, out.method, out.model).items():
+                if getattr(out, key) is None:
+                    setattr(out, key, value)
+        if out.schedule is None:
+            out.schedule = "cosine"
         if out.optimizer == "sgd" and out.lr is None:
             out.lr = SGD_LR
         for key, value in METHOD_DEFAULTS[self.method].items():  # the method's defaults first
