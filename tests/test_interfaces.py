@@ -177,3 +177,17 @@ def test_trusted_true_gradient_synthesizers_still_give_backprops_update() -> Non
     assert all(float(i.trust_factor) == pytest.approx(1.0, abs=1e-6) for i in ifaces)
     for a, b in zip(bp.stages.parameters(), dni.stages.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_center_removes_the_batch_mean_of_the_applied_gradient_only() -> None:
+    torch.manual_seed(0)
+    iface = BackwardInterface(_FixedMap(torch.randn(5, 5)), adam(1e-3), center=True)
+    h = torch.randn(8, 5)
+    p = iface.predict(h)
+    applied = iface.stage_gradient(p)
+    torch.testing.assert_close(applied, (p.detach() - p.detach().mean(0)) / 8)  # oracle: per feature
+    torch.testing.assert_close(applied.sum(0), torch.zeros(5), atol=1e-6, rtol=0)
+    same = iface.predict(torch.ones(8, 5))  # every example alike: nothing distinguishes them, nothing is applied
+    assert iface.stage_gradient(same).abs().max() < 1e-6
+    # The regression still sees the whole prediction: its loss against a shifted target is not centred away.
+    assert iface.update(p, (p.detach() + 1.0) / 8) == pytest.approx(1.0, rel=1e-5)

@@ -117,18 +117,24 @@ class BackwardInterface(Interface):
         (p - (p.h / h.h) h), in what is regressed as in what is applied. A stage that feeds a
         normalisation has a true gradient orthogonal to h; a synthetic gradient with a component along
         h changes the scale of h, which a synthesizer linear in h then follows: a runaway loop.
+    center: the stage below applies the synthetic gradient minus its mean over the batch (per feature);
+        the synthesizer still regresses onto the whole target. The batch mean is one vector shared by
+        every example: the stage's parameters (its biases first) follow it coherently, since it does not
+        cancel in the sum over examples as per-example errors do, and Adam follows it at the full
+        learning rate on every step; an error there shifts every example's activation the same way
+        (the activation drift of a residual stream). What distinguishes examples is kept.
     """
 
     def __init__(self, synthesizer: nn.Module, optimizer: OptimizerFactory | torch.optim.Optimizer,
                  scale: float = 1.0, warmup_steps: int = 0, trust: bool = False, trust_decay: float = 0.99,
-                 project: bool = False):
+                 project: bool = False, center: bool = False):
         super().__init__(synthesizer, optimizer)
         if not 0.0 <= trust_decay < 1.0:
             raise ValueError(f"trust_decay must lie in [0, 1), got {trust_decay}")
         self.scale, self.warmup_steps = scale, warmup_steps
-        self.trust, self.trust_decay, self.project = trust, trust_decay, project
-        # Moving averages of the per-example p.t and p.p (float64 [2]); the trust factor is their ratio.
-        self.fit = torch.zeros(2, dtype=torch.float64)
+        self.trust, self.trust_decay, self.project, self.center = trust, trust_decay, project, center
+        # Moving averages of the per-example p.t, p.p and t.t (float64 [3]): the trust factor and the agreement.
+        self.fit = torch.zeros(3, dtype=torch.float64)
 
     @property
     def synthesizer(self) -> nn.Module:
@@ -143,6 +149,14 @@ class BackwardInterface(Interface):
         pt, pp = self.fit[0], self.fit[1]
         return torch.where(pp > 0, (pt / pp.clamp_min(1e-300)).clamp(0.0, 1.0), torch.ones_like(pp))
 
+    @property
+    def agreement(self) -> torch.Tensor:
+        """E[p.t] / sqrt(E[p.p] E[t.t]) over the targets received (the moving averages), clamped to [0, 1]:
+        the cosine of predictions and targets, pooled over batches; 0 before any target (a 0-dim tensor)."""
+        pt, pp, tt = self.fit[0], self.fit[1], self.fit[2]
+        den = (pp * tt).sqrt()
+        return torch.where(den > 0, (pt / den.clamp_min(1e-300)).clamp(0.0, 1.0), torch.zeros_like(den))
+
     def predict(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The synthesizer's per-example gradient B * dL/dh, shaped like h, graph kept for `update`."""
         p = self.model(h.detach(), context)
@@ -153,21 +167,24 @@ class BackwardInterface(Interface):
         return p
 
     def stage_gradient(self, prediction: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """What the stage below backpropagates: the prediction in batch-mean units, scaled, warmed up and trusted."""
+        """What the stage below backpropagates: the prediction in batch-mean units, scaled, warmed up, trusted
+        and centred."""
         ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         factor = self.scale * ramp / prediction.shape[0]
+        p = prediction.detach()
+        if self.center:
+            p = p - p.mean(0, keepdim=True)  # [B, ...] minus its mean over the batch, per feature
         if self.trust:
-            return prediction.detach() * (self.trust_factor.to(prediction.dtype) * factor)
-        return prediction.detach() * factor
+            return p * (self.trust_factor.to(p.dtype) * factor)
+        return p * factor
 
     def update(self, prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
         """Regress onto the gradient that reached h from above, given in batch-mean units."""
         target = target_grad * target_grad.shape[0]  # per-example units, like the prediction
-        if self.trust:
-            with torch.no_grad():
-                p, t, b = prediction.detach().double(), target.detach().double(), prediction.shape[0]
-                moments = torch.stack([(p * t).sum() / b, (p * p).sum() / b]).to(self.fit.device)
-                self.fit.mul_(self.trust_decay).add_(moments, alpha=1.0 - self.trust_decay)
+        with torch.no_grad():
+            p, t, b = prediction.detach().double(), target.detach().double(), prediction.shape[0]
+            moments = torch.stack([(p * t).sum() / b, (p * p).sum() / b, (t * t).sum() / b]).to(self.fit.device)
+            self.fit.mul_(self.trust_decay).add_(moments, alpha=1.0 - self.trust_decay)
         return self.regress(prediction, target)
 
     def to(self, device: torch.device | str) -> BackwardInterface:
