@@ -21,13 +21,18 @@ from pathlib import Path
 import torch
 
 from synthgrad import DNI, Backprop, StepRule
+from synthgrad.interfaces import default_interface
 from synthgrad.models import build_stages
+from synthgrad.rules import activation_shapes
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
-# (label, method, synth_hidden, synth_width); width None = the default (1024 vector, 64 conv channels)
+# (label, method, synth_hidden, synth_width); width None = the default (1024 vector, 64 conv channels);
+# synth_hidden "default": the interfaces of interfaces.default_interface (linear synthesizers, centred; issue 17)
 VARIANTS = [
     ("backprop", "backprop", None, None),
+    ("cdni default", "cdni", "default", None),
+    ("dni default", "dni", "default", None),
     ("cdni linear", "cdni", 0, None),
     ("dni linear", "dni", 0, None),
     ("dni 1x256", "dni", 1, 256),
@@ -36,6 +41,8 @@ VARIANTS = [
 ]
 CONV_VARIANTS = [
     ("backprop", "backprop", None, None),
+    ("cdni default", "cdni", "default", None),
+    ("dni default", "dni", "default", None),
     ("cdni linear (one 5x5 conv)", "cdni", 0, None),
     ("dni linear (one 5x5 conv)", "dni", 0, None),
     ("dni 1x16ch", "dni", 1, 16),
@@ -43,18 +50,24 @@ CONV_VARIANTS = [
 ]
 
 
-def make(model: str, method: str, hidden: int | None, width: int | None, x: torch.Tensor) -> StepRule:
+def make(model: str, method: str, hidden: int | str | None, width: int | None, x: torch.Tensor) -> StepRule:
     torch.manual_seed(0)
     stages = build_stages(model, (1, 28, 28), 10)
     if method == "backprop":
         return Backprop(stages)
+    if hidden == "default":
+        shapes = activation_shapes(stages, x[:2])[:-1]
+        return DNI(stages, [default_interface(s, method == "cdni", 10) for s in shapes],
+                   conditioned=method == "cdni", num_classes=10)
     return DNI.build(stages, x[:2], conditioned=method == "cdni", num_classes=10, synth_hidden=hidden,
                      synth_width=width)
 
 
 def measure(model: str, batch: int, steps: int, rounds: int) -> list[tuple[str, float, float]]:
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    variants = CONV_VARIANTS if model.startswith("cnn") else VARIANTS
+    torch.manual_seed(0)
+    conv = len(activation_shapes(build_stages(model, (1, 28, 28), 10), x[:2])[0]) == 3  # feature maps
+    variants = CONV_VARIANTS if conv else VARIANTS
     rules = [(label, make(model, m, h, w, x)) for label, m, h, w in variants]
     times: dict[str, list[float]] = {label: [] for label, _ in rules}
     for rule in (r for _, r in rules):  # warm-up
@@ -73,6 +86,7 @@ def measure(model: str, batch: int, steps: int, rounds: int) -> list[tuple[str, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mlp", "fcn-3", "cnn"])
+    p.add_argument("--out", default="cost.md", help="file name under benchmarks/results")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
@@ -95,7 +109,7 @@ def main() -> None:
             lines.append(f"| {model} | {label} | {ms:.1f} | {ratio:.2f} |")
             print(lines[-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cost.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / a.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ TOKENS = {
     "sgdlr<x>": "the SGD stages' learning rate x (default 0.01)",
     "lowlr<x>": "stages below an interface Adam with learning rate x, the last stage Adam 1e-3",
     "hold<n>": "stages below an interface do not move for the first n steps (learning rate 0)",
+    "norm": "the synthesizer sees each example's activation divided by its RMS (a scale-free input)",
     "center": "BackwardInterface(center=True): the applied synthetic gradient minus its mean over the batch "
               "(per feature); the synthesizer still regresses onto the whole target",
     "decay<x>": "trust_decay x (default 0.99)",
@@ -85,12 +86,12 @@ TOKENS = {
 def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
-                  "lrcos": False, "chain": False, "hold": 0, "center": False,
+                  "lrcos": False, "chain": False, "hold": 0, "center": False, "norm": False,
                   "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
     if name == "library":
         return opts
     for tok in name.split("+"):
-        if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center"):
+        if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm"):
             opts[tok] = True
         elif tok in ("sgd", "sgdlow"):
             opts["opt"] = tok
@@ -109,6 +110,18 @@ def parse_variant(name: str) -> dict:
     return opts
 
 
+class NormalizedInput(nn.Module):
+    """A candidate: the wrapped synthesizer sees h / RMS(h), per example, so its output does not grow with h."""
+
+    def __init__(self, synth: nn.Module):
+        super().__init__()
+        self.synth = synth
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        rms = h.flatten(1).pow(2).mean(1).add(1e-12).sqrt().view(-1, *[1] * (h.dim() - 1))  # [B, 1, ...]
+        return self.synth(h / rms, context)
+
+
 def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, conditioned: bool,
                   num_classes: int) -> tuple[sg.StepRule, StepHook | None]:
     if name == "library":
@@ -119,8 +132,10 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
 
     def synthesizer(shape: tuple[int, ...]) -> nn.Module:
         if o["pos"] and len(shape) == 2:
-            return sg.TokenSynthesizer(shape[1], hidden, 256, ctx, positions=shape[0])
-        return sg.make_synthesizer(shape, hidden, None, ctx)
+            synth = sg.TokenSynthesizer(shape[1], hidden, 256, ctx, positions=shape[0])
+        else:
+            synth = sg.make_synthesizer(shape, hidden, None, ctx)
+        return NormalizedInput(synth) if o["norm"] else synth
 
     interfaces = [sg.BackwardInterface(synthesizer(shape), sg.adam(o["synth_lr"]), trust=o["trust"],
                                        trust_decay=o["decay"], project=o["proj"], center=o["center"])
@@ -167,6 +182,11 @@ class Run:
         return f"{variant}/{self.dataset}-{self.model}-{k}-{self.method}-s{self.seed}-e{self.epochs}"
 
 
+def mean_share(v: torch.Tensor) -> float:
+    """B |mean_B v|^2 / |v|^2 for v [B, D]: 1 when every example holds the same vector, ~1/B for noise."""
+    return (v.shape[0] * v.mean(0).pow(2).sum() / v.pow(2).sum().clamp_min(1e-30)).item()
+
+
 class Probe:
     """Diagnostics sampled on some steps: activation RMS per boundary and, for DNI, the synthetic gradient's
     geometry (wrapping each interface's predict and update, which the rule calls as usual)."""
@@ -206,6 +226,8 @@ class Probe:
                     "ls_alpha_true": ((pd * gd).sum() / pd.pow(2).sum().clamp_min(1e-30)).item(),
                     "true_norm": gd.norm().item() * b, "p_norm": pd.norm().item() * b,  # per-example units
                     "param_cos": self._param_cosine(k, p.detach() / b, g),
+                    # share of |v|^2 in the batch mean (the part every example shares): B |mean v|^2 / |v|^2
+                    "p_mean_share": mean_share(pd), "true_mean_share": mean_share(gd), "h_mean_share": mean_share(hd),
                 }
             return p
         return wrapped
@@ -429,6 +451,35 @@ def ablation(records: dict[Run, dict], runs: list[Run], name: str, argv: list[st
             cols.append(f"{below}{m:.2f}{gap} {drift(dataset=ds, model=model, stages=k, method=method, variant=v)}")
         js.append(row)
         lines.append(f"| {ds} | {model} | {k} | {method} | {fmt(bp)} | {fmt(fl)} | " + " | ".join(cols) + " |")
+    # The same, one row per variant: reads better with many variants. '*' marks the best in a column.
+    for method in sorted({c[3] for c in cells}):
+        cols = [c for c in cells if c[3] == method]
+        lines += ["", f"### {method}: one row per variant", "",
+                  "| variant | " + " | ".join(f"{m} K={k}" + ("" if ds == "mnist" else f" ({ds})")
+                                          for ds, m, k, _ in cols) + " | mean gap |",
+                  "|---|" + "---|" * (len(cols) + 1)]
+        for label, kw in (("backprop", {"method": "backprop"}), ("frozen floor", {"method": "frozen"})):
+            vals = [accs(dataset=ds, model=m, **({"stages": k} if label != "backprop" else {}), **kw)
+                    for ds, m, k, _ in cols]
+            lines.append(f"| {label} | " + " | ".join(f"{statistics.mean(v):.2f}" if v else "-" for v in vals) + " | |")
+        table = {v: [accs(dataset=ds, model=m, stages=k, method=method, variant=v) for ds, m, k, _ in cols]
+                 for v in variants}
+        best = [max((statistics.mean(table[v][i]) for v in variants if table[v][i]), default=None)
+                for i in range(len(cols))]
+        for v in variants:
+            out, gaps = [], []
+            for i, (ds, m, _k, _) in enumerate(cols):
+                xs, bp = table[v][i], accs(dataset=ds, model=m, method="backprop")
+                if not xs:
+                    out.append("-")
+                    continue
+                mean = statistics.mean(xs)
+                if bp:
+                    gaps.append(mean - statistics.mean(bp))
+                out.append(f"{mean:.2f}{'*' if mean == best[i] else ''}")
+            full = len(gaps) == len(cols)
+            lines.append(f"| {v} | " + " | ".join(out) + f" | {statistics.mean(gaps):+.2f} |" if full else
+                         f"| {v} | " + " | ".join(out) + " | - |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     summary = {"command": argv, "variants": variants, "date": date.today().isoformat(), "rows": js}
@@ -436,29 +487,32 @@ def ablation(records: dict[Run, dict], runs: list[Run], name: str, argv: list[st
     print("\n".join(lines))
 
 
-def diagnostics(records: dict[Run, dict], runs: list[Run], name: str, argv: list[str]) -> None:
+def diagnostics(records: dict[Run, dict], runs: list[Run], name: str, argv: list[str],
+                steps: tuple[int, ...] = (100, 300)) -> None:
     """Per DNI/cDNI run with probes: at steps 100, 300 and the last, per interface (lowest first): cosine to the
     true gradient (activation and parameter space), |p| / |true|, the share of |p|^2 and of |true|^2 along h,
     boundary RMS relative to step 0, and each lower stage's step size relative to backprop's at the same step."""
     base = {(r.dataset, r.model): records[r] for r in runs if r.method == "backprop" and r in records}
     seen, lines = set(), [
         "# Zoo diagnostics", "", f"- command: `python benchmarks/zoo.py {' '.join(argv)}`",
-        f"- date: {date.today().isoformat()}", "- per interface, lowest first; steps 100 / 300 / last", "",
-        "| run | step | cos | param cos | p/true | p along h | true along h | RMS / RMS(0) | step / backprop's |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        f"- date: {date.today().isoformat()}",
+        f"- per interface, lowest first; steps {' / '.join(map(str, steps))} / last", "",
+        "| run | step | cos | param cos | p/true | p along h | true along h | p batch-mean share "
+        "| true batch-mean share | RMS / RMS(0) | step / backprop's |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cells(xs: list) -> str:
         return ", ".join("-" if x is None else f"{x:.2f}" for x in xs)
 
     for r in runs:
-        if r.key in seen or r not in records or r.method in SHARED:
+        if r.key in seen or r not in records or r.method in SHARED or r.method == "backprop":
             continue
         seen.add(r.key)
         diag = [d for d in records[r]["diagnostics"] if "geometry" in d]
         if not diag:
             continue
         bp = {d["step"]: d for d in base.get((r.dataset, r.model), {}).get("diagnostics", [])}
-        for d in [x for x in diag if x["step"] in (100, 300)] + [diag[-1]]:
+        for d in [x for x in diag if x["step"] in steps] + [diag[-1]]:
             g = [x or {} for x in d["geometry"]]
             ratio = [None if d.get("rel_step", [None])[i] is None or d["step"] not in bp
                      or not bp[d["step"]].get("rel_step") else d["rel_step"][i] / bp[d["step"]]["rel_step"][i]
@@ -467,7 +521,8 @@ def diagnostics(records: dict[Run, dict], runs: list[Run], name: str, argv: list
             lines.append(f"| {r.key} | {d['step']} | {cells(d.get('cosine', []))} | "
                          f"{cells([x.get('param_cos') for x in g])} | {cells([x.get('p_over_true') for x in g])} | "
                          f"{cells([x.get('p_along_h') for x in g])} | {cells([x.get('true_along_h') for x in g])} | "
-                         f"{cells(rms)} | {cells(ratio)} |")
+                         f"{cells([x.get('p_mean_share') for x in g])} | "
+                         f"{cells([x.get('true_mean_share') for x in g])} | {cells(rms)} | {cells(ratio)} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -150,10 +150,14 @@ class InputSynthesizer(nn.Module):
 
 def make_synthesizer(activation_shape: tuple[int, ...], hidden_layers: int, width: int | None = None,
                      context_dim: int = 0, kernel_size: int = 5) -> nn.Module:
-    """A synthesizer that fits an activation of shape [C, H, W] (conv), [N, D] (tokens) or [D] / other (vector)."""
+    """A synthesizer that fits an activation of shape [C, H, W] (conv), [N, D] (tokens) or [D] / other (vector).
+
+    Tokens get a TokenSynthesizer with a gain and bias per position (for exactly N positions).
+    """
     if len(activation_shape) == 3:
         return ConvSynthesizer(activation_shape[0], hidden_layers, width or 64, kernel_size, context_dim)
     if len(activation_shape) == 2:
-        return TokenSynthesizer(activation_shape[1], hidden_layers, width or 256, context_dim)
+        return TokenSynthesizer(activation_shape[1], hidden_layers, width or 256, context_dim,
+                                positions=activation_shape[0])
     dim = int(torch.tensor(activation_shape).prod())
     return VectorSynthesizer(dim, hidden_layers, width or 1024, context_dim)
