@@ -42,7 +42,7 @@ from synthgrad import zoo
 from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
 from synthgrad.errors import DivergenceError
-from synthgrad.interfaces import sgd
+from synthgrad.interfaces import default_interface, sgd
 from synthgrad.models import build_layers
 from synthgrad.rules import activation_shapes, frozen_batchnorm_stats
 from synthgrad.trainer import evaluate
@@ -61,7 +61,15 @@ def library(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, nu
     return sg.DNI.build(stages, sample, conditioned=conditioned, num_classes=num_classes)
 
 
-# A candidate rule is named by '+'-joined tokens, e.g. "lin+trust+sgd"; "library" is DNI.build's defaults.
+def proposed(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, num_classes: int) -> sg.StepRule:
+    """What DNI.build should build (issue 17): interfaces.default_interface at every boundary, Adam 1e-3 stages."""
+    shapes = activation_shapes(stages, sample)[:-1]
+    return sg.DNI(stages, [default_interface(s, conditioned, num_classes) for s in shapes],
+                  conditioned=conditioned, num_classes=num_classes)
+
+
+# A candidate rule is named by '+'-joined tokens, e.g. "lin+trust+sgd"; "library" is DNI.build's defaults and
+# "default" interfaces.default_interface's, the proposed defaults (the same rule as "lin+slr1e-3+pos+center").
 TOKENS = {
     "lin": "linear synthesizers for DNI too (cDNI's are linear already)",
     "trust": "BackwardInterface(trust=True): the applied synthetic gradient times alpha = E[p.t] / E[p.p] in [0, 1]",
@@ -76,6 +84,7 @@ TOKENS = {
     "sgdlr<x>": "the SGD stages' learning rate x (default 0.01)",
     "lowlr<x>": "stages below an interface Adam with learning rate x, the last stage Adam 1e-3",
     "hold<n>": "stages below an interface do not move for the first n steps (learning rate 0)",
+    "hid1": "synthesizers with one hidden layer: 256 units on vectors, 64 on tokens, 16 channels on feature maps",
     "norm": "the synthesizer sees each example's activation divided by its RMS (a scale-free input)",
     "center": "BackwardInterface(center=True): the applied synthetic gradient minus its mean over the batch "
               "(per feature); the synthesizer still regresses onto the whole target",
@@ -86,12 +95,12 @@ TOKENS = {
 def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
-                  "lrcos": False, "chain": False, "hold": 0, "center": False, "norm": False,
+                  "lrcos": False, "chain": False, "hold": 0, "center": False, "norm": False, "hid1": False,
                   "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
-    if name == "library":
+    if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
-        if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm"):
+        if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm", "hid1"):
             opts[tok] = True
         elif tok in ("sgd", "sgdlow"):
             opts["opt"] = tok
@@ -126,15 +135,18 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
                   num_classes: int) -> tuple[sg.StepRule, StepHook | None]:
     if name == "library":
         return library(stages, sample, conditioned, num_classes), None
+    if name == "default":
+        return proposed(stages, sample, conditioned, num_classes), None
     o = parse_variant(name)
     ctx = num_classes if conditioned else 0
-    hidden = 0 if (o["lin"] or conditioned) else 2
+    hidden = 1 if o["hid1"] else 0 if (o["lin"] or conditioned) else 2
 
     def synthesizer(shape: tuple[int, ...]) -> nn.Module:
+        width = ({1: 256, 2: 64, 3: 16}[len(shape)] if o["hid1"] else None) if len(shape) <= 3 else None
         if o["pos"] and len(shape) == 2:
-            synth = sg.TokenSynthesizer(shape[1], hidden, 256, ctx, positions=shape[0])
+            synth = sg.TokenSynthesizer(shape[1], hidden, width or 256, ctx, positions=shape[0])
         else:
-            synth = sg.make_synthesizer(shape, hidden, None, ctx)
+            synth = sg.make_synthesizer(shape, hidden, width, ctx)
         return NormalizedInput(synth) if o["norm"] else synth
 
     interfaces = [sg.BackwardInterface(synthesizer(shape), sg.adam(o["synth_lr"]), trust=o["trust"],
@@ -537,8 +549,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--variant", nargs="+", default=["library"], help="library, or '+'-joined tokens: " + "; ".join(
-        f"{k}: {v}" for k, v in TOKENS.items()) + ". Several: an ablation table, one column per variant")
+    p.add_argument("--variant", nargs="+", default=["library"],
+                   help="library (DNI.build), default (interfaces.default_interface), or '+'-joined tokens: "
+                   + "; ".join(f"{k}: {v}" for k, v in TOKENS.items())
+                   + ". Several: an ablation table, one column per variant")
     p.add_argument("--diagnose-every", type=int, default=100)
     p.add_argument("--probe", action="store_true", help="also record the synthetic gradient's geometry and step sizes")
     p.add_argument("--jobs", type=int, default=1, choices=[1, 2])
