@@ -21,14 +21,19 @@ from pathlib import Path
 import torch
 
 from synthgrad import DNI, Backprop, StepRule
+from synthgrad.interfaces import default_interface
 from synthgrad.models import build_stages
+from synthgrad.rules import activation_shapes
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 # (label, method, synth_hidden, synth_width[, DNI.build arguments]); width None = the default (1024 vector,
-# 64 conv channels)
+# 64 conv channels);
+# synth_hidden "default": the interfaces of interfaces.default_interface (linear synthesizers, centred; issue 17)
 VARIANTS = [
     ("backprop", "backprop", None, None),
+    ("cdni default", "cdni", "default", None),
+    ("dni default", "dni", "default", None),
     ("cdni linear", "cdni", 0, None),
     ("cdni linear, every 2nd target", "cdni", 0, None, {"synth_every": 2}),
     ("cdni rank 64, label embedded", "cdni", 0, None, {"synth_rank": 64}),
@@ -41,6 +46,8 @@ VARIANTS = [
 ]
 CONV_VARIANTS = [
     ("backprop", "backprop", None, None),
+    ("cdni default", "cdni", "default", None),
+    ("dni default", "dni", "default", None),
     ("cdni linear (one 5x5 conv)", "cdni", 0, None),
     ("dni linear (one 5x5 conv)", "dni", 0, None),
     ("dni 1x16ch", "dni", 1, 16),
@@ -48,18 +55,24 @@ CONV_VARIANTS = [
 ]
 
 
-def make(model: str, method: str, hidden: int | None, width: int | None, x: torch.Tensor, **kw) -> StepRule:
+def make(model: str, method: str, hidden: int | str | None, width: int | None, x: torch.Tensor, **kw) -> StepRule:
     torch.manual_seed(0)
     stages = build_stages(model, (1, 28, 28), 10)
     if method == "backprop":
         return Backprop(stages)
+    if hidden == "default":
+        shapes = activation_shapes(stages, x[:2])[:-1]
+        return DNI(stages, [default_interface(s, method == "cdni", 10) for s in shapes],
+                   conditioned=method == "cdni", num_classes=10)
     return DNI.build(stages, x[:2], conditioned=method == "cdni", num_classes=10, synth_hidden=hidden,
                      synth_width=width, **kw)
 
 
 def measure(model: str, batch: int, steps: int, rounds: int) -> list[tuple[str, float, float]]:
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    variants = CONV_VARIANTS if model.startswith("cnn") else VARIANTS
+    torch.manual_seed(0)
+    conv = len(activation_shapes(build_stages(model, (1, 28, 28), 10), x[:2])[0]) == 3  # feature maps
+    variants = CONV_VARIANTS if conv else VARIANTS
     rules = [(v[0], make(model, *v[1:4], x, **(v[4] if len(v) > 4 else {}))) for v in variants]
     times: dict[str, list[float]] = {label: [] for label, _ in rules}
     for rule in (r for _, r in rules):  # warm-up
@@ -78,6 +91,7 @@ def measure(model: str, batch: int, steps: int, rounds: int) -> list[tuple[str, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mlp", "fcn-3", "cnn"])
+    p.add_argument("--out", default="cost.md", help="file name under benchmarks/results")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
@@ -100,7 +114,7 @@ def main() -> None:
             lines.append(f"| {model} | {label} | {ms:.1f} | {ratio:.2f} |")
             print(lines[-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cost.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / a.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

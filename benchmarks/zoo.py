@@ -41,9 +41,10 @@ import synthgrad as sg
 from synthgrad import zoo
 from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
-from synthgrad.interfaces import sgd
+from synthgrad.errors import DivergenceError
+from synthgrad.interfaces import default_interface, sgd
 from synthgrad.models import build_layers
-from synthgrad.rules import activation_shapes
+from synthgrad.rules import activation_shapes, frozen_batchnorm_stats
 from synthgrad.trainer import evaluate
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -60,30 +61,55 @@ def library(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, nu
     return sg.DNI.build(stages, sample, conditioned=conditioned, num_classes=num_classes)
 
 
-# A candidate rule is named by '+'-joined tokens, e.g. "lin+trust+sgd"; "library" is DNI.build's defaults.
+def proposed(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, num_classes: int) -> sg.StepRule:
+    """What DNI.build should build (issue 17): interfaces.default_interface at every boundary, Adam 1e-3 stages."""
+    shapes = activation_shapes(stages, sample)[:-1]
+    return sg.DNI(stages, [default_interface(s, conditioned, num_classes) for s in shapes],
+                  conditioned=conditioned, num_classes=num_classes)
+
+
+# A candidate rule is named by '+'-joined tokens, e.g. "lin+trust+sgd"; "library" is DNI.build's defaults and
+# "default" interfaces.default_interface's, the proposed defaults (the same rule as "lin+slr1e-3+pos+center").
 TOKENS = {
     "lin": "linear synthesizers for DNI too (cDNI's are linear already)",
     "trust": "BackwardInterface(trust=True): the applied synthetic gradient times alpha = E[p.t] / E[p.p] in [0, 1]",
     "proj": "BackwardInterface(project=True): the prediction's component along h removed, per example",
+    "pos": "token synthesizers with a learned gain and bias per position (TokenSynthesizer(positions=N))",
     "sgd": "every stage SGD (Nesterov momentum 0.9, lr 0.01) instead of Adam (lr 1e-3)",
     "sgdlow": "stages below an interface SGD (lr 0.01), the last stage Adam (lr 1e-3)",
     "lrtrust": "Adam stages; each stage's learning rate times its interface's trust factor (needs trust)",
+    "lrcos": "Adam stages; each stage's learning rate times its interface's agreement (pooled cosine to targets)",
+    "chain": "with lrtrust/lrcos: stage k's factor is the product of the factors of interfaces k and above",
     "slr<x>": "synthesizer learning rate x (default 1e-4)",
+    "sgdlr<x>": "the SGD stages' learning rate x (default 0.01)",
+    "lowlr<x>": "stages below an interface Adam with learning rate x, the last stage Adam 1e-3",
+    "hold<n>": "stages below an interface do not move for the first n steps (learning rate 0)",
+    "hid1": "synthesizers with one hidden layer: 256 units on vectors, 64 on tokens, 16 channels on feature maps",
+    "norm": "the synthesizer sees each example's activation divided by its RMS (a scale-free input)",
+    "center": "BackwardInterface(center=True): the applied synthetic gradient minus its mean over the batch "
+              "(per feature); the synthesizer still regresses onto the whole target",
     "decay<x>": "trust_decay x (default 0.99)",
 }
 
 
 def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
-    opts: dict = {"lin": False, "trust": False, "proj": False, "opt": "adam", "lrtrust": False,
-                  "synth_lr": 1e-4, "decay": 0.99}
-    if name == "library":
+    opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
+                  "lrcos": False, "chain": False, "hold": 0, "center": False, "norm": False, "hid1": False,
+                  "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
+    if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
-        if tok in ("lin", "trust", "proj", "lrtrust"):
+        if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm", "hid1"):
             opts[tok] = True
         elif tok in ("sgd", "sgdlow"):
             opts["opt"] = tok
+        elif tok.startswith("hold"):
+            opts["hold"] = int(tok[4:])
+        elif tok.startswith("lowlr"):
+            opts["opt"], opts["low_lr"] = "lowlr", float(tok[5:])
+        elif tok.startswith("sgdlr"):
+            opts["sgd_lr"] = float(tok[5:])
         elif tok.startswith("slr"):
             opts["synth_lr"] = float(tok[3:])
         elif tok.startswith("decay"):
@@ -93,26 +119,61 @@ def parse_variant(name: str) -> dict:
     return opts
 
 
+class NormalizedInput(nn.Module):
+    """A candidate: the wrapped synthesizer sees h / RMS(h), per example, so its output does not grow with h."""
+
+    def __init__(self, synth: nn.Module):
+        super().__init__()
+        self.synth = synth
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        rms = h.flatten(1).pow(2).mean(1).add(1e-12).sqrt().view(-1, *[1] * (h.dim() - 1))  # [B, 1, ...]
+        return self.synth(h / rms, context)
+
+
 def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, conditioned: bool,
                   num_classes: int) -> tuple[sg.StepRule, StepHook | None]:
     if name == "library":
         return library(stages, sample, conditioned, num_classes), None
+    if name == "default":
+        return proposed(stages, sample, conditioned, num_classes), None
     o = parse_variant(name)
     ctx = num_classes if conditioned else 0
-    hidden = 0 if (o["lin"] or conditioned) else 2
-    interfaces = [sg.BackwardInterface(sg.make_synthesizer(shape, hidden, None, ctx), sg.adam(o["synth_lr"]),
-                                       trust=o["trust"], trust_decay=o["decay"], project=o["proj"])
+    hidden = 1 if o["hid1"] else 0 if (o["lin"] or conditioned) else 2
+
+    def synthesizer(shape: tuple[int, ...]) -> nn.Module:
+        width = ({1: 256, 2: 64, 3: 16}[len(shape)] if o["hid1"] else None) if len(shape) <= 3 else None
+        if o["pos"] and len(shape) == 2:
+            synth = sg.TokenSynthesizer(shape[1], hidden, width or 256, ctx, positions=shape[0])
+        else:
+            synth = sg.make_synthesizer(shape, hidden, width, ctx)
+        return NormalizedInput(synth) if o["norm"] else synth
+
+    interfaces = [sg.BackwardInterface(synthesizer(shape), sg.adam(o["synth_lr"]), trust=o["trust"],
+                                       trust_decay=o["decay"], project=o["proj"], center=o["center"])
                   for shape in activation_shapes(stages, sample)[:-1]]
-    opt = sgd(0.01) if o["opt"] == "sgd" else sg.adam(1e-3)
+    opt = sgd(o["sgd_lr"]) if o["opt"] == "sgd" else sg.adam(1e-3)
     rule = sg.DNI(stages, interfaces, optimizer=opt, conditioned=conditioned, num_classes=num_classes)
+    if o["opt"] == "lowlr":
+        rule.optimizers = [sg.adam(o["low_lr"])(s.parameters()) for s in stages[:-1]] + [rule.optimizers[-1]]
     if o["opt"] == "sgdlow":
-        rule.optimizers = [sgd(0.01)(s.parameters()) for s in stages[:-1]] + [sg.adam(1e-3)(stages[-1].parameters())]
+        rule.optimizers = [sgd(o["sgd_lr"])(s.parameters()) for s in stages[:-1]] + [
+            sg.adam(1e-3)(stages[-1].parameters())]
     hook = None
-    if o["lrtrust"]:
-        def hook() -> None:  # after set_lr_factor: lower stage k's lr times interface k's trust factor
-            for opt_k, iface in zip(rule.optimizers[:-1], rule.interfaces, strict=True):
+    if o["lrtrust"] or o["lrcos"] or o["hold"]:
+        def hook() -> None:  # after set_lr_factor: lower stage k's lr times interface k's trust or agreement
+            if o["lrtrust"] or o["lrcos"]:
+                factors = [float(i.trust_factor if o["lrtrust"] else i.agreement) for i in rule.interfaces]
+            else:
+                factors = [1.0] * len(rule.interfaces)
+            if rule.steps < o["hold"]:
+                factors = [0.0] * len(factors)
+            if o["chain"]:  # bootstrapped targets are only as good as the interfaces above: multiply down
+                for k in range(len(factors) - 2, -1, -1):
+                    factors[k] *= factors[k + 1]
+            for opt_k, factor in zip(rule.optimizers[:-1], factors, strict=True):
                 for group in opt_k.param_groups:
-                    group["lr"] *= float(iface.trust_factor)
+                    group["lr"] *= factor
     return rule, hook
 
 
@@ -133,6 +194,11 @@ class Run:
         return f"{variant}/{self.dataset}-{self.model}-{k}-{self.method}-s{self.seed}-e{self.epochs}"
 
 
+def mean_share(v: torch.Tensor) -> float:
+    """B |mean_B v|^2 / |v|^2 for v [B, D]: 1 when every example holds the same vector, ~1/B for noise."""
+    return (v.shape[0] * v.mean(0).pow(2).sum() / v.pow(2).sum().clamp_min(1e-30)).item()
+
+
 class Probe:
     """Diagnostics sampled on some steps: activation RMS per boundary and, for DNI, the synthetic gradient's
     geometry (wrapping each interface's predict and update, which the rule calls as usual)."""
@@ -141,6 +207,7 @@ class Probe:
         self.rule, self.detail, self.on = rule, detail, False
         self.labels: torch.Tensor | None = None
         self.rms: dict[int, float] = {}
+        self.inputs: dict[int, torch.Tensor] = {}  # each lower stage's input on the sampled step
         self.geometry: dict[int, dict] = {}
         for k, stage in enumerate(rule.stages[:-1]):
             stage.register_forward_hook(self._hook(k))
@@ -150,9 +217,10 @@ class Probe:
                 iface.update = self._update(k, iface.update)
 
     def _hook(self, k: int) -> Callable:
-        def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        def hook(_m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
             if self.on and k not in self.rms:  # the first call: the step's own forward pass
                 self.rms[k] = out.detach().pow(2).mean().sqrt().item()
+                self.inputs[k] = inp[0].detach()
         return hook
 
     def _predict(self, k: int, predict: Callable) -> Callable:
@@ -169,9 +237,26 @@ class Probe:
                     "p_along_h": along(pd), "true_along_h": along(gd),  # share of |v|^2 along h, per example
                     "ls_alpha_true": ((pd * gd).sum() / pd.pow(2).sum().clamp_min(1e-30)).item(),
                     "true_norm": gd.norm().item() * b, "p_norm": pd.norm().item() * b,  # per-example units
+                    "param_cos": self._param_cosine(k, p.detach() / b, g),
+                    # share of |v|^2 in the batch mean (the part every example shares): B |mean v|^2 / |v|^2
+                    "p_mean_share": mean_share(pd), "true_mean_share": mean_share(gd), "h_mean_share": mean_share(hd),
                 }
             return p
         return wrapped
+
+    def _param_cosine(self, k: int, p: torch.Tensor, g: torch.Tensor) -> float | None:
+        """Cosine of stage k's parameter gradients under the synthetic and the true gradient at its output:
+        what its update follows, where per-example noise that the batch sum cancels no longer counts."""
+        stage = self.rule.stages[k]
+        params = [q for q in stage.parameters() if q.requires_grad]
+        if k not in self.inputs or not params:
+            return None
+        with frozen_batchnorm_stats([stage]):
+            out = stage(self.inputs[k])
+            gp = torch.autograd.grad(out, params, p, retain_graph=True)
+            gt = torch.autograd.grad(out, params, g)
+        a, b = torch.cat([x.flatten() for x in gp]).double(), torch.cat([x.flatten() for x in gt]).double()
+        return F.cosine_similarity(a, b, dim=0).item()
 
     def _update(self, k: int, update: Callable) -> Callable:
         def wrapped(prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
@@ -235,6 +320,7 @@ def train(run: Run, diagnose_every: int, probe_detail: bool, data_dir: str | Non
                 if "grad_cosine" in stats:
                     entry["cosine"], entry["synth_loss"] = stats["grad_cosine"], stats["synth_loss"]
                     entry["trust"] = [float(i.trust_factor) for i in rule.interfaces]
+                    entry["agreement"] = [float(i.agreement) for i in rule.interfaces]
                 if probe_detail:  # each stage's step relative to its parameters' norm
                     entry["rel_step"] = [None if b is None else
                                          ((torch.cat([p.detach().flatten() for p in ps]) - b).norm() / b.norm()).item()
@@ -258,7 +344,7 @@ def run_and_save(run: Run, root: Path, diagnose_every: int, probe_detail: bool, 
         return json.loads(path.read_text())
     try:
         rec = train(run, diagnose_every, probe_detail, data_dir)
-    except FloatingPointError as e:  # a diverged run is a result too: at chance
+    except (FloatingPointError, DivergenceError) as e:  # a diverged run is a result too: at chance
         print(e, flush=True)
         rec = {**asdict(run), "accuracy": [], "diagnostics": [], "final": 10.0, "best": 10.0, "diverged": str(e)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +419,127 @@ def report(records: dict[Run, dict], runs: list[Run], name: str, argv: list[str]
     print("\n".join(lines))
 
 
+def ablation(records: dict[Run, dict], runs: list[Run], name: str, argv: list[str], variants: list[str]) -> None:
+    """One row per (dataset, model, K, method), one column per variant: accuracy and gap to backprop; the
+    floor and backprop beside them; '<' marks a mean at or below the frozen floor."""
+    def accs(**kw: object) -> list[float]:
+        found = {r.key: records[r]["final"] for r in runs
+                 if r in records and all(getattr(r, k) == v for k, v in kw.items())}
+        return list(found.values())  # one per run file: backprop's is shared by every K
+
+    def drift(**kw: object) -> str:  # the largest activation RMS over the run, relative to its value at step 0
+        out = []
+        for r in runs:
+            if r in records and all(getattr(r, k) == v for k, v in kw.items()) and records[r]["diagnostics"]:
+                d = records[r]["diagnostics"]
+                out.append(max(max(e["rms"][i] for e in d) / d[0]["rms"][i] for i in range(len(d[0]["rms"]))))
+        return f"{max(out):.1f}x" if out else "-"
+
+    cells = sorted({(r.dataset, r.model, r.stages, r.method) for r in runs if r.method not in SHARED},
+                   key=lambda c: (c[0] != "mnist", c[1], c[2], c[3]))
+    head = "| dataset | model | K | method | backprop | floor | " + " | ".join(variants) + " |"
+    lines = [f"# Zoo ablation: {', '.join(variants)}", "",
+             f"- command: `python benchmarks/zoo.py {' '.join(argv)}`",
+             f"- date: {date.today().isoformat()}",
+             f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread per run",
+             "- each cell: test accuracy (%) after the last epoch (mean over seeds), its gap to backprop, and the "
+             "largest growth of a boundary's activation RMS over the run; '<' marks a result at or below the frozen "
+             "floor", "- variants: " + "; ".join(f"{k}: {v}" for k, v in TOKENS.items()), "",
+             head, "|" + "---|" * (6 + len(variants))]
+    js = []
+    for ds, model, k, method in cells:
+        bp = accs(dataset=ds, model=model, method="backprop")
+        fl = accs(dataset=ds, model=model, stages=k, method="frozen")
+        row, cols = {"dataset": ds, "model": model, "stages": k, "method": method, "backprop": bp, "floor": fl}, []
+        for v in variants:
+            xs = accs(dataset=ds, model=model, stages=k, method=method, variant=v)
+            row[v] = xs
+            if not xs:
+                cols.append("-")
+                continue
+            m = statistics.mean(xs)
+            gap = f" ({m - statistics.mean(bp):+.2f})" if bp else ""
+            below = "<" if fl and m <= statistics.mean(fl) else ""
+            cols.append(f"{below}{m:.2f}{gap} {drift(dataset=ds, model=model, stages=k, method=method, variant=v)}")
+        js.append(row)
+        lines.append(f"| {ds} | {model} | {k} | {method} | {fmt(bp)} | {fmt(fl)} | " + " | ".join(cols) + " |")
+    # The same, one row per variant: reads better with many variants. '*' marks the best in a column.
+    for method in sorted({c[3] for c in cells}):
+        cols = [c for c in cells if c[3] == method]
+        lines += ["", f"### {method}: one row per variant", "",
+                  "| variant | " + " | ".join(f"{m} K={k}" + ("" if ds == "mnist" else f" ({ds})")
+                                          for ds, m, k, _ in cols) + " | mean gap |",
+                  "|---|" + "---|" * (len(cols) + 1)]
+        for label, kw in (("backprop", {"method": "backprop"}), ("frozen floor", {"method": "frozen"})):
+            vals = [accs(dataset=ds, model=m, **({"stages": k} if label != "backprop" else {}), **kw)
+                    for ds, m, k, _ in cols]
+            lines.append(f"| {label} | " + " | ".join(f"{statistics.mean(v):.2f}" if v else "-" for v in vals) + " | |")
+        table = {v: [accs(dataset=ds, model=m, stages=k, method=method, variant=v) for ds, m, k, _ in cols]
+                 for v in variants}
+        best = [max((statistics.mean(table[v][i]) for v in variants if table[v][i]), default=None)
+                for i in range(len(cols))]
+        for v in variants:
+            out, gaps = [], []
+            for i, (ds, m, _k, _) in enumerate(cols):
+                xs, bp = table[v][i], accs(dataset=ds, model=m, method="backprop")
+                if not xs:
+                    out.append("-")
+                    continue
+                mean = statistics.mean(xs)
+                if bp:
+                    gaps.append(mean - statistics.mean(bp))
+                out.append(f"{mean:.2f}{'*' if mean == best[i] else ''}")
+            full = len(gaps) == len(cols)
+            lines.append(f"| {v} | " + " | ".join(out) + f" | {statistics.mean(gaps):+.2f} |" if full else
+                         f"| {v} | " + " | ".join(out) + " | - |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    summary = {"command": argv, "variants": variants, "date": date.today().isoformat(), "rows": js}
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+def diagnostics(records: dict[Run, dict], runs: list[Run], name: str, argv: list[str],
+                steps: tuple[int, ...] = (100, 300)) -> None:
+    """Per DNI/cDNI run with probes: at steps 100, 300 and the last, per interface (lowest first): cosine to the
+    true gradient (activation and parameter space), |p| / |true|, the share of |p|^2 and of |true|^2 along h,
+    boundary RMS relative to step 0, and each lower stage's step size relative to backprop's at the same step."""
+    base = {(r.dataset, r.model): records[r] for r in runs if r.method == "backprop" and r in records}
+    seen, lines = set(), [
+        "# Zoo diagnostics", "", f"- command: `python benchmarks/zoo.py {' '.join(argv)}`",
+        f"- date: {date.today().isoformat()}",
+        f"- per interface, lowest first; steps {' / '.join(map(str, steps))} / last", "",
+        "| run | step | cos | param cos | p/true | p along h | true along h | p batch-mean share "
+        "| true batch-mean share | RMS / RMS(0) | step / backprop's |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cells(xs: list) -> str:
+        return ", ".join("-" if x is None else f"{x:.2f}" for x in xs)
+
+    for r in runs:
+        if r.key in seen or r not in records or r.method in SHARED or r.method == "backprop":
+            continue
+        seen.add(r.key)
+        diag = [d for d in records[r]["diagnostics"] if "geometry" in d]
+        if not diag:
+            continue
+        bp = {d["step"]: d for d in base.get((r.dataset, r.model), {}).get("diagnostics", [])}
+        for d in [x for x in diag if x["step"] in steps] + [diag[-1]]:
+            g = [x or {} for x in d["geometry"]]
+            ratio = [None if d.get("rel_step", [None])[i] is None or d["step"] not in bp
+                     or not bp[d["step"]].get("rel_step") else d["rel_step"][i] / bp[d["step"]]["rel_step"][i]
+                     for i in range(len(g))]
+            rms = [x / y for x, y in zip(d["rms"], diag[0]["rms"], strict=True)]
+            lines.append(f"| {r.key} | {d['step']} | {cells(d.get('cosine', []))} | "
+                         f"{cells([x.get('param_cos') for x in g])} | {cells([x.get('p_over_true') for x in g])} | "
+                         f"{cells([x.get('p_along_h') for x in g])} | {cells([x.get('true_along_h') for x in g])} | "
+                         f"{cells([x.get('p_mean_share') for x in g])} | "
+                         f"{cells([x.get('true_mean_share') for x in g])} | {cells(rms)} | {cells(ratio)} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -342,24 +549,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--variant", default="library", help="library, or '+'-joined tokens: " + "; ".join(
-        f"{k}: {v}" for k, v in TOKENS.items()))
+    p.add_argument("--variant", nargs="+", default=["library"],
+                   help="library (DNI.build), default (interfaces.default_interface), or '+'-joined tokens: "
+                   + "; ".join(f"{k}: {v}" for k, v in TOKENS.items())
+                   + ". Several: an ablation table, one column per variant")
     p.add_argument("--diagnose-every", type=int, default=100)
     p.add_argument("--probe", action="store_true", help="also record the synthetic gradient's geometry and step sizes")
     p.add_argument("--jobs", type=int, default=1, choices=[1, 2])
     p.add_argument("--runs-root", default="/work/runs-zoo")
     p.add_argument("--report", default="zoo", help="write benchmarks/results/REPORT.md and .json")
     p.add_argument("--no-run", action="store_true", help="only rebuild the report from the runs already done")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="report the probes (--probe runs) instead of accuracies: cosines, norms, drift, step sizes")
     p.add_argument("--data-dir", default=None)
     argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     try:
-        parse_variant(a.variant)
+        for v in a.variant:
+            parse_variant(v)
     except ValueError as e:
         p.error(str(e))
     root = Path(a.runs_root)
-    runs = [Run(m, d, k, meth, s, a.epochs, a.variant) for d in a.datasets for m in a.models for k in a.stages
-            for meth in a.methods for s in a.seeds]
+    runs = [Run(m, d, k, meth, s, a.epochs, v) for v in a.variant for d in a.datasets for m in a.models
+            for k in a.stages for meth in a.methods for s in a.seeds]
     unique = list({r.key: r for r in runs}.values())
     todo = [r for r in unique if not (root / f"{r.key}.json").exists()]
     if not a.no_run and todo:
@@ -373,7 +585,12 @@ def main(argv: list[str] | None = None) -> None:
                 for f in [pool.submit(run_and_save, r, *args) for r in todo]:
                     f.result()
     records = {r: json.loads((root / f"{r.key}.json").read_text()) for r in runs if (root / f"{r.key}.json").exists()}
-    report(records, runs, a.report, argv, a.variant)
+    if a.diagnostics:
+        diagnostics(records, runs, a.report, argv)
+    elif len(a.variant) == 1:
+        report(records, runs, a.report, argv, a.variant[0])
+    else:
+        ablation(records, runs, a.report, argv, a.variant)
 
 
 if __name__ == "__main__":

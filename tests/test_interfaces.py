@@ -189,3 +189,36 @@ def test_update_every_regresses_onto_every_other_target_only() -> None:
     assert [v is not None for v in losses] == [True, False, True, False, True]
     state = dni.interfaces[0].state_dict()
     assert state["targets_seen"] == 5
+
+
+def test_center_removes_the_batch_mean_of_the_applied_gradient_only() -> None:
+    torch.manual_seed(0)
+    iface = BackwardInterface(_FixedMap(torch.randn(5, 5)), adam(1e-3), center=True)
+    h = torch.randn(8, 5)
+    p = iface.predict(h)
+    applied = iface.stage_gradient(p)
+    torch.testing.assert_close(applied, (p.detach() - p.detach().mean(0)) / 8)  # oracle: per feature
+    torch.testing.assert_close(applied.sum(0), torch.zeros(5), atol=1e-6, rtol=0)
+    same = iface.predict(torch.ones(8, 5))  # every example alike: nothing distinguishes them, nothing is applied
+    assert iface.stage_gradient(same).abs().max() < 1e-6
+    # The regression still sees the whole prediction: its loss against a shifted target is not centred away.
+    assert iface.update(p, (p.detach() + 1.0) / 8) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape,kind", [((32,), "VectorSynthesizer"), ((4, 7, 7), "ConvSynthesizer"),
+                                        ((6, 8), "TokenSynthesizer")])
+def test_default_interface_is_a_centred_linear_synthesizer_starting_at_zero(shape: tuple[int, ...], kind: str) -> None:
+    from synthgrad.interfaces import DEFAULT_SYNTH_LR, default_interface
+
+    iface = default_interface(shape, conditioned=True, num_classes=10)
+    assert type(iface.synthesizer).__name__ == kind and iface.center and not iface.trust
+    assert iface.optimizer.param_groups[0]["lr"] == DEFAULT_SYNTH_LR
+    linear = [m for m in iface.synthesizer.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    # No hidden layer: one linear map (and, for feature maps, the label's per-class bias, a Linear too).
+    assert len(linear) == (2 if kind == "ConvSynthesizer" else 1)
+    if kind == "TokenSynthesizer":
+        assert iface.synthesizer.positions == shape[0]
+    h, ctx = torch.randn(3, *shape), torch.eye(10)[[0, 1, 2]]
+    assert torch.count_nonzero(iface.predict(h, ctx)) == 0
+    with pytest.raises(ValueError, match="num_classes"):
+        default_interface(shape, conditioned=True)

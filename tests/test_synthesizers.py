@@ -96,3 +96,18 @@ def test_low_rank_synthesizer_starts_at_zero_embeds_the_label_and_is_thin() -> N
     assert torch.allclose(out, s.label.weight.t()[torch.arange(8)] + s.up.bias)  # U is still zero: the label's own
     with pytest.raises(ValueError, match="needs the context"):
         s(h)
+
+
+def test_token_synthesizer_positions_scale_and_shift_each_position() -> None:
+    torch.manual_seed(0)
+    s = TokenSynthesizer(6, hidden_layers=0, context_dim=3, positions=4)
+    h, ctx = torch.randn(2, 4, 6), torch.eye(3)[[1, 2]]
+    assert torch.count_nonzero(s(h, ctx)) == 0  # zero start: the gain multiplies a zero prediction
+    torch.nn.init.normal_(s.token.net[-1].weight)
+    torch.nn.init.normal_(s.gain)
+    torch.nn.init.normal_(s.bias)
+    out = s(h, ctx)
+    for n in range(4):  # oracle: the shared map at position n, times gain_n, plus bias_n
+        torch.testing.assert_close(out[:, n], s.token(h[:, n], ctx) * s.gain[n] + s.bias[n])
+    with pytest.raises(ValueError, match="built for 4 positions, got 5"):
+        s(torch.randn(2, 5, 6), ctx)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthgrad.synthesizers import make_synthesizer
+
 # An optimizer factory: called with a module's parameters, returns its optimizer. `adam(lr)` and `sgd(lr)`
 # make them; any callable will do (a module-level function or functools.partial if it must pickle).
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
@@ -124,11 +126,17 @@ class BackwardInterface(Interface):
         (p - (p.h / h.h) h), in what is regressed as in what is applied. A stage that feeds a
         normalisation has a true gradient orthogonal to h; a synthetic gradient with a component along
         h changes the scale of h, which a synthesizer linear in h then follows: a runaway loop.
+    center: the stage below applies the synthetic gradient minus its mean over the batch (per feature);
+        the synthesizer still regresses onto the whole target. The batch mean is one vector shared by
+        every example: the stage's parameters (its biases first) follow it coherently, since it does not
+        cancel in the sum over examples as per-example errors do, and Adam follows it at the full
+        learning rate on every step; an error there shifts every example's activation the same way
+        (the activation drift of a residual stream). What distinguishes examples is kept.
     """
 
     def __init__(self, synthesizer: nn.Module, optimizer: OptimizerFactory | torch.optim.Optimizer,
                  scale: float = 1.0, warmup_steps: int = 0, trust: bool = False, trust_decay: float = 0.99,
-                 project: bool = False, update_every: int = 1):
+                 project: bool = False, update_every: int = 1, center: bool = False):
         super().__init__(synthesizer, optimizer)
         if not 0.0 <= trust_decay < 1.0:
             raise ValueError(f"trust_decay must lie in [0, 1), got {trust_decay}")
@@ -136,9 +144,9 @@ class BackwardInterface(Interface):
             raise ValueError(f"update_every must be >= 1, got {update_every}")
         self.update_every, self.targets_seen = update_every, 0
         self.scale, self.warmup_steps = scale, warmup_steps
-        self.trust, self.trust_decay, self.project = trust, trust_decay, project
-        # Moving averages of the per-example p.t and p.p (float64 [2]); the trust factor is their ratio.
-        self.fit = torch.zeros(2, dtype=torch.float64)
+        self.trust, self.trust_decay, self.project, self.center = trust, trust_decay, project, center
+        # Moving averages of the per-example p.t, p.p and t.t (float64 [3]): the trust factor and the agreement.
+        self.fit = torch.zeros(3, dtype=torch.float64)
 
     @property
     def synthesizer(self) -> nn.Module:
@@ -153,6 +161,14 @@ class BackwardInterface(Interface):
         pt, pp = self.fit[0], self.fit[1]
         return torch.where(pp > 0, (pt / pp.clamp_min(1e-300)).clamp(0.0, 1.0), torch.ones_like(pp))
 
+    @property
+    def agreement(self) -> torch.Tensor:
+        """E[p.t] / sqrt(E[p.p] E[t.t]) over the targets received (the moving averages), clamped to [0, 1]:
+        the cosine of predictions and targets, pooled over batches; 0 before any target (a 0-dim tensor)."""
+        pt, pp, tt = self.fit[0], self.fit[1], self.fit[2]
+        den = (pp * tt).sqrt()
+        return torch.where(den > 0, (pt / den.clamp_min(1e-300)).clamp(0.0, 1.0), torch.zeros_like(den))
+
     def predict(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The synthesizer's per-example gradient B * dL/dh, shaped like h, graph kept for `update`."""
         p = self.model(h.detach(), context)
@@ -163,12 +179,16 @@ class BackwardInterface(Interface):
         return p
 
     def stage_gradient(self, prediction: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """What the stage below backpropagates: the prediction in batch-mean units, scaled, warmed up and trusted."""
+        """What the stage below backpropagates: the prediction in batch-mean units, scaled, warmed up, trusted
+        and centred."""
         ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         factor = self.scale * ramp / prediction.shape[0]
+        p = prediction.detach()
+        if self.center:
+            p = p - p.mean(0, keepdim=True)  # [B, ...] minus its mean over the batch, per feature
         if self.trust:
-            return prediction.detach() * (self.trust_factor.to(prediction.dtype) * factor)
-        return prediction.detach() * factor
+            return p * (self.trust_factor.to(p.dtype) * factor)
+        return p * factor
 
     def accept_target(self) -> bool:
         """Count one more target that came; whether to regress onto it (every `update_every`-th)."""
@@ -178,11 +198,11 @@ class BackwardInterface(Interface):
     def update(self, prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
         """Regress onto the gradient that reached h from above, given in batch-mean units."""
         target = target_grad * target_grad.shape[0]  # per-example units, like the prediction
-        if self.trust:
-            with torch.no_grad():
-                p, t, b = prediction.detach().double(), target.detach().double(), prediction.shape[0]
-                moments = torch.stack([(p * t).sum() / b, (p * p).sum() / b]).to(self.fit.device)
-                self.fit.mul_(self.trust_decay).add_(moments, alpha=1.0 - self.trust_decay)
+        with torch.no_grad():
+            # Three dot products in the activation's dtype (no float64 copy of [B, ...]: this runs every step).
+            p, t, b = prediction.detach().flatten(), target.detach().flatten(), prediction.shape[0]
+            moments = (torch.stack([p @ t, p @ p, t @ t]) / b).to(self.fit.device, self.fit.dtype)
+            self.fit.mul_(self.trust_decay).add_(moments, alpha=1.0 - self.trust_decay)
         return self.regress(prediction, target)
 
     def to(self, device: torch.device | str) -> BackwardInterface:
@@ -196,7 +216,8 @@ class BackwardInterface(Interface):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if "fit" in state:  # checkpoints written before the trust factor have none
-            self.fit = state["fit"].to(self.fit.device, self.fit.dtype)
+            fit = state["fit"].to(self.fit.device, self.fit.dtype)
+            self.fit = torch.cat([fit, self.fit[len(fit):]])  # [2] before the agreement was tracked: t.t restarts
         self.targets_seen = state.get("targets_seen", 0)
 
 
@@ -210,3 +231,24 @@ class ForwardInterface(Interface):
     def update(self, prediction: torch.Tensor, activation: torch.Tensor) -> float:
         """Regress onto the real activation once the stage below has produced it."""
         return self.regress(prediction, activation)
+
+
+# The defaults measured on the zoo of issue 17 (benchmarks/results/zoo-ablation.md): a linear synthesizer
+# (at most 2x a backprop step), trained 10x faster than the paper's 1e-4 so that it keeps up with the stage
+# below, and the batch mean taken out of what that stage applies.
+DEFAULT_SYNTH_LR = 1e-3
+
+
+def default_interface(activation_shape: tuple[int, ...], conditioned: bool = False, num_classes: int | None = None,
+                      synth_lr: float = DEFAULT_SYNTH_LR) -> BackwardInterface:
+    """The default backward interface for a boundary activation of per-example shape `activation_shape`.
+
+    A linear synthesizer fitted to the shape (`make_synthesizer` with no hidden layer: a Linear on [D],
+    a 5x5 convolution on [C, H, W], a Linear shared by the N positions of [N, D] with a gain and bias per
+    position), seeing the one-hot label too when `conditioned` (cDNI); Adam at `synth_lr`; the applied
+    synthetic gradient centred over the batch (`center=True`).
+    """
+    if conditioned and not num_classes:
+        raise ValueError("a conditioned (cDNI) interface needs num_classes for the one-hot context")
+    synth = make_synthesizer(tuple(activation_shape), 0, None, num_classes if conditioned else 0)
+    return BackwardInterface(synth, adam(synth_lr), center=True)

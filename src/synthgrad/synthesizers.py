@@ -116,12 +116,20 @@ class TokenSynthesizer(nn.Module):
     Each position's gradient is predicted from that position's activation (and the context, the same
     for every position), as a Linear over D would act on tokens: D x D weights instead of a flattened
     (N D) x (N D) matrix, and the same map at every position of a sequence of any length.
+
+    positions: if N > 0, the shared prediction f(h_n, context) becomes gain_n * f(h_n, context) + bias_n,
+        with a learned gain (from 1) and bias (from 0) per position and feature, [N, D] each. A gradient's
+        size often depends on the position more than on the activation there (a sequence read at its
+        last step: the gradient fades towards the start); the shared map alone cannot say so. Sequences
+        must then have exactly N positions.
     """
 
-    def __init__(self, dim: int, hidden_layers: int = 0, width: int = 256, context_dim: int = 0):
+    def __init__(self, dim: int, hidden_layers: int = 0, width: int = 256, context_dim: int = 0, positions: int = 0):
         super().__init__()
-        self.dim, self.context_dim = dim, context_dim
+        self.dim, self.context_dim, self.positions = dim, context_dim, positions
         self.token = VectorSynthesizer(dim, hidden_layers, width, context_dim)
+        self.gain = nn.Parameter(torch.ones(positions, dim)) if positions else None
+        self.bias = nn.Parameter(torch.zeros(positions, dim)) if positions else None
 
     def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = h.shape
@@ -129,7 +137,12 @@ class TokenSynthesizer(nn.Module):
             if context is None:
                 raise ValueError("this synthesizer was built for cDNI and needs the context (one-hot labels)")
             context = context[:, None, :].expand(b, n, context.shape[1]).reshape(b * n, -1)  # [B N, C]
-        return self.token(h.reshape(b * n, d), context).view(b, n, d)
+        out = self.token(h.reshape(b * n, d), context).view(b, n, d)
+        if self.gain is not None:
+            if n != self.positions:
+                raise ValueError(f"this synthesizer was built for {self.positions} positions, got {n}")
+            out = out * self.gain + self.bias  # [B, N, D] * [N, D] + [N, D]
+        return out
 
 
 class InputSynthesizer(nn.Module):
@@ -163,10 +176,14 @@ class InputSynthesizer(nn.Module):
 
 def make_synthesizer(activation_shape: tuple[int, ...], hidden_layers: int, width: int | None = None,
                      context_dim: int = 0, kernel_size: int = 5) -> nn.Module:
-    """A synthesizer that fits an activation of shape [C, H, W] (conv), [N, D] (tokens) or [D] / other (vector)."""
+    """A synthesizer that fits an activation of shape [C, H, W] (conv), [N, D] (tokens) or [D] / other (vector).
+
+    Tokens get a TokenSynthesizer with a gain and bias per position (for exactly N positions).
+    """
     if len(activation_shape) == 3:
         return ConvSynthesizer(activation_shape[0], hidden_layers, width or 64, kernel_size, context_dim)
     if len(activation_shape) == 2:
-        return TokenSynthesizer(activation_shape[1], hidden_layers, width or 256, context_dim)
+        return TokenSynthesizer(activation_shape[1], hidden_layers, width or 256, context_dim,
+                                positions=activation_shape[0])
     dim = int(torch.tensor(activation_shape).prod())
     return VectorSynthesizer(dim, hidden_layers, width or 1024, context_dim)
