@@ -289,3 +289,20 @@ def test_the_cli_pipeline_runs_under_torchrun(fake_data_dir: Path, tmp_path: Pat
     assert [x["step"] for x in epochs] == [16, 32] and epochs[-1]["test_accuracy"] > 0.3
     net, loaded = load_network(run / checkpoint.FINAL)
     assert loaded.method == "cdni" and len(net) == 2
+
+
+def test_stages_bring_the_pipelines_synthesizer_defaults_and_flags_win() -> None:
+    from synthgrad.synthesizers import LowRankSynthesizer
+
+    piped = TrainConfig(model="fcn-3", method="cdni", stages=2).resolve()
+    assert (piped.synth_rank, piped.synth_lr) == (64, 1e-3)
+    single = TrainConfig(model="fcn-3", method="cdni").resolve()  # one process: the paper's linear synthesizer
+    assert (single.synth_rank, single.synth_lr) == (None, 1e-4)
+    dni = TrainConfig(model="fcn-3", method="dni", stages=2).resolve()
+    assert dni.synth_rank is None
+    full = TrainConfig(model="fcn-3", method="cdni", stages=2, synth_rank=0, synth_lr=3e-4).resolve()
+    assert (full.synth_rank, full.synth_lr) == (0, 3e-4)
+    rule = build_rule(TrainConfig(model="fcn-3", method="cdni", width=128, synth_rank=0).resolve(), (1, 28, 28), 10)
+    assert not any(isinstance(i.synthesizer, LowRankSynthesizer) for i in rule.interfaces)  # 0: full linear
+    rule = build_rule(piped, (1, 28, 28), 10)
+    assert all(isinstance(i.synthesizer, LowRankSynthesizer) for i in rule.interfaces)

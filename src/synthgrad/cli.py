@@ -117,13 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=_int(0, 2**31 - 1), default=0)
     s = t.add_argument_group("synthesizers (dni, cdni)")
     s.add_argument("--synth-lr", type=_float(0, 10, lo_open=True), default=None,
-                   help=f"Adam learning rate of the synthesizers; default {METHOD_DEFAULTS['dni']['synth_lr']}")
+                   help=f"Adam learning rate of the synthesizers; default {METHOD_DEFAULTS['dni']['synth_lr']} "
+                        "(1e-3 for cdni with --stages)")
     s.add_argument("--synth-hidden", type=_int(0, 16), default=None,
                    help="hidden layers per synthesizer; default 2 for dni, 0 (linear) for cdni")
     s.add_argument("--synth-width", type=_int(1, 65536), default=None,
                    help="synthesizer hidden width; default 1024 (vectors) or 64 channels (feature maps)")
-    s.add_argument("--synth-rank", type=_int(1, 65536), default=None,
-                   help="low-rank linear synthesizers of this rank (vector activations), the label embedded for cdni")
+    s.add_argument("--synth-rank", type=_int(0, 65536), default=None,
+                   help="low-rank linear synthesizers of this rank (vector activations), the label embedded for "
+                        "cdni; default 64 for cdni with --stages (0: full linear), none otherwise")
     s.add_argument("--synth-every", type=_int(1), default=1,
                    help="each synthesizer regresses onto every this-many-th target only")
     s.add_argument("--synth-scale", type=_float(0, 100, lo_open=True), default=None,

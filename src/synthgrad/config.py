@@ -32,6 +32,11 @@ METHOD_DEFAULTS = {
 METHODS = ("backprop", "dni", "cdni", "ddg", "dgl")
 METHOD_DEFAULTS["ddg"] = {}
 METHOD_DEFAULTS["dgl"] = {"synth_lr": 1e-3}
+# What --stages changes: the pipeline's synthesizer must cost a fraction of its stage and keep up with it.
+# A rank-64 synthesizer with the label embedded, trained at 1e-3, reached 97% in 0.78x and 98% in 0.71x the
+# time of backprop on both cores on fcn-6 width 1024 (benchmarks/results/tta-*.md); the linear one at 1e-4
+# was the slowest cDNI row there. --synth-rank 0 asks for the full linear synthesizer.
+PIPELINE_DEFAULTS = {"cdni": {"synth_rank": 64, "synth_lr": 1e-3}}
 SGD_LR = 0.01  # the stage learning rate with --optimizer sgd (Nesterov momentum 0.9), for every method
 
 
@@ -148,6 +153,10 @@ class TrainConfig(CommonConfig):
             out.schedule = "cosine"
         if out.optimizer == "sgd" and out.lr is None:
             out.lr = SGD_LR
+        if out.stages is not None:  # the pipeline's own defaults come before the method's
+            for key, value in PIPELINE_DEFAULTS.get(self.method, {}).items():
+                if getattr(out, key) is None:
+                    setattr(out, key, value)
         for key, value in METHOD_DEFAULTS[self.method].items():  # the method's defaults first
             if getattr(out, key) is None:
                 setattr(out, key, value)
@@ -165,8 +174,8 @@ class TrainConfig(CommonConfig):
              f"unknown dataset {self.dataset!r}; choose one of: {', '.join(data.DATASET_NAMES)}, or an .npz file")
         need(not (data.is_npz(self.dataset) and self.data_dir),
              "--data-dir applies to mnist, fashion-mnist and cifar10; an .npz dataset is the file itself: drop it")
-        need(self.synth_rank is None or 1 <= self.synth_rank <= 65536,
-             f"--synth-rank must be in 1..65536, got {self.synth_rank}")
+        need(self.synth_rank is None or 0 <= self.synth_rank <= 65536,
+             f"--synth-rank must be in 0..65536 (0: full linear), got {self.synth_rank}")
         need(self.synth_every >= 1, f"--synth-every must be >= 1, got {self.synth_every}")
         need(self.target in TARGETS, f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
         need(self.epochs is not None and self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
