@@ -62,7 +62,7 @@ def run_args(task: str, method: str, t: int, seed: int, steps: int | None, run_d
 def resolved(args: list[str]) -> dict:
     """The configuration `synthgrad` resolves from `args`, as config.json records it (less the run's own extras)."""
     from synthgrad import cli
-    from synthgrad.seqtrain import config_from_args
+    from synthgrad.seqconfig import config_from_args
 
     cfg = config_from_args(cli.build_parser().parse_args(args)).to_dict()
     return {k: v for k, v in cfg.items() if k not in ("extra", "tensorboard")}

@@ -154,11 +154,10 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
                   for shape in activation_shapes(stages, sample)[:-1]]
     opt = sgd(o["sgd_lr"]) if o["opt"] == "sgd" else sg.adam(1e-3)
     rule = sg.DNI(stages, interfaces, optimizer=opt, conditioned=conditioned, num_classes=num_classes)
-    if o["opt"] == "lowlr":
-        rule.optimizers = [sg.adam(o["low_lr"])(s.parameters()) for s in stages[:-1]] + [rule.optimizers[-1]]
-    if o["opt"] == "sgdlow":
-        rule.optimizers = [sgd(o["sgd_lr"])(s.parameters()) for s in stages[:-1]] + [
-            sg.adam(1e-3)(stages[-1].parameters())]
+    if o["opt"] in ("lowlr", "sgdlow"):  # the stages below an interface get their own optimizer; the last keeps Adam
+        low = sg.adam(o["low_lr"]) if o["opt"] == "lowlr" else sgd(o["sgd_lr"])
+        for stage_rule in rule.stage_rules[:-1]:
+            stage_rule.optimizer = low(stage_rule.stage.parameters())
     hook = None
     if o["lrtrust"] or o["lrcos"] or o["hold"]:
         def hook() -> None:  # after set_lr_factor: lower stage k's lr times interface k's trust or agreement

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from synthgrad import cli, seqtrain
+from synthgrad import cli, seqconfig
 from synthgrad.cli import main
 from synthgrad.rundir import CONFIG
 
@@ -38,7 +38,7 @@ def _argv(row: dict, text: Path) -> list[str]:
 def _resolved(argv: list[str]) -> dict:
     """The configuration the CLI resolves from `argv`, without running anything."""
     a = cli.build_parser().parse_args(argv)
-    cfg = seqtrain.config_from_args(a) if a.task is not None else cli.config_from_args(a)
+    cfg = seqconfig.config_from_args(a) if a.task is not None else cli.config_from_args(a)
     return cfg.to_dict()
 
 

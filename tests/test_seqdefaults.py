@@ -9,8 +9,8 @@ import pytest
 from runfiles import records
 
 from synthgrad.cli import build_parser, main
+from synthgrad.seqconfig import SequenceConfig, config_from_args
 from synthgrad.seqdefaults import SEQUENCE_DEFAULTS, TRUNCATION
-from synthgrad.seqtrain import SequenceConfig, config_from_args
 
 
 def _resolve(*args: str) -> SequenceConfig:

@@ -10,7 +10,7 @@ from runfiles import records
 from synthgrad.cli import main
 from synthgrad.config import TrainConfig
 from synthgrad.metrics import read_metrics
-from synthgrad.seqtrain import SequenceConfig
+from synthgrad.seqconfig import SequenceConfig
 
 
 def _copy(run: Path, *extra: str) -> list[str]:

@@ -10,11 +10,13 @@ The public API, enough to decouple any model given as a list of stages::
     pipe = sg.Pipeline(make_stage, 2, method="cdni", num_classes=10)   # one process per stage
     result = pipe.fit((x, y), epochs=2, batch_size=128)                # .network, .metrics
 
-Pieces: synthesizers (`VectorSynthesizer`, `ConvSynthesizer`, `InputSynthesizer`, or any module
-called as synth(h, context)), interfaces (`BackwardInterface`, `ForwardInterface`), optimizer
+Pieces: synthesizers (`VectorSynthesizer`, `ConvSynthesizer`, `TokenSynthesizer`, `LowRankSynthesizer`,
+`InputSynthesizer`, or any module called as synth(h, context)), interfaces (`BackwardInterface`,
+`ForwardInterface`; `default_interface(shape)` builds the zoo's candidate default), optimizer
 factories (`adam`, `sgd`), schedules (`cosine_schedule`), the per-stage rule (`StageRule`,
 `stage_step`), rules (`Backprop`, `DNI`; `DGL` with `AuxiliaryClassifier`s as a baseline),
-diagnostics (`true_gradient`), the engine (`Pipeline`, also with methods "ddg" and "dgl").
+diagnostics (`true_gradient`; `Health` samples agreement and activation RMS and warns with
+`HealthWarning`), the engine (`Pipeline`, also with methods "ddg" and "dgl").
 Helpers: `cut(model, K, sample=x[:2])` cuts an nn.Sequential into K stages balanced by cost, and
 `uncut(stages)` puts them back together (`rule.model_state_dict()` is keyed by layer, whatever the cut);
 `load_dataset("mnist")` (or "fashion-mnist", "cifar10", an .npz path) returns the CLI's datasets
@@ -29,11 +31,13 @@ from synthgrad.data import Dataset, load_dataset  # noqa: E402
 from synthgrad.defaults import DefaultForwardInterfaces, DefaultInterfaces  # noqa: E402
 from synthgrad.diagnostics import true_gradient  # noqa: E402
 from synthgrad.engine import Pipeline, PipelineResult  # noqa: E402
+from synthgrad.health import Health, HealthWarning  # noqa: E402
 from synthgrad.interfaces import (  # noqa: E402
     BackwardInterface,
     ForwardInterface,
     Interface,
     adam,
+    default_interface,
     sgd,
 )
 from synthgrad.rnn import LSTMCore, TruncatedBPTT, window_step  # noqa: E402
@@ -43,6 +47,7 @@ from synthgrad.stage import StageRule, stage_step  # noqa: E402
 from synthgrad.synthesizers import (  # noqa: E402
     ConvSynthesizer,
     InputSynthesizer,
+    LowRankSynthesizer,
     TokenSynthesizer,
     VectorSynthesizer,
     make_synthesizer,
@@ -59,9 +64,12 @@ __all__ = [
     "DefaultForwardInterfaces",
     "DefaultInterfaces",
     "ForwardInterface",
+    "Health",
+    "HealthWarning",
     "InputSynthesizer",
     "Interface",
     "LSTMCore",
+    "LowRankSynthesizer",
     "Pipeline",
     "PipelineResult",
     "StageRule",
@@ -73,6 +81,7 @@ __all__ = [
     "adam",
     "cosine_schedule",
     "cut",
+    "default_interface",
     "load_dataset",
     "make_synthesizer",
     "sgd",

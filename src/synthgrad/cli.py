@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from synthgrad import __version__, data, models
+from synthgrad import __version__, data, models, seqconfig
 from synthgrad.checkpoint import LATEST as CHECKPOINT
 from synthgrad.config import METHOD_DEFAULTS, METHODS, SCHEDULES, TrainConfig
 from synthgrad.errors import ConfigError, DivergenceError, Interrupted, SynthgradError
@@ -74,8 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(synthetic gradients).")
     p.add_argument("--version", action="version", version=f"synthgrad {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,plot,data,models}")
-
-    from synthgrad import seqtrain  # sequence tasks: their own flags, defaults and trainer
 
     t = sub.add_parser("train", formatter_class=fmt, help="train a model; writes a run directory",
                        description="Train a registered model. Model-dependent defaults (epochs, "
@@ -152,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the last is damaged; the damaged one is kept as checkpoint.damaged.pt")
     r.add_argument("--max-steps", type=_int(1), default=None,
                    help="stop after this many steps; with --task, the run's length (default: "
-                        f"{seqtrain.per_task('max_steps')})")
+                        f"{seqconfig.per_task('max_steps')})")
     r.add_argument("--dry-run", action="store_true", help="a 20-step smoke run (sets --max-steps 20)")
     r.add_argument("--log-every", type=_int(1), default=50, help="steps between metric records")
     r.add_argument("--diagnose-every", type=_int(1), default=200,
@@ -169,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
     d = t.add_argument_group("data")
     _data_args(d)
-    seqtrain.add_arguments(t.add_argument_group("sequence tasks (LSTM, truncated BPTT or DNI through time)"))
+    seqconfig.add_arguments(t.add_argument_group("sequence tasks (LSTM, truncated BPTT or DNI through time)"))
 
     pl = sub.add_parser("plot", formatter_class=fmt, help="plot one or more runs")
     pl.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -199,9 +197,7 @@ def _data_args(g: argparse._ActionsContainer) -> None:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    from synthgrad.seqtrain import sequence_flags_given
-
-    if given := sequence_flags_given(a):
+    if given := seqconfig.sequence_flags_given(a):
         raise ConfigError(f"{', '.join(given)} apply to sequence tasks only; add --task copy|repeat-copy|charlm, "
                           "or drop them to train a classifier")
     return TrainConfig(
@@ -248,7 +244,7 @@ def _train(a: argparse.Namespace, stop: StopRequests) -> int:
 
     if a.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'synthgrad[tensorboard]'")
-    if seqtrain.wants_sequence(a):
+    if seqconfig.wants_sequence(a):
         return seqtrain.cmd_train_sequence(a, stop)
 
     if a.resume is not None:
