@@ -129,3 +129,5 @@ def test_console_entry_point_and_module_run_without_traceback(tmp_path: Path) ->
     r = subprocess.run([sys.executable, "-m", "synthgrad", "models"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0 and "fcn-N" in r.stdout
+    assert all(name in r.stdout for name in ("resmlp", "resnet-mini", "vit-mini", "lstm-rows"))  # the zoo too
+    assert "with --stages: cdni: {'synth_rank': 64" in r.stdout

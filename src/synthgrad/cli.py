@@ -12,7 +12,7 @@ from pathlib import Path
 
 from synthgrad import __version__, data, models, seqconfig
 from synthgrad.checkpoint import LATEST as CHECKPOINT
-from synthgrad.config import METHOD_DEFAULTS, METHODS, SCHEDULES, TrainConfig
+from synthgrad.config import METHOD_DEFAULTS, METHODS, PIPELINE_DEFAULTS, SCHEDULES, TrainConfig
 from synthgrad.errors import ConfigError, DivergenceError, Interrupted, SynthgradError
 from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.presets import describe as describe_preset
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a registered model. Model-dependent defaults (epochs, "
                                    "batch size, lr, width) are listed by `synthgrad models`.")
     g = t.add_argument_group("what to train")
-    g.add_argument("--model", type=_model, default="mlp", help="mlp, cnn, cnn-deep, cifar-cnn or fcn-N")
+    g.add_argument("--model", type=_model, default="mlp", help=", ".join(models.model_names()))
     g.add_argument("--dataset", type=_dataset, default="mnist",
                    help=f"{', '.join(data.DATASET_NAMES)}, or PATH.npz: your own images and labels "
                         "(layout in the README)")
@@ -337,14 +337,14 @@ def cmd_data(a: argparse.Namespace) -> int:
 
 
 def cmd_models(_: argparse.Namespace) -> int:
-    print(f"{'model':10s} {'epochs':>6s} {'batch':>6s} {'lr':>8s} {'width':>6s}  description")
-    for name in ("mlp", "fcn-3", "cnn", "cnn-deep", "cifar-cnn"):
-        spec = models.get_spec(name)
+    print(f"{'model':12s} {'epochs':>6s} {'batch':>6s} {'lr':>8s} {'width':>6s}  description")
+    for shown in models.model_names():
+        spec = models.get_spec("fcn-3" if shown == "fcn-N" else shown)
         d = spec.defaults
-        shown = "fcn-N" if name.startswith("fcn") else name
-        print(f"{shown:10s} {d['epochs']:6d} {d['batch_size']:6d} {d['lr']:8.0e} {d['width']:6d}  "
+        print(f"{shown:12s} {d['epochs']:6d} {d['batch_size']:6d} {d['lr']:8.0e} {d['width']:6d}  "
               f"{spec.description}")
     print("\nmethod defaults: " + "; ".join(f"{m}: {v or 'none'}" for m, v in METHOD_DEFAULTS.items()))
+    print("with --stages: " + "; ".join(f"{m}: {v}" for m, v in PIPELINE_DEFAULTS.items()))
     print("\npresets (--preset NAME fills what the command line leaves unset):")
     for name in preset_names():
         print(f"  {describe_preset(name)}")

@@ -103,8 +103,8 @@ FCN_DEFAULTS = {**_COMMON, "lr": 1e-3, "width": 256}
 
 
 def model_names() -> list[str]:
-    """Registered names; `fcn-N` stands for every N >= 1."""
-    return ["mlp", "fcn-N", "cnn", "cnn-deep", "cifar-cnn"]
+    """Registered names, the zoo's included; `fcn-N` stands for every N >= 1."""
+    return ["mlp", "fcn-N", *(name for name in REGISTRY if name != "mlp")]
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -116,8 +116,8 @@ def get_spec(name: str) -> ModelSpec:
         n = int(m.group(1))
         return ModelSpec(name, f"paper FCN: {n} hidden layers Linear(width)+BN+ReLU, linear", _fcn(n),
                          dict(FCN_DEFAULTS))
-    raise ConfigError(f"unknown model {name!r}; choose one of: mlp, cnn, cnn-deep, cifar-cnn, "
-                      "fcn-N (N >= 1, e.g. fcn-3)")
+    raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(model_names())} "
+                      "(fcn-N: N >= 1, e.g. fcn-3)")
 
 
 def build_layers(name: str, input_shape: tuple[int, ...], num_classes: int,
