@@ -97,3 +97,17 @@ def test_check_input_leaves_the_random_stream_alone() -> None:
     torch.manual_seed(3)
     models.check_input("fcn-2", (1, 28, 28), 10, width=8)
     assert torch.equal(torch.rand(3), want)
+
+
+def test_a_models_own_method_defaults_come_before_the_methods_and_flags_win() -> None:
+    from synthgrad.config import TrainConfig
+
+    cnn = TrainConfig(model="cnn", method="dni").resolve()
+    assert (cnn.synth_hidden, cnn.lr) == (0, 1e-3)  # cnn's DNI: linear synthesizer, lr 1e-3 (registry)
+    mlp = TrainConfig(model="mlp", method="dni").resolve()
+    assert (mlp.synth_hidden, mlp.lr) == (2, 3e-4)  # every other model: the method's defaults
+    flagged = TrainConfig(model="cnn", method="dni", synth_hidden=2, lr=3e-4).resolve()
+    assert (flagged.synth_hidden, flagged.lr) == (2, 3e-4)
+    assert TrainConfig(model="cnn", method="cdni").resolve().synth_hidden == 0
+    paper = TrainConfig(model="cnn", method="dni", preset="paper").resolve()
+    assert paper.synth_hidden == 2  # the preset is the paper's synthesizer, whatever the model

@@ -157,6 +157,9 @@ class TrainConfig(CommonConfig):
             for key, value in PIPELINE_DEFAULTS.get(self.method, {}).items():
                 if getattr(out, key) is None:
                     setattr(out, key, value)
+        for key, value in spec.method_defaults.get(self.method, {}).items():  # where this model differs
+            if getattr(out, key) is None:
+                setattr(out, key, value)
         for key, value in METHOD_DEFAULTS[self.method].items():  # the method's defaults first
             if getattr(out, key) is None:
                 setattr(out, key, value)
