@@ -10,6 +10,7 @@ from typing import Self
 import torch
 
 from synthgrad import data, models
+from synthgrad.defaults import PIPELINE_CDNI_LR, PIPELINE_CDNI_RANK
 from synthgrad.errors import ConfigError, require
 from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.presets import preset_values
@@ -32,11 +33,9 @@ METHOD_DEFAULTS = {
 METHODS = ("backprop", "dni", "cdni", "ddg", "dgl")
 METHOD_DEFAULTS["ddg"] = {}
 METHOD_DEFAULTS["dgl"] = {"synth_lr": 1e-3}
-# What --stages changes: the pipeline's synthesizer must cost a fraction of its stage and keep up with it.
-# A rank-64 synthesizer with the label embedded, trained at 1e-3, reached 97% in 0.78x and 98% in 0.71x the
-# time of backprop on both cores on fcn-6 width 1024 (benchmarks/results/tta-*.md); the linear one at 1e-4
-# was the slowest cDNI row there. --synth-rank 0 asks for the full linear synthesizer.
-PIPELINE_DEFAULTS = {"cdni": {"synth_rank": 64, "synth_lr": 1e-3}}
+# What --stages changes: the pipeline's cDNI synthesizers (defaults.PIPELINE_CDNI_*, sg.Pipeline's too).
+# --synth-rank 0 asks for the full linear synthesizer.
+PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "synth_lr": PIPELINE_CDNI_LR}}
 SGD_LR = 0.01  # the stage learning rate with --optimizer sgd (Nesterov momentum 0.9), for every method
 
 

@@ -14,6 +14,13 @@ from torch import nn
 from synthgrad.interfaces import BackwardInterface, ForwardInterface, adam
 from synthgrad.synthesizers import InputSynthesizer, LowRankSynthesizer, make_synthesizer
 
+# A pipeline's cDNI synthesizers (sg.Pipeline and `synthgrad train --stages`): they must cost a fraction of
+# their stage and keep up with it. Rank 64 with the label embedded, Adam at 1e-3, was the fastest to 97% and
+# 98% on fcn-6 width 1024 (benchmarks/results/tta-fcn6.md, tta-study-fcn6.md); the single process keeps the
+# paper's linear synthesizer at 1e-4, which the README's reproduction rows rest on.
+PIPELINE_CDNI_RANK = 64
+PIPELINE_CDNI_LR = 1e-3
+
 
 @dataclass(frozen=True)
 class DefaultInterfaces:

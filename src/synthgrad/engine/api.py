@@ -67,7 +67,8 @@ class Pipeline:
         (the locked pipeline: every stage waits for the true gradient from above).
     interface: (k, per-example shape of h_k) -> the BackwardInterface above stage k, exactly as you
         would give `sg.DNI` (custom synthesizers welcome; for cDNI they receive the one-hot label as
-        context). None: the library's default synthesizers.
+        context). None: the library's default synthesizers; for cDNI the pipeline's own, a rank-64
+        synthesizer with the label embedded at Adam 1e-3 (cheap enough to keep the stages busy).
     optimizer: the stages' optimizer factory (`sg.adam(lr)`, `sg.sgd(lr)`); default Adam at `lr`.
     unlock, forward_interface: "complete" also removes the forward lock (synthetic inputs; needs the
         data as tensors); forward_interface: (k, input shape, shape of h_(k-1)) -> ForwardInterface.
