@@ -222,3 +222,19 @@ def test_default_interface_is_a_centred_linear_synthesizer_starting_at_zero(shap
     assert torch.count_nonzero(iface.predict(h, ctx)) == 0
     with pytest.raises(ValueError, match="num_classes"):
         default_interface(shape, conditioned=True)
+
+
+def test_synth_center_reaches_every_default_interface_from_the_command_line() -> None:
+    import synthgrad as sg
+    from synthgrad.cli import build_parser, config_from_args
+    from synthgrad.trainer import build_rule
+
+    argv = ["train", "--model", "fcn-3", "--width", "32", "--method", "cdni"]
+    off = config_from_args(build_parser().parse_args(argv))
+    on = config_from_args(build_parser().parse_args([*argv, "--synth-center"]))
+    assert (off.synth_center, on.synth_center) == (False, True)
+    assert all(i.center for i in build_rule(on, (1, 28, 28), 10).interfaces)
+    assert not any(i.center for i in build_rule(off, (1, 28, 28), 10).interfaces)
+    x = torch.randn(4, 20)
+    stages = [torch.nn.Linear(20, 16), torch.nn.Linear(16, 3)]
+    assert sg.DNI.build(stages, x[:2], synth_center=True).interfaces[0].center

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cdni; default 64 for cdni with --stages (0: full linear), none otherwise")
     s.add_argument("--synth-every", type=_int(1), default=1,
                    help="each synthesizer regresses onto every this-many-th target only")
+    s.add_argument("--synth-center", action="store_true",
+                   help="the stages apply the synthetic gradient minus its mean over the batch, which a "
+                        "synthesizer learns first and a true gradient barely has (helps attention models)")
     s.add_argument("--synth-scale", type=_float(0, 100, lo_open=True), default=None,
                    help="multiply the synthetic gradient the stage applies; default 1 (through time, --task: 0.1, "
                         "charlm dni 0.3)")
@@ -205,7 +208,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
         synth_hidden=a.synth_hidden, synth_width=a.synth_width,
         synth_scale=1.0 if a.synth_scale is None else a.synth_scale, synth_rank=a.synth_rank,
-        synth_every=a.synth_every,
+        synth_every=a.synth_every, synth_center=a.synth_center,
         synth_warmup=0 if a.synth_warmup is None else a.synth_warmup, schedule=a.schedule, preset=a.preset,
         unlock=a.unlock,
         input_hidden=a.input_hidden,

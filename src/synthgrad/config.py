@@ -124,6 +124,7 @@ class TrainConfig(CommonConfig):
     optimizer: str = "adam"  # the stages' optimizer: adam or sgd (synthesizers always use Adam)
     synth_rank: int | None = None  # low-rank linear synthesizers of this rank (vector activations), label embedded
     synth_every: int = 1  # each synthesizer regresses onto every this-many-th target
+    synth_center: bool = False  # stages apply the synthetic gradient minus its batch mean (BackwardInterface)
     update_prob: float = 1.0
     unlock: str = "update"  # update: synthetic gradients; complete: also synthetic inputs (forward interfaces)
     input_hidden: int = 1  # hidden layers of each input synthesizer (complete unlock)

@@ -29,7 +29,8 @@ class DefaultInterfaces:
     conditioned: cDNI (the synthesizer also sees the one-hot label; needs num_classes).
     hidden: hidden layers of each synthesizer; None: 2 for DNI, 0 (linear) for cDNI.
     width: hidden width (vectors) or channels (feature maps); None: the synthesizer's default.
-    lr: the synthesizers' Adam learning rate. scale, warmup_steps, update_every: see BackwardInterface.
+    lr: the synthesizers' Adam learning rate. scale, warmup_steps, update_every, center: see
+        BackwardInterface.
     rank: a low-rank linear synthesizer of this rank (LowRankSynthesizer, the label embedded) for vector
         activations, instead of the `hidden`-layer one; None: no.
     """
@@ -43,6 +44,7 @@ class DefaultInterfaces:
     warmup_steps: int = 0
     rank: int | None = None
     update_every: int = 1
+    center: bool = False
 
     def __call__(self, k: int, shape: tuple[int, ...]) -> BackwardInterface:
         hidden = self.hidden if self.hidden is not None else (0 if self.conditioned else 2)
@@ -52,7 +54,7 @@ class DefaultInterfaces:
         else:
             synth = make_synthesizer(shape, hidden, self.width, context)
         return BackwardInterface(synth, adam(self.lr), self.scale, self.warmup_steps,
-                                 update_every=self.update_every)
+                                 update_every=self.update_every, center=self.center)
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,8 @@ class DNI(StepRule):
               num_classes: int | None = None, lr: float = 1e-3, synth_lr: float = 1e-4,
               synth_hidden: int | None = None, synth_width: int | None = None,
               synth_scale: float = 1.0, synth_warmup: int = 0, synth_rank: int | None = None,
-              synth_every: int = 1, unlock: str = "update", input_hidden: int = 1, input_width: int = 1024,
+              synth_every: int = 1, synth_center: bool = False, unlock: str = "update", input_hidden: int = 1,
+              input_width: int = 1024,
               **kwargs) -> DNI:
         """DNI over `stages` with a default synthesizer at every boundary.
 
@@ -235,6 +236,7 @@ class DNI(StepRule):
         synth_hidden: hidden layers per synthesizer; default 2 for DNI and 0 (linear) for cDNI.
         synth_rank: low-rank linear synthesizers of this rank for vector activations (the label embedded).
         synth_every: each synthesizer regresses onto every this-many-th target only.
+        synth_center: the stages apply the synthetic gradient minus its batch mean (BackwardInterface).
         unlock: "update" (synthetic gradients) or "complete" (also synthetic inputs, with
             input synthesizers of `input_hidden` layers of `input_width`, trained at synth_lr).
         kwargs: passed on to DNI (optimizer, target, update_prob, seed, loss_fn, schedule).
@@ -243,7 +245,7 @@ class DNI(StepRule):
             raise ConfigError(f"unknown unlock {unlock!r}; choose one of: {', '.join(UNLOCKS)}")
         shapes = activation_shapes(stages, sample)
         make = DefaultInterfaces(conditioned, num_classes, synth_hidden, synth_width, synth_lr, synth_scale,
-                                 synth_warmup, synth_rank, synth_every)
+                                 synth_warmup, synth_rank, synth_every, synth_center)
         interfaces = [make(k, shape) for k, shape in enumerate(shapes[:-1])]
         forward = None
         if unlock == "complete":
