@@ -64,6 +64,12 @@ def suite_runs(suite: str, seeds: list[int], models: list[str] | None) -> list[R
         # the 2 x 64-channel default, and better in 20 epochs (seed 0: 98.97% against 98.80 on the GPU).
         runs += [Run("cnn", "dni", s, flags=["--epochs", "20", "--synth-hidden", "0", "--lr", "1e-3"], tag="linear")
                  for s in seeds]
+        # The zoo's candidate cDNI default (issue 17; benchmarks/results/zoo-notes.md): a synthesizer 10x faster
+        # (1e-3) and the synthetic gradient centred over the batch. Do the paper models keep their accuracy?
+        runs += [Run(m, "cdni", s, d, ["--epochs", "20", "--synth-lr", "1e-3", "--synth-center"],
+                     tag="center-slr1e-3")
+                 for m, d in (("mlp", "mnist"), ("fcn-3", "mnist"), ("fcn-6", "mnist"), ("cnn", "mnist"),
+                              ("fcn-3", "fashion-mnist")) for s in seeds]
     elif suite == "unlock":
         # Issue 6: random update frequency and the complete unlock on fcn-4. Linear synthesizers (the
         # paper's cDNI choice) for DNI too, so that the whole grid fits in minutes on 2 cores.
