@@ -73,7 +73,7 @@ def test_lockstep_pipeline_equals_dni_step_bit_for_bit(num_stages: int, method: 
     pipe = sg.Pipeline(um.stage2 if num_stages == 2 else um.stage3, num_stages, method=method,
                        num_classes=um.NUM_CLASSES, interface=um.Interfaces(method == "cdni"),
                        forward_interface=um.forward_interface, unlock=unlock, update_prob=update_prob,
-                       lockstep=True, threads=1, seed=seed, schedule=sg.cosine_schedule(total))
+                       lr=1e-3, lockstep=True, threads=1, seed=seed, schedule=sg.cosine_schedule(total))
     piped = pipe.fit((x, y), epochs=epochs, batch_size=batch)
     plain = _single_process(num_stages, method, update_prob, unlock, x, y, epochs, batch, seed, total)
     moved = _equal(piped.states[0]["stage"], um.stages(num_stages)[0].state_dict())

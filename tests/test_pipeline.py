@@ -295,9 +295,10 @@ def test_stages_bring_the_pipelines_synthesizer_defaults_and_flags_win() -> None
     from synthgrad.synthesizers import LowRankSynthesizer
 
     piped = TrainConfig(model="fcn-3", method="cdni", stages=2).resolve()
-    assert (piped.synth_rank, piped.synth_lr) == (64, 1e-3)
+    assert (piped.synth_rank, piped.synth_lr, piped.lr, piped.synth_center) == (64, 1e-3, 3e-4, True)
     single = TrainConfig(model="fcn-3", method="cdni").resolve()  # one process: the paper's linear synthesizer
-    assert (single.synth_rank, single.synth_lr) == (None, 1e-4)
+    assert (single.synth_rank, single.synth_lr, single.lr, single.synth_center) == (None, 1e-4, 1e-3, False)
+    assert TrainConfig(model="fcn-3", method="cdni", stages=2, synth_center=False).resolve().synth_center is False
     dni = TrainConfig(model="fcn-3", method="dni", stages=2).resolve()
     assert dni.synth_rank is None
     full = TrainConfig(model="fcn-3", method="cdni", stages=2, synth_rank=0, synth_lr=3e-4).resolve()
@@ -305,4 +306,4 @@ def test_stages_bring_the_pipelines_synthesizer_defaults_and_flags_win() -> None
     rule = build_rule(TrainConfig(model="fcn-3", method="cdni", width=128, synth_rank=0).resolve(), (1, 28, 28), 10)
     assert not any(isinstance(i.synthesizer, LowRankSynthesizer) for i in rule.interfaces)  # 0: full linear
     rule = build_rule(piped, (1, 28, 28), 10)
-    assert all(isinstance(i.synthesizer, LowRankSynthesizer) for i in rule.interfaces)
+    assert all(isinstance(i.synthesizer, LowRankSynthesizer) and i.center for i in rule.interfaces)

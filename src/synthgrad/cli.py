@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "cdni; default 64 for cdni with --stages (0: full linear), none otherwise")
     s.add_argument("--synth-every", type=_int(1), default=1,
                    help="each synthesizer regresses onto every this-many-th target only")
-    s.add_argument("--synth-center", action="store_true",
+    s.add_argument("--synth-center", action=argparse.BooleanOptionalAction, default=None,
                    help="the stages apply the synthetic gradient minus its mean over the batch, which a "
-                        "synthesizer learns first and a true gradient barely has (helps attention models)")
+                        "synthesizer learns first and a true gradient barely has; default on for cdni with "
+                        "--stages, off otherwise"),
     s.add_argument("--synth-scale", type=_float(0, 100, lo_open=True), default=None,
                    help="multiply the synthetic gradient the stage applies; default 1 (through time, --task: 0.1, "
                         "charlm dni 0.3)")

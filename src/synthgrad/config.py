@@ -10,7 +10,7 @@ from typing import Self
 import torch
 
 from synthgrad import data, models
-from synthgrad.defaults import PIPELINE_CDNI_LR, PIPELINE_CDNI_RANK
+from synthgrad.defaults import PIPELINE_CDNI_CENTER, PIPELINE_CDNI_LR, PIPELINE_CDNI_RANK, PIPELINE_STAGE_LR
 from synthgrad.errors import ConfigError, require
 from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.presets import preset_values
@@ -35,7 +35,8 @@ METHOD_DEFAULTS["ddg"] = {}
 METHOD_DEFAULTS["dgl"] = {"synth_lr": 1e-3}
 # What --stages changes: the pipeline's cDNI synthesizers (defaults.PIPELINE_CDNI_*, sg.Pipeline's too).
 # --synth-rank 0 asks for the full linear synthesizer.
-PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "synth_lr": PIPELINE_CDNI_LR}}
+PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "synth_lr": PIPELINE_CDNI_LR,
+                              "lr": PIPELINE_STAGE_LR, "synth_center": PIPELINE_CDNI_CENTER}}
 SGD_LR = 0.01  # the stage learning rate with --optimizer sgd (Nesterov momentum 0.9), for every method
 
 
@@ -124,7 +125,7 @@ class TrainConfig(CommonConfig):
     optimizer: str = "adam"  # the stages' optimizer: adam or sgd (synthesizers always use Adam)
     synth_rank: int | None = None  # low-rank linear synthesizers of this rank (vector activations), label embedded
     synth_every: int = 1  # each synthesizer regresses onto every this-many-th target
-    synth_center: bool = False  # stages apply the synthetic gradient minus its batch mean (BackwardInterface)
+    synth_center: bool | None = None  # stages apply the synthetic gradient minus its batch mean; None: default
     update_prob: float = 1.0
     unlock: str = "update"  # update: synthetic gradients; complete: also synthetic inputs (forward interfaces)
     input_hidden: int = 1  # hidden layers of each input synthesizer (complete unlock)
@@ -163,6 +164,8 @@ class TrainConfig(CommonConfig):
         for key, value in METHOD_DEFAULTS[self.method].items():  # the method's defaults first
             if getattr(out, key) is None:
                 setattr(out, key, value)
+        if out.synth_center is None:
+            out.synth_center = False
         for key in ("epochs", "batch_size", "lr", "width"):
             if getattr(out, key) is None:
                 setattr(out, key, spec.defaults[key])

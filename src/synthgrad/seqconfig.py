@@ -194,7 +194,7 @@ def config_from_args(a: argparse.Namespace) -> SequenceConfig:
                                  ("--optimizer", getattr(a, "optimizer", "adam"), "adam"),
                                  ("--synth-rank", getattr(a, "synth_rank", None), None),
                                  ("--synth-every", getattr(a, "synth_every", 1), 1),
-                                 ("--synth-center", getattr(a, "synth_center", False), False),
+                                 ("--synth-center", getattr(a, "synth_center", None), None),
                                  ("--preset", getattr(a, "preset", None), None)):
         if value != default:
             hint = " (use --max-steps for the length of a sequence run)" if flag == "--epochs" else ""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
+from synthgrad.defaults import PIPELINE_STAGE_LR
 from synthgrad.engine.feed import Feed
 from synthgrad.engine.launch import launch, run_here, under_torchrun
 from synthgrad.engine.loops import Hooks, Schedule
@@ -69,7 +70,9 @@ class Pipeline:
         would give `sg.DNI` (custom synthesizers welcome; for cDNI they receive the one-hot label as
         context). None: the library's default synthesizers; for cDNI the pipeline's own, a rank-64
         synthesizer with the label embedded at Adam 1e-3 (cheap enough to keep the stages busy).
-    optimizer: the stages' optimizer factory (`sg.adam(lr)`, `sg.sgd(lr)`); default Adam at `lr`.
+    optimizer: the stages' optimizer factory (`sg.adam(lr)`, `sg.sgd(lr)`); default Adam at `lr`, whose
+        default is 3e-4 for dni and cdni (stages driven by late, noisy targets move more safely) and 1e-3
+        otherwise.
     unlock, forward_interface: "complete" also removes the forward lock (synthetic inputs; needs the
         data as tensors); forward_interface: (k, input shape, shape of h_(k-1)) -> ForwardInterface.
     lockstep: each stage takes step t+1 only after its target for step t arrived: slower, and equal
@@ -84,10 +87,12 @@ class Pipeline:
 
     def __init__(self, stage: StageFactory, num_stages: int, *, method: str = "dni", num_classes: int | None = None,
                  interface: InterfaceFactory | None = None, optimizer: OptimizerFactory | None = None,
-                 lr: float = 1e-3, loss_fn: LossFn = F.cross_entropy, unlock: str = "update",
+                 lr: float | None = None, loss_fn: LossFn = F.cross_entropy, unlock: str = "update",
                  forward_interface: ForwardInterfaceFactory | None = None, update_prob: float = 1.0,
                  seed: int = 0, schedule: Callable[[int], float] | None = None, lockstep: bool = False,
                  max_inflight: int = 2, threads: int | None = None, device: str = "cpu"):
+        if lr is None:
+            lr = PIPELINE_STAGE_LR if method in ("dni", "cdni") else 1e-3
         self.spec = PipelineSpec(stage, num_stages, method, num_classes, optimizer or adam(lr), interface,
                                  forward_interface, unlock, loss_fn, update_prob, seed, schedule, lockstep,
                                  max_inflight, threads, device)

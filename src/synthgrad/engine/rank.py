@@ -21,7 +21,13 @@ import torch
 import torch.distributed as dist
 
 from synthgrad.auxiliary import DefaultAuxiliaryClassifiers
-from synthgrad.defaults import PIPELINE_CDNI_LR, PIPELINE_CDNI_RANK, DefaultForwardInterfaces, DefaultInterfaces
+from synthgrad.defaults import (
+    PIPELINE_CDNI_CENTER,
+    PIPELINE_CDNI_LR,
+    PIPELINE_CDNI_RANK,
+    DefaultForwardInterfaces,
+    DefaultInterfaces,
+)
 from synthgrad.delayed import DelayedStageRule
 from synthgrad.engine.complete import RealChain, run_complete
 from synthgrad.engine.feed import Feed
@@ -58,7 +64,8 @@ def build_rule(spec: PipelineSpec, rank: int, world: int, input_shape: tuple[int
     interface = forward = None
     if spec.method in ("dni", "cdni", "dgl") and rank < world - 1:
         default = (DefaultAuxiliaryClassifiers(spec.num_classes or 0) if spec.method == "dgl"
-                   else DefaultInterfaces(True, spec.num_classes, rank=PIPELINE_CDNI_RANK, lr=PIPELINE_CDNI_LR)
+                   else DefaultInterfaces(True, spec.num_classes, rank=PIPELINE_CDNI_RANK, lr=PIPELINE_CDNI_LR,
+                                          center=PIPELINE_CDNI_CENTER)
                    if spec.method == "cdni" else DefaultInterfaces())
         make = spec.interface or default
         torch.manual_seed(spec.seed * 7919 + 1 + rank)
