@@ -135,7 +135,7 @@ def report(a: argparse.Namespace, methods: dict, runs: dict, seconds: float) -> 
     base = {t: median_or_none([first_at(c, t) for c in runs[BASELINE]])[0] if BASELINE in runs else None
             for t in TARGETS}
     lines = [f"# Time to accuracy: {a.model}" + (f", width {a.width}" if a.width else ""), "",
-             f"- command: `python benchmarks/time_to_accuracy.py {' '.join(sys.argv[1:])}` ({seconds / 60:.0f} min)",
+             f"- command: `python benchmarks/time_to_accuracy.py {shlex.join(sys.argv[1:])}` ({seconds / 60:.0f} min)",
              f"- date: {datetime.now():%Y-%m-%d}; machine: {platform.machine()}, {os.cpu_count()} cores, "
              f"load average at the end {os.getloadavg()[0]:.1f}",
              f"- training seconds (wall time less evaluations) to the first of {a.evals_per_epoch} evaluations per "
