@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from synthgrad import DNI, Backprop, StepRule
-from synthgrad.interfaces import default_interface
+from synthgrad.defaults import default_interface
 from synthgrad.models import build_stages
 from synthgrad.rules import activation_shapes
 
@@ -29,7 +29,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 # (label, method, synth_hidden, synth_width[, DNI.build arguments]); width None = the default (1024 vector,
 # 64 conv channels);
-# synth_hidden "default": the interfaces of interfaces.default_interface (linear synthesizers, centred; issue 17)
+# synth_hidden "default": the interfaces of defaults.default_interface (linear synthesizers, centred; issue 17)
 VARIANTS = [
     ("backprop", "backprop", None, None),
     ("cdni default", "cdni", "default", None),

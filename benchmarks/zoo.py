@@ -41,8 +41,9 @@ import synthgrad as sg
 from synthgrad import zoo
 from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
+from synthgrad.defaults import default_interface
 from synthgrad.errors import DivergenceError
-from synthgrad.interfaces import default_interface, sgd
+from synthgrad.interfaces import sgd
 from synthgrad.models import build_layers
 from synthgrad.rules import activation_shapes, frozen_batchnorm_stats
 from synthgrad.trainer import evaluate
@@ -62,14 +63,14 @@ def library(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, nu
 
 
 def proposed(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, num_classes: int) -> sg.StepRule:
-    """What DNI.build should build (issue 17): interfaces.default_interface at every boundary, Adam 1e-3 stages."""
+    """What DNI.build should build (issue 17): defaults.default_interface at every boundary, Adam 1e-3 stages."""
     shapes = activation_shapes(stages, sample)[:-1]
     return sg.DNI(stages, [default_interface(s, conditioned, num_classes) for s in shapes],
                   conditioned=conditioned, num_classes=num_classes)
 
 
 # A candidate rule is named by '+'-joined tokens, e.g. "lin+trust+sgd"; "library" is DNI.build's defaults and
-# "default" interfaces.default_interface's, the proposed defaults (the same rule as "lin+slr1e-3+pos+center").
+# "default" defaults.default_interface's, the proposed defaults (the same rule as "lin+slr1e-3+pos+center").
 TOKENS = {
     "lin": "linear synthesizers for DNI too (cDNI's are linear already)",
     "trust": "BackwardInterface(trust=True): the applied synthetic gradient times alpha = E[p.t] / E[p.p] in [0, 1]",
@@ -549,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--variant", nargs="+", default=["library"],
-                   help="library (DNI.build), default (interfaces.default_interface), or '+'-joined tokens: "
+                   help="library (DNI.build), default (defaults.default_interface), or '+'-joined tokens: "
                    + "; ".join(f"{k}: {v}" for k, v in TOKENS.items())
                    + ". Several: an ablation table, one column per variant")
     p.add_argument("--diagnose-every", type=int, default=100)

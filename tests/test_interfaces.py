@@ -208,7 +208,7 @@ def test_center_removes_the_batch_mean_of_the_applied_gradient_only() -> None:
 @pytest.mark.parametrize("shape,kind", [((32,), "VectorSynthesizer"), ((4, 7, 7), "ConvSynthesizer"),
                                         ((6, 8), "TokenSynthesizer")])
 def test_default_interface_is_a_centred_linear_synthesizer_starting_at_zero(shape: tuple[int, ...], kind: str) -> None:
-    from synthgrad.interfaces import DEFAULT_SYNTH_LR, default_interface
+    from synthgrad.defaults import DEFAULT_SYNTH_LR, default_interface
 
     iface = default_interface(shape, conditioned=True, num_classes=10)
     assert type(iface.synthesizer).__name__ == kind and iface.center and not iface.trust

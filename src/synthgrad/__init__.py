@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 from synthgrad.auxiliary import DGL, AuxiliaryClassifier  # noqa: E402
 from synthgrad.cutting import cut, uncut  # noqa: E402
 from synthgrad.data import Dataset, load_dataset  # noqa: E402
-from synthgrad.defaults import DefaultForwardInterfaces, DefaultInterfaces  # noqa: E402
+from synthgrad.defaults import DefaultForwardInterfaces, DefaultInterfaces, default_interface  # noqa: E402
 from synthgrad.diagnostics import true_gradient  # noqa: E402
 from synthgrad.engine import Pipeline, PipelineResult  # noqa: E402
 from synthgrad.health import Health, HealthWarning  # noqa: E402
@@ -37,7 +37,6 @@ from synthgrad.interfaces import (  # noqa: E402
     ForwardInterface,
     Interface,
     adam,
-    default_interface,
     sgd,
 )
 from synthgrad.rnn import LSTMCore, TruncatedBPTT, window_step  # noqa: E402

@@ -62,6 +62,34 @@ class DefaultInterfaces:
                                  update_every=self.update_every, center=self.center)
 
 
+def pipeline_interfaces(method: str, num_classes: int | None) -> DefaultInterfaces:
+    """A pipeline's default interfaces for `method` (dni or cdni): for cDNI the PIPELINE_CDNI_* ones."""
+    if method == "cdni":
+        return DefaultInterfaces(True, num_classes, rank=PIPELINE_CDNI_RANK, lr=PIPELINE_CDNI_LR,
+                                 center=PIPELINE_CDNI_CENTER)
+    return DefaultInterfaces()
+
+
+# The candidate default measured on the zoo of issue 17 (benchmarks/results/zoo-ablation-cdni.md): a linear
+# synthesizer (at most 2x a backprop step), trained 10x faster than the paper's 1e-4 so that it keeps up with
+# the stage below, and the batch mean taken out of what that stage applies.
+DEFAULT_SYNTH_LR = 1e-3
+
+
+def default_interface(activation_shape: tuple[int, ...], conditioned: bool = False, num_classes: int | None = None,
+                      synth_lr: float = DEFAULT_SYNTH_LR) -> BackwardInterface:
+    """The zoo's candidate backward interface for a boundary activation of per-example shape `activation_shape`.
+
+    A linear synthesizer fitted to the shape (`make_synthesizer` with no hidden layer: a Linear on [D],
+    a 5x5 convolution on [C, H, W], a Linear shared by the N positions of [N, D] with a gain and bias per
+    position), seeing the one-hot label too when `conditioned` (cDNI); Adam at `synth_lr`; the applied
+    synthetic gradient centred over the batch (`center=True`).
+    """
+    if conditioned and not num_classes:
+        raise ValueError("a conditioned (cDNI) interface needs num_classes for the one-hot context")
+    return DefaultInterfaces(conditioned, num_classes, hidden=0, lr=synth_lr, center=True)(0, tuple(activation_shape))
+
+
 @dataclass(frozen=True)
 class DefaultForwardInterfaces:
     """Builds the complete unlock's forward interface in front of stage k (k >= 1): an input synthesizer

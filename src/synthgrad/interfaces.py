@@ -25,8 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthgrad.synthesizers import make_synthesizer
-
 # An optimizer factory: called with a module's parameters, returns its optimizer. `adam(lr)` and `sgd(lr)`
 # make them; any callable will do (a module-level function or functools.partial if it must pickle).
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
@@ -232,23 +230,3 @@ class ForwardInterface(Interface):
         """Regress onto the real activation once the stage below has produced it."""
         return self.regress(prediction, activation)
 
-
-# The defaults measured on the zoo of issue 17 (benchmarks/results/zoo-ablation.md): a linear synthesizer
-# (at most 2x a backprop step), trained 10x faster than the paper's 1e-4 so that it keeps up with the stage
-# below, and the batch mean taken out of what that stage applies.
-DEFAULT_SYNTH_LR = 1e-3
-
-
-def default_interface(activation_shape: tuple[int, ...], conditioned: bool = False, num_classes: int | None = None,
-                      synth_lr: float = DEFAULT_SYNTH_LR) -> BackwardInterface:
-    """The default backward interface for a boundary activation of per-example shape `activation_shape`.
-
-    A linear synthesizer fitted to the shape (`make_synthesizer` with no hidden layer: a Linear on [D],
-    a 5x5 convolution on [C, H, W], a Linear shared by the N positions of [N, D] with a gain and bias per
-    position), seeing the one-hot label too when `conditioned` (cDNI); Adam at `synth_lr`; the applied
-    synthetic gradient centred over the batch (`center=True`).
-    """
-    if conditioned and not num_classes:
-        raise ValueError("a conditioned (cDNI) interface needs num_classes for the one-hot context")
-    synth = make_synthesizer(tuple(activation_shape), 0, None, num_classes if conditioned else 0)
-    return BackwardInterface(synth, adam(synth_lr), center=True)

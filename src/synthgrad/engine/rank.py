@@ -21,13 +21,7 @@ import torch
 import torch.distributed as dist
 
 from synthgrad.auxiliary import DefaultAuxiliaryClassifiers
-from synthgrad.defaults import (
-    PIPELINE_CDNI_CENTER,
-    PIPELINE_CDNI_LR,
-    PIPELINE_CDNI_RANK,
-    DefaultForwardInterfaces,
-    DefaultInterfaces,
-)
+from synthgrad.defaults import DefaultForwardInterfaces, pipeline_interfaces
 from synthgrad.delayed import DelayedStageRule
 from synthgrad.engine.complete import RealChain, run_complete
 from synthgrad.engine.feed import Feed
@@ -64,9 +58,7 @@ def build_rule(spec: PipelineSpec, rank: int, world: int, input_shape: tuple[int
     interface = forward = None
     if spec.method in ("dni", "cdni", "dgl") and rank < world - 1:
         default = (DefaultAuxiliaryClassifiers(spec.num_classes or 0) if spec.method == "dgl"
-                   else DefaultInterfaces(True, spec.num_classes, rank=PIPELINE_CDNI_RANK, lr=PIPELINE_CDNI_LR,
-                                          center=PIPELINE_CDNI_CENTER)
-                   if spec.method == "cdni" else DefaultInterfaces())
+                   else pipeline_interfaces(spec.method, spec.num_classes))
         make = spec.interface or default
         torch.manual_seed(spec.seed * 7919 + 1 + rank)
         interface = make(rank, out_shape)
