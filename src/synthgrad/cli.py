@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--synth-center", action=argparse.BooleanOptionalAction, default=None,
                    help="the stages apply the synthetic gradient minus its mean over the batch, which a "
                         "synthesizer learns first and a true gradient barely has; default on for cdni with "
-                        "--stages, off otherwise"),
+                        "--stages, off otherwise")
     s.add_argument("--synth-scale", type=_float(0, 100, lo_open=True), default=None,
                    help="multiply the synthetic gradient the stage applies; default 1 (through time, --task: 0.1, "
                         "charlm dni 0.3)")

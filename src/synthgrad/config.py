@@ -141,34 +141,27 @@ class TrainConfig(CommonConfig):
     num_classes: int | None = None
 
     def resolve(self) -> TrainConfig:
-        """Fill None fields from the preset (if any), then the method's and the model's defaults, then validate."""
+        """Fill None fields from the preset (if any), the pipeline's, the model's and the method's defaults, then
+        the model's own, and validate."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         spec = models.get_spec(self.model)
         out = dataclasses.replace(self, extra=dict(self.extra))
-        if out.preset is not None:
-            for key, value in preset_values(out.preset, out.method, out.model).items():
+        # Sources of defaults, the first that has a field wins; a field given explicitly is never touched.
+        layers = [
+            preset_values(out.preset, out.method, out.model) if out.preset is not None else {},
+            {"schedule": "cosine"},
+            {"lr": SGD_LR} if out.optimizer == "sgd" else {},
+            PIPELINE_DEFAULTS.get(self.method, {}) if out.stages is not None else {},  # the pipeline's own
+            spec.method_defaults.get(self.method, {}),  # where this model differs
+            METHOD_DEFAULTS[self.method],
+            {"synth_center": False},
+            {key: spec.defaults[key] for key in ("epochs", "batch_size", "lr", "width")},
+        ]
+        for layer in layers:
+            for key, value in layer.items():
                 if getattr(out, key) is None:
                     setattr(out, key, value)
-        if out.schedule is None:
-            out.schedule = "cosine"
-        if out.optimizer == "sgd" and out.lr is None:
-            out.lr = SGD_LR
-        if out.stages is not None:  # the pipeline's own defaults come before the method's
-            for key, value in PIPELINE_DEFAULTS.get(self.method, {}).items():
-                if getattr(out, key) is None:
-                    setattr(out, key, value)
-        for key, value in spec.method_defaults.get(self.method, {}).items():  # where this model differs
-            if getattr(out, key) is None:
-                setattr(out, key, value)
-        for key, value in METHOD_DEFAULTS[self.method].items():  # the method's defaults first
-            if getattr(out, key) is None:
-                setattr(out, key, value)
-        if out.synth_center is None:
-            out.synth_center = False
-        for key in ("epochs", "batch_size", "lr", "width"):
-            if getattr(out, key) is None:
-                setattr(out, key, spec.defaults[key])
         out.validate()
         return out
 
