@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from synthgrad.pipeline import free_port, pin_to_cores
+from synthgrad.engine.launch import free_port
+from synthgrad.engine.process import pin_to_cores
 
 
 def _rank(rank: int, port: int, links: bool, a: argparse.Namespace, out: mp.SimpleQueue) -> None:

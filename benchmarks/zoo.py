@@ -42,10 +42,11 @@ from synthgrad import zoo
 from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
 from synthgrad.defaults import default_interface
+from synthgrad.diagnostics import frozen_batchnorm_stats
 from synthgrad.errors import DivergenceError
 from synthgrad.interfaces import sgd
 from synthgrad.models import build_layers
-from synthgrad.rules import activation_shapes, frozen_batchnorm_stats
+from synthgrad.rules import activation_shapes
 from synthgrad.trainer import evaluate
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

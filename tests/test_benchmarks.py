@@ -1,0 +1,28 @@
+"""Every benchmark script starts: its imports resolve and it parses `--help` (they are run by hand, not by CI)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+
+
+def test_there_are_benchmark_scripts() -> None:
+    assert len(SCRIPTS) >= 8
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_the_script_imports_and_prints_its_usage(script: Path, tmp_path: Path) -> None:
+    # In a scratch directory: --help must not write anything anyway, and nothing lands in the checkout.
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS)}
+    run = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "usage:" in run.stdout
+    assert not any(tmp_path.iterdir())
