@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
 
 
 def test_there_are_benchmark_scripts() -> None:
@@ -26,3 +26,19 @@ def test_the_script_imports_and_prints_its_usage(script: Path, tmp_path: Path) -
     assert run.returncode == 0, run.stderr[-2000:]
     assert "usage:" in run.stdout
     assert not any(tmp_path.iterdir())
+
+
+def test_the_held_out_models_are_four_blocks_that_compose_to_class_scores() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import holdout
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import torch
+
+    for name in holdout.SPECS:
+        blocks = holdout.build_blocks(name, (1, 28, 28), 10)
+        x = torch.randn(3, 1, 28, 28)
+        for block in blocks:
+            x = block(x)
+        assert len(blocks) == 4 and x.shape == (3, 10), name

@@ -230,11 +230,60 @@ def test_synth_center_reaches_every_default_interface_from_the_command_line() ->
     from synthgrad.trainer import build_rule
 
     argv = ["train", "--model", "fcn-3", "--width", "32", "--method", "cdni"]
-    off = config_from_args(build_parser().parse_args(argv))
-    on = config_from_args(build_parser().parse_args([*argv, "--synth-center"]))
-    assert (off.synth_center, on.synth_center) == (False, True)
+    on = config_from_args(build_parser().parse_args(argv))  # cDNI's default
+    off = config_from_args(build_parser().parse_args([*argv, "--no-synth-center"]))
+    dni = config_from_args(build_parser().parse_args([*argv[:-1], "dni"]))
+    assert (on.synth_center, off.synth_center, dni.synth_center) == (True, False, False)
     assert all(i.center for i in build_rule(on, (1, 28, 28), 10).interfaces)
     assert not any(i.center for i in build_rule(off, (1, 28, 28), 10).interfaces)
     x = torch.randn(4, 20)
     stages = [torch.nn.Linear(20, 16), torch.nn.Linear(16, 3)]
     assert sg.DNI.build(stages, x[:2], synth_center=True).interfaces[0].center
+    assert not sg.DNI.build(stages, x[:2], conditioned=True, num_classes=3, synth_center=False).interfaces[0].center
+
+
+def test_dni_build_defaults_are_the_papers_for_dni_and_fast_and_centred_for_cdni() -> None:
+    import synthgrad as sg
+    from synthgrad.defaults import CDNI_SYNTH_LR, DNI_SYNTH_LR
+
+    x = torch.randn(4, 20)
+    stages = [torch.nn.Linear(20, 16), torch.nn.Linear(16, 3)]
+    (dni,) = sg.DNI.build(stages, x[:2]).interfaces
+    (cdni,) = sg.DNI.build(stages, x[:2], conditioned=True, num_classes=3).interfaces
+    assert (dni.optimizer.param_groups[0]["lr"], dni.center) == (DNI_SYNTH_LR, False)
+    assert (cdni.optimizer.param_groups[0]["lr"], cdni.center) == (CDNI_SYNTH_LR, True)
+    assert (DNI_SYNTH_LR, CDNI_SYNTH_LR) == (1e-4, 1e-3)
+
+
+def test_a_custom_interface_is_centred_by_default_when_its_synthesizer_sees_the_label() -> None:
+    """center=None: a user's cDNI synthesizer gets the library's centring; DNI (no context) is left alone."""
+    iface = BackwardInterface(nn.Linear(5, 5), adam(1e-3))
+    p = torch.randn(8, 5) + 3.0  # a large shared component
+    torch.testing.assert_close(iface.stage_gradient(p, conditioned=True), (p - p.mean(0)) / 8)
+    torch.testing.assert_close(iface.stage_gradient(p), p / 8)
+    assert BackwardInterface(nn.Linear(5, 5), adam(1e-3), center=False).stage_gradient(p, conditioned=True).equal(p / 8)
+
+
+class _Constant(nn.Module):
+    """A custom synthesizer that predicts the same gradient for every example (all batch mean)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.ones(dim))
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bias.expand_as(h)
+
+
+def test_a_custom_cdni_synthesizer_that_predicts_only_a_batch_mean_leaves_its_stage_in_place() -> None:
+    import synthgrad as sg
+
+    torch.manual_seed(0)
+    stages = [nn.Linear(6, 5), nn.Linear(5, 3)]
+    before = stages[0].weight.detach().clone()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    sg.DNI(stages, [BackwardInterface(_Constant(5), sg.sgd(0.1))], optimizer=sg.sgd(0.1), conditioned=True,
+           num_classes=3).step(x, y)
+    torch.testing.assert_close(stages[0].weight.detach(), before)  # centred to zero: nothing applied
+    sg.DNI(stages, [BackwardInterface(_Constant(5), sg.sgd(0.1))], optimizer=sg.sgd(0.1)).step(x, y)
+    assert not torch.allclose(stages[0].weight.detach(), before)  # DNI applies it

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = t.add_argument_group("synthesizers (dni, cdni)")
     s.add_argument("--synth-lr", type=_float(0, 10, lo_open=True), default=None,
                    help=f"Adam learning rate of the synthesizers; default {METHOD_DEFAULTS['dni']['synth_lr']} "
-                        "(1e-3 for cdni with --stages)")
+                        f"for dni, {METHOD_DEFAULTS['cdni']['synth_lr']} for cdni")
     s.add_argument("--synth-hidden", type=_int(0, 16), default=None,
                    help="hidden layers per synthesizer; default 2 for dni, 0 (linear) for cdni")
     s.add_argument("--synth-width", type=_int(1, 65536), default=None,
@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each synthesizer regresses onto every this-many-th target only")
     s.add_argument("--synth-center", action=argparse.BooleanOptionalAction, default=None,
                    help="the stages apply the synthetic gradient minus its mean over the batch, which a "
-                        "synthesizer learns first and a true gradient barely has; default on for cdni with "
-                        "--stages, off otherwise")
+                        "synthesizer learns first and a true gradient barely has; default on for cdni, off for "
+                        "dni")
     s.add_argument("--synth-scale", type=_float(0, 100, lo_open=True), default=None,
                    help="multiply the synthetic gradient the stage applies; default 1 (through time, --task: 0.1, "
                         "charlm dni 0.3)")

@@ -10,7 +10,7 @@ from typing import Self
 import torch
 
 from synthgrad import data, models
-from synthgrad.defaults import PIPELINE_CDNI_CENTER, PIPELINE_CDNI_LR, PIPELINE_CDNI_RANK, PIPELINE_STAGE_LR
+from synthgrad.defaults import CDNI_CENTER, CDNI_SYNTH_LR, DNI_SYNTH_LR, PIPELINE_CDNI_RANK, PIPELINE_STAGE_LR
 from synthgrad.errors import ConfigError, require
 from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.presets import preset_values
@@ -25,18 +25,21 @@ METHOD_DEFAULTS = {
     "backprop": {},
     # Adam normalises the step size, so a small, noisy synthetic gradient still moves a stage at the full
     # learning rate: DNI (no label, so a noisier gradient) trains better with a lower stage lr.
-    "dni": {"lr": 3e-4, "synth_lr": 1e-4, "synth_hidden": 2},  # two hidden layers of 1024, as in the paper
-    "cdni": {"synth_lr": 1e-4, "synth_hidden": 0},  # linear synthesizer, as in the paper
+    "dni": {"lr": 3e-4, "synth_lr": DNI_SYNTH_LR, "synth_hidden": 2},  # two hidden layers of 1024, as in the paper
+    # A linear synthesizer, as in the paper, trained 10x faster than the paper's rate so that it keeps up with
+    # the stage below, and the synthetic gradient centred over the batch: robust on the zoo of user-like models
+    # and as good or better on the paper's (issue 17; benchmarks/results/zoo-notes.md, reproduction.md).
+    "cdni": {"synth_lr": CDNI_SYNTH_LR, "synth_hidden": 0, "synth_center": CDNI_CENTER},
 }
 # The classifier's methods: the rules of synthgrad.rules, and two decoupling baselines: delayed true gradients
 # (ddg, pipeline only) and decoupled greedy learning with auxiliary classifiers (dgl; synth_lr is theirs).
 METHODS = ("backprop", "dni", "cdni", "ddg", "dgl")
 METHOD_DEFAULTS["ddg"] = {}
 METHOD_DEFAULTS["dgl"] = {"synth_lr": 1e-3}
-# What --stages changes: the pipeline's cDNI synthesizers (defaults.PIPELINE_CDNI_*, sg.Pipeline's too).
+# What --stages changes: the pipeline's cDNI synthesizers are low-rank and its stages slower (defaults.PIPELINE_*,
+# sg.Pipeline's too).
 # --synth-rank 0 asks for the full linear synthesizer.
-PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "synth_lr": PIPELINE_CDNI_LR,
-                              "lr": PIPELINE_STAGE_LR, "synth_center": PIPELINE_CDNI_CENTER}}
+PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "lr": PIPELINE_STAGE_LR}}
 SGD_LR = 0.01  # the stage learning rate with --optimizer sgd (Nesterov momentum 0.9), for every method
 
 

@@ -14,17 +14,25 @@ from torch import nn
 from synthgrad.interfaces import BackwardInterface, ForwardInterface, adam
 from synthgrad.synthesizers import InputSynthesizer, LowRankSynthesizer, make_synthesizer
 
-# A pipeline's cDNI defaults (sg.Pipeline and `synthgrad train --stages`). The synthesizers must cost a
-# fraction of their stage and keep up with it: rank 64 with the label embedded, Adam at 1e-3, was the fastest
-# to 97% and 98% on fcn-6 width 1024 (benchmarks/results/tta-study-fcn6.md). Asynchrony makes the targets a
-# step or two late, and on a pre-norm residual MLP (zoo resmlp, width 512) that lag tipped stages moving at
-# Adam's full 1e-3 into collapse (31% after 186 steps; lockstep: 87%): stages at 3e-4 with the synthetic
-# gradient centred over the batch reach 92% there and lose nothing on fcn-6 (benchmarks/results/
-# pipeline-defaults.md). The single process keeps the paper's settings, which the README's rows rest on.
+# The synthesizers' defaults, single process and pipeline alike. DNI keeps the paper's rate. cDNI's linear
+# synthesizer learns 10x faster than the paper's 1e-4 so that it keeps up with the stage below (a synthesizer
+# linear in h that lags behind h feeds activation drift), and the stage applies the synthetic gradient centred
+# over the batch (its batch mean is what a synthesizer learns first and a true gradient barely has). Over the
+# zoo of user-like models (issue 17) that took cDNI's mean gap to backprop from -9.3 to -4.2 points after 3
+# epochs (benchmarks/results/zoo-ablation-cdni.md), and the paper's models keep or gain accuracy at 20 epochs
+# (benchmarks/results/reproduction.md). DNI did not gain from the same change (zoo-ablation-dni.md).
+DNI_SYNTH_LR = 1e-4
+CDNI_SYNTH_LR = 1e-3
+CDNI_CENTER = True
+
+# What a pipeline changes (sg.Pipeline and `synthgrad train --stages`). Its synthesizers must cost a fraction
+# of their stage: rank 64 with the label embedded was the fastest to 97% and 98% on fcn-6 width 1024
+# (benchmarks/results/tta-study-fcn6.md). Asynchrony makes the targets a step or two late, and on a pre-norm
+# residual MLP (zoo resmlp, width 512) that lag tipped stages moving at Adam's full 1e-3 into collapse (31%
+# after 186 steps; lockstep: 87%): stages at 3e-4 reach 92% there and lose nothing on fcn-6
+# (benchmarks/results/pipeline-defaults.md).
 PIPELINE_CDNI_RANK = 64
-PIPELINE_CDNI_LR = 1e-3  # the synthesizers'
 PIPELINE_STAGE_LR = 3e-4  # the stages' (Adam), DNI and cDNI pipelines
-PIPELINE_CDNI_CENTER = True
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,8 @@ class DefaultInterfaces:
     conditioned: cDNI (the synthesizer also sees the one-hot label; needs num_classes).
     hidden: hidden layers of each synthesizer; None: 2 for DNI, 0 (linear) for cDNI.
     width: hidden width (vectors) or channels (feature maps); None: the synthesizer's default.
-    lr: the synthesizers' Adam learning rate. scale, warmup_steps, update_every, center: see
+    lr: the synthesizers' Adam learning rate; None: DNI_SYNTH_LR for DNI, CDNI_SYNTH_LR for cDNI.
+    center: None: CDNI_CENTER for cDNI, off for DNI. scale, warmup_steps, update_every, center: see
         BackwardInterface.
     rank: a low-rank linear synthesizer of this rank (LowRankSynthesizer, the label embedded) for vector
         activations, instead of the `hidden`-layer one; None: no.
@@ -44,12 +53,12 @@ class DefaultInterfaces:
     num_classes: int | None = None
     hidden: int | None = None
     width: int | None = None
-    lr: float = 1e-4
+    lr: float | None = None
     scale: float = 1.0
     warmup_steps: int = 0
     rank: int | None = None
     update_every: int = 1
-    center: bool = False
+    center: bool | None = None
 
     def __call__(self, k: int, shape: tuple[int, ...]) -> BackwardInterface:
         hidden = self.hidden if self.hidden is not None else (0 if self.conditioned else 2)
@@ -58,27 +67,27 @@ class DefaultInterfaces:
             synth: nn.Module = LowRankSynthesizer(math.prod(shape), self.rank, context)
         else:
             synth = make_synthesizer(shape, hidden, self.width, context)
-        return BackwardInterface(synth, adam(self.lr), self.scale, self.warmup_steps,
-                                 update_every=self.update_every, center=self.center)
+        lr = self.lr if self.lr is not None else (CDNI_SYNTH_LR if self.conditioned else DNI_SYNTH_LR)
+        center = self.center if self.center is not None else (CDNI_CENTER and self.conditioned)
+        return BackwardInterface(synth, adam(lr), self.scale, self.warmup_steps, update_every=self.update_every,
+                                 center=center)
 
 
 def pipeline_interfaces(method: str, num_classes: int | None) -> DefaultInterfaces:
-    """A pipeline's default interfaces for `method` (dni or cdni): for cDNI the PIPELINE_CDNI_* ones."""
+    """A pipeline's default interfaces for `method` (dni or cdni): for cDNI of rank PIPELINE_CDNI_RANK."""
     if method == "cdni":
-        return DefaultInterfaces(True, num_classes, rank=PIPELINE_CDNI_RANK, lr=PIPELINE_CDNI_LR,
-                                 center=PIPELINE_CDNI_CENTER)
+        return DefaultInterfaces(True, num_classes, rank=PIPELINE_CDNI_RANK)
     return DefaultInterfaces()
 
 
-# The candidate default measured on the zoo of issue 17 (benchmarks/results/zoo-ablation-cdni.md): a linear
-# synthesizer (at most 2x a backprop step), trained 10x faster than the paper's 1e-4 so that it keeps up with
-# the stage below, and the batch mean taken out of what that stage applies.
-DEFAULT_SYNTH_LR = 1e-3
+# default_interface's synthesizer learning rate, for DNI as for cDNI (the zoo's screens used it for both).
+DEFAULT_SYNTH_LR = CDNI_SYNTH_LR
 
 
 def default_interface(activation_shape: tuple[int, ...], conditioned: bool = False, num_classes: int | None = None,
                       synth_lr: float = DEFAULT_SYNTH_LR) -> BackwardInterface:
-    """The zoo's candidate backward interface for a boundary activation of per-example shape `activation_shape`.
+    """A cheap, robust backward interface for a boundary activation of per-example shape `activation_shape`:
+    for cDNI what `DNI.build` puts there by default; for DNI the same linear, centred synthesizer.
 
     A linear synthesizer fitted to the shape (`make_synthesizer` with no hidden layer: a Linear on [D],
     a 5x5 convolution on [C, H, W], a Linear shared by the N positions of [N, D] with a gain and bias per

@@ -129,12 +129,14 @@ class BackwardInterface(Interface):
         every example: the stage's parameters (its biases first) follow it coherently, since it does not
         cancel in the sum over examples as per-example errors do, and Adam follows it at the full
         learning rate on every step; an error there shifts every example's activation the same way
-        (the activation drift of a residual stream). What distinguishes examples is kept.
+        (the activation drift of a residual stream). What distinguishes examples is kept. None (the
+        default): centred when the synthesizer is given a context (cDNI, whose default it is), not otherwise
+        (DNI, and through time), so that a custom cDNI synthesizer gets what the library's gets.
     """
 
     def __init__(self, synthesizer: nn.Module, optimizer: OptimizerFactory | torch.optim.Optimizer,
                  scale: float = 1.0, warmup_steps: int = 0, trust: bool = False, trust_decay: float = 0.99,
-                 project: bool = False, update_every: int = 1, center: bool = False):
+                 project: bool = False, update_every: int = 1, center: bool | None = None):
         super().__init__(synthesizer, optimizer)
         if not 0.0 <= trust_decay < 1.0:
             raise ValueError(f"trust_decay must lie in [0, 1), got {trust_decay}")
@@ -176,13 +178,13 @@ class BackwardInterface(Interface):
             p = (pf - coef * hf).view_as(p)
         return p
 
-    def stage_gradient(self, prediction: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def stage_gradient(self, prediction: torch.Tensor, step: int = 0, conditioned: bool = False) -> torch.Tensor:
         """What the stage below backpropagates: the prediction in batch-mean units, scaled, warmed up, trusted
-        and centred."""
+        and centred. conditioned: the prediction was made with a context (cDNI; decides `center=None`)."""
         ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         factor = self.scale * ramp / prediction.shape[0]
         p = prediction.detach()
-        if self.center:
+        if self.center if self.center is not None else conditioned:
             p = p - p.mean(0, keepdim=True)  # [B, ...] minus its mean over the batch, per feature
         if self.trust:
             return p * (self.trust_factor.to(p.dtype) * factor)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgrad.cutting import uncut
-from synthgrad.defaults import DefaultForwardInterfaces, DefaultInterfaces
+from synthgrad.defaults import DNI_SYNTH_LR, DefaultForwardInterfaces, DefaultInterfaces
 from synthgrad.diagnostics import check_finite, gradient_agreement, true_gradient
 from synthgrad.errors import ConfigError
 from synthgrad.health import Health, rms
@@ -224,21 +224,23 @@ class DNI(StepRule):
 
     @classmethod
     def build(cls, stages: Sequence[nn.Module], sample: torch.Tensor, *, conditioned: bool = False,
-              num_classes: int | None = None, lr: float = 1e-3, synth_lr: float = 1e-4,
+              num_classes: int | None = None, lr: float = 1e-3, synth_lr: float | None = None,
               synth_hidden: int | None = None, synth_width: int | None = None,
               synth_scale: float = 1.0, synth_warmup: int = 0, synth_rank: int | None = None,
-              synth_every: int = 1, synth_center: bool = False, unlock: str = "update", input_hidden: int = 1,
+              synth_every: int = 1, synth_center: bool | None = None, unlock: str = "update", input_hidden: int = 1,
               input_width: int = 1024,
               **kwargs) -> DNI:
         """DNI over `stages` with a default synthesizer at every boundary.
 
         sample: one input batch [B, ...], used to find each boundary's activation shape.
+        synth_lr: the synthesizers' Adam learning rate; default 1e-4 for DNI, 1e-3 for cDNI (defaults.py).
         synth_hidden: hidden layers per synthesizer; default 2 for DNI and 0 (linear) for cDNI.
         synth_rank: low-rank linear synthesizers of this rank for vector activations (the label embedded).
         synth_every: each synthesizer regresses onto every this-many-th target only.
-        synth_center: the stages apply the synthetic gradient minus its batch mean (BackwardInterface).
+        synth_center: the stages apply the synthetic gradient minus its batch mean (BackwardInterface);
+            default on for cDNI, off for DNI.
         unlock: "update" (synthetic gradients) or "complete" (also synthetic inputs, with
-            input synthesizers of `input_hidden` layers of `input_width`, trained at synth_lr).
+            input synthesizers of `input_hidden` layers of `input_width`, trained at synth_lr, default 1e-4).
         kwargs: passed on to DNI (optimizer, target, update_prob, seed, loss_fn, schedule).
         """
         if unlock not in UNLOCKS:
@@ -249,7 +251,8 @@ class DNI(StepRule):
         interfaces = [make(k, shape) for k, shape in enumerate(shapes[:-1])]
         forward = None
         if unlock == "complete":
-            make_input = DefaultForwardInterfaces(conditioned, num_classes, input_hidden, input_width, synth_lr)
+            make_input = DefaultForwardInterfaces(conditioned, num_classes, input_hidden, input_width,
+                                                  synth_lr if synth_lr is not None else DNI_SYNTH_LR)
             forward = [make_input(k + 1, tuple(sample.shape[1:]), shape) for k, shape in enumerate(shapes[:-1])]
         return cls(stages, interfaces, lr=lr, conditioned=conditioned, num_classes=num_classes,
                    forward_interfaces=forward, **kwargs)

@@ -186,7 +186,7 @@ class StageRule:
                     p = self._predict(out, context)
                 check_finite(p, "synthetic gradient", self.index, step)
                 prediction.append(p)
-                return interface.stage_gradient(p, step)
+                return interface.stage_gradient(p, step, conditioned=context is not None)
 
         with frozen:
             res = stage_step(self.stage, self.optimizer, inp, index=self.index, step=step, output_grad=grad_fn,
