@@ -296,8 +296,8 @@ def test_stages_bring_the_pipelines_synthesizer_defaults_and_flags_win() -> None
 
     piped = TrainConfig(model="fcn-3", method="cdni", stages=2).resolve()
     assert (piped.synth_rank, piped.synth_lr, piped.lr, piped.synth_center) == (64, 1e-3, 3e-4, True)
-    single = TrainConfig(model="fcn-3", method="cdni").resolve()  # one process: the paper's linear synthesizer
-    assert (single.synth_rank, single.synth_lr, single.lr, single.synth_center) == (None, 1e-4, 1e-3, False)
+    single = TrainConfig(model="fcn-3", method="cdni").resolve()  # one process: the full linear synthesizer
+    assert (single.synth_rank, single.synth_lr, single.lr, single.synth_center) == (None, 1e-3, 1e-3, True)
     assert TrainConfig(model="fcn-3", method="cdni", stages=2, synth_center=False).resolve().synth_center is False
     dni = TrainConfig(model="fcn-3", method="dni", stages=2).resolve()
     assert dni.synth_rank is None
