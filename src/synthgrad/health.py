@@ -72,16 +72,17 @@ class Health:
                     f"last {self.window} samples (its prediction lies farther from the true gradient than zero: "
                     f"median relative error {statistics.median(errors):.2f}). Its stage learns little or drifts. "
                     "Try cDNI (conditioned=True: the label makes the gradient predictable), a faster synthesizer "
-                    "(synth_lr=1e-3, so that it keeps up with its stage), SGD stages (optimizer=sg.sgd(...)), a "
-                    "lower stage learning rate, or fewer stages"))
+                    "(synth_lr=1e-3, cDNI's default, so that it keeps up with its stage), SGD stages "
+                    "(optimizer=sg.sgd(...)), a lower stage learning rate, or fewer stages"))
         for k, d in enumerate(drift):
             if d is not None and d > self.runaway:
                 self._warn(f"runaway-{k}", (
                     f"step {step}: the activation above stage {k + 1} has grown {d:.1f}x in RMS since the first "
-                    "sample: the synthetic gradient pushes the stage where the true one would not. Try a faster "
-                    "synthesizer (synth_lr=1e-3: one that lags behind its stage feeds the drift), centring the "
-                    "synthetic gradient (sg.BackwardInterface(..., center=True)), a lower stage learning rate, or "
-                    "SGD stages (optimizer=sg.sgd(...))"))
+                    "sample: the synthetic gradient pushes the stage where the true one would not. Unless they are on "
+                    "already (cDNI's defaults), try a faster synthesizer (synth_lr=1e-3: one that lags behind its "
+                    "stage feeds the drift) and centring the synthetic gradient (sg.BackwardInterface(..., "
+                    "center=True)); then a lower stage learning rate, SGD stages (optimizer=sg.sgd(...)), a "
+                    "normalisation layer at the end of the stage, or fewer stages"))
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self.warned:
