@@ -69,10 +69,12 @@ def suite_runs(suite: str, seeds: list[int], models: list[str] | None) -> list[R
         runs += [Run(m, "cdni", s, d, ["--epochs", "20", "--synth-lr", "1e-4", "--no-synth-center"], tag="slr1e-4")
                  for m, d in (("mlp", "mnist"), ("fcn-3", "mnist"), ("fcn-6", "mnist"), ("cnn", "mnist"),
                               ("fcn-3", "fashion-mnist")) for s in seeds]
-        # cnn lost 0.24 points to the new cDNI defaults where the others kept or gained: which of the two?
+        # cnn lost 0.24 points to the new cDNI defaults where the others kept or gained: which of the two? And
+        # a control: the old settings again on today's code (the slr1e-4 runs ran on 2026-11-27's).
         runs += [Run("cnn", "cdni", s, flags=["--epochs", "20", *flags], tag=tag) for s in seeds
                  for tag, flags in (("slr1e-3-nocenter", ["--synth-lr", "1e-3", "--no-synth-center"]),
-                                    ("slr1e-4-center", ["--synth-lr", "1e-4", "--synth-center"]))]
+                                    ("slr1e-4-center", ["--synth-lr", "1e-4", "--synth-center"]),
+                                    ("slr1e-4-control", ["--synth-lr", "1e-4", "--no-synth-center"]))]
         # DNI with the cheap synthesizer (linear, 1.7x a backprop step against 11x to 14x for the paper's
         # 2 x 1024), trained at 1e-3 and centred: what would it cost the paper models to make it DNI's default?
         runs += [Run(m, "dni", s, d, ["--epochs", "20", "--synth-hidden", "0", "--synth-lr", "1e-3", "--synth-center"],
