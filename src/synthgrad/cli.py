@@ -349,6 +349,9 @@ def cmd_models(_: argparse.Namespace) -> int:
               f"{spec.description}")
     print("\nmethod defaults: " + "; ".join(f"{m}: {v or 'none'}" for m, v in METHOD_DEFAULTS.items()))
     print("with --stages: " + "; ".join(f"{m}: {v}" for m, v in PIPELINE_DEFAULTS.items()))
+    own = [f"{name} {m}: {v}" for name in models.model_names() if name != "fcn-N"
+           for m, v in models.get_spec(name).method_defaults.items()]
+    print("where a model's own differ (before the method's): " + ("; ".join(own) or "none"))
     print("\npresets (--preset NAME fills what the command line leaves unset):")
     for name in preset_names():
         print(f"  {describe_preset(name)}")

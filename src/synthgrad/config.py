@@ -39,7 +39,8 @@ METHOD_DEFAULTS["dgl"] = {"synth_lr": 1e-3}
 # What --stages changes: the pipeline's cDNI synthesizers are low-rank and its stages slower (defaults.PIPELINE_*,
 # sg.Pipeline's too).
 # --synth-rank 0 asks for the full linear synthesizer.
-PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "lr": PIPELINE_STAGE_LR}}
+PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "lr": PIPELINE_STAGE_LR, "synth_lr": CDNI_SYNTH_LR,
+                              "synth_center": CDNI_CENTER}}  # (the last two also for models whose own differ)
 SGD_LR = 0.01  # the stage learning rate with --optimizer sgd (Nesterov momentum 0.9), for every method
 
 

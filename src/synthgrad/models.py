@@ -96,8 +96,12 @@ REGISTRY: dict[str, ModelSpec] = {
                      {**_COMMON, "lr": 1e-3, "width": 256}),
     # DNI on cnn: a linear synthesizer (one 5x5 convolution) at the stages' usual lr 1e-3 gave 98.93 +- 0.04
     # where the paper's 2 x 64-channel synthesizer at lr 3e-4 gave 98.80 at 5x the step cost (reproduction.md).
+    # cDNI on cnn keeps the paper's synthesizer rate and no centring: the library's cDNI defaults, chosen for
+    # models nobody tuned, cost this one 0.24 points (98.78 +- 0.04 against 99.02 +- 0.02; each change alone
+    # about as much), so this default serves the cnn row of the README.
     "cnn": ModelSpec("cnn", "original CNN: 2x conv5x5 (16, 32) + BN + ReLU + pool, linear", _cnn,
-                     {**_COMMON, "lr": 1e-3, "width": 16}, {"dni": {"synth_hidden": 0, "lr": 1e-3}}),
+                     {**_COMMON, "lr": 1e-3, "width": 16},
+                     {"dni": {"synth_hidden": 0, "lr": 1e-3}, "cdni": {"synth_lr": 1e-4, "synth_center": False}}),
     "cnn-deep": ModelSpec("cnn-deep", "paper-style CNN: 3x conv5x5(64) + BN + ReLU, linear",
                           _cnn_deep, {**_COMMON, "lr": 1e-3, "width": 64}),
     "cifar-cnn": ModelSpec("cifar-cnn", "paper CIFAR-10 CNN: 3x conv5x5(128) + BN + ReLU + maxpool 3x3/2, linear",
