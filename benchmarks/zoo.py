@@ -11,6 +11,9 @@ the true and the bootstrapped target's, its component along h, and each stage's 
 Each run is one JSON file under --runs-root (outside the checkout), reused when it exists, so a
 stopped benchmark continues where it stopped. `--variant NAME` runs a candidate rule (TOKENS below)
 in place of the library's defaults; backprop and frozen runs do not depend on it and are shared.
+`library` runs whatever the library's defaults are when it runs: cDNI's changed on 2026-11-30 (synthesizer
+lr 1e-3, centred), and the cDNI runs made before that were moved to RUNS_ROOT/library-until-2026-11-30
+(the old default is the variant `lin`).
 
     python benchmarks/zoo.py --epochs 3 --seeds 0 --models resmlp --datasets mnist   # a quick screen
     python benchmarks/zoo.py --jobs 2                                               # the full table
