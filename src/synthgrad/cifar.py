@@ -17,11 +17,11 @@ import pickle
 import tarfile
 import urllib.request
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from synthgrad.arrays import Arrays
 from synthgrad.errors import DataError
 
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -133,19 +133,6 @@ def _check_meta(obj: object, source: str, exact: bool) -> tuple[str, ...]:
         raise DataError(f"{source}: batches.meta lists {len(classes)} classes of {d['num_cases_per_batch']} "
                         f"examples a batch, not CIFAR-10's 10 of {PER_BATCH}")
     return classes
-
-
-@dataclass
-class Arrays:
-    """The verified contents of the archive: uint8 images [N, 3, 32, 32], int64 labels [N], class names."""
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    classes: tuple[str, ...]
-    source: str = ""
-    tried: list[str] = field(default_factory=list)
 
 
 def from_files(files: dict[str, bytes], source: str, check_md5: bool) -> Arrays:

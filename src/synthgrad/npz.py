@@ -14,27 +14,16 @@ from __future__ import annotations
 
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from synthgrad.arrays import Arrays
 from synthgrad.errors import DataError
 
 REQUIRED = ("train_x", "train_y", "test_x", "test_y")
 LAYOUT = ("train_x/test_x: images [N, C, H, W] or [N, H, W], uint8 0..255 or float; "
           "train_y/test_y: integer labels [N] in 0..K-1; optional classes: K names")
-
-
-@dataclass
-class Arrays:
-    """A checked .npz: images [N, C, H, W] (uint8 or float32), int64 labels [N] and the class names."""
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    classes: tuple[str, ...]
 
 
 def _images(x: np.ndarray, key: str, where: str) -> np.ndarray:
