@@ -102,8 +102,13 @@ def main() -> None:
     for item in a.extra:
         name, flags = item.split("=", 1)
         methods[name] = shlex.split(flags)
-    per_epoch = 60000 // 128
-    eval_every = max(1, per_epoch // a.evals_per_epoch)
+
+    def eval_every(flags: list[str] | None) -> int:
+        """Steps between evaluations for a method's flags: --evals-per-epoch per epoch at its batch size."""
+        flags = flags or []
+        batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 128
+        return max(1, (60000 // batch) // a.evals_per_epoch)
+
     runs: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in methods}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -116,7 +121,7 @@ def main() -> None:
                 flags = methods[name]
                 t0 = time.perf_counter()
                 recs = (run_gpipe(a, tmp) if flags is None else
-                        run_cli(common_flags(a, eval_every, 0) + flags, run))
+                        run_cli(common_flags(a, eval_every(flags), 0) + flags, run))
                 runs[name].append(curve(recs))
                 pts = runs[name][-1]
                 print(f"round {r + 1}: {name}: final {pts[-1][1]:.4f}, to 97% {first_at(pts, 0.97)}, to 98% "
