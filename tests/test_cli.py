@@ -64,6 +64,21 @@ def test_existing_run_dir_is_refused_then_resumed(fake_data_dir: Path, tmp_path:
     assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 0
 
 
+def test_a_run_written_before_synth_center_existed_resumes_without_centring(fake_data_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    from synthgrad.cli import config_to_resume
+
+    run = tmp_path / "run"
+    assert main(_train(["--model", "mlp", "--method", "cdni", "--max-steps", "2", "--quiet", "--no-plots",
+                        "--run-dir", str(run)], fake_data_dir, tmp_path)) == 0
+    assert config_to_resume(run).synth_center is True  # today's cDNI default, recorded
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["synth_center"]  # as an older synthgrad wrote it
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert config_to_resume(run).synth_center is False
+    assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 0
+
+
 def test_sgd_optimizer_has_its_own_default_lr_and_reaches_the_checkpoint(fake_data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main(["train", "--method", "dni", "--optimizer", "sgd", "--model", "fcn-2", "--width", "16",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from synthgrad import __version__, data, models, seqconfig
 from synthgrad.checkpoint import LATEST as CHECKPOINT
-from synthgrad.config import METHOD_DEFAULTS, METHODS, PIPELINE_DEFAULTS, SCHEDULES, TrainConfig
+from synthgrad.config import ABSENT_IN_OLD_CONFIGS, METHOD_DEFAULTS, METHODS, PIPELINE_DEFAULTS, SCHEDULES, TrainConfig
 from synthgrad.errors import ConfigError, DivergenceError, Interrupted, SynthgradError
 from synthgrad.interfaces import OPTIMIZERS
 from synthgrad.presets import describe as describe_preset
@@ -252,10 +252,7 @@ def _train(a: argparse.Namespace, stop: StopRequests) -> int:
         return seqtrain.cmd_train_sequence(a, stop)
 
     if a.resume is not None:
-        try:
-            cfg = TrainConfig.from_dict(RunDir.read_config(a.resume)).resolve()
-        except TypeError as e:
-            raise ConfigError(f"{a.resume / 'config.json'} is unreadable ({e}); the run cannot be resumed") from e
+        cfg = config_to_resume(a.resume)
         if a.tensorboard and not cfg.tensorboard:
             cfg.tensorboard = True
         run_dir = a.resume
@@ -338,6 +335,17 @@ def cmd_data(a: argparse.Namespace) -> int:
                 print(f"{name}: not available offline: {reason}{fix}")
                 status = 1
     return status
+
+
+def config_to_resume(run_dir: Path) -> TrainConfig:
+    """The configuration a stopped run resumes with: its config.json, where fields it lacks (it was written
+    before they existed) take the value they had then, not today's default."""
+    from synthgrad.rundir import RunDir
+
+    try:
+        return TrainConfig.from_dict({**ABSENT_IN_OLD_CONFIGS, **RunDir.read_config(run_dir)}).resolve()
+    except TypeError as e:
+        raise ConfigError(f"{run_dir / 'config.json'} is unreadable ({e}); the run cannot be resumed") from e
 
 
 def cmd_models(_: argparse.Namespace) -> int:

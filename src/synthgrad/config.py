@@ -41,6 +41,9 @@ METHOD_DEFAULTS["dgl"] = {"synth_lr": 1e-3}
 # --synth-rank 0 asks for the full linear synthesizer.
 PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "lr": PIPELINE_STAGE_LR, "synth_lr": CDNI_SYNTH_LR,
                               "synth_center": CDNI_CENTER}}  # (the last two also for models whose own differ)
+# A resumed run keeps what it was started with: a field its config.json lacks (written before the field
+# existed) takes the value every run had then, not today's default.
+ABSENT_IN_OLD_CONFIGS = {"synth_center": False}  # before 2026-11-30 no stage centred its synthetic gradient
 SGD_LR = 0.01  # the stage learning rate with --optimizer sgd (Nesterov momentum 0.9), for every method
 
 
