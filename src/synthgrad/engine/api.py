@@ -68,8 +68,9 @@ class Pipeline:
         (the locked pipeline: every stage waits for the true gradient from above).
     interface: (k, per-example shape of h_k) -> the BackwardInterface above stage k, exactly as you
         would give `sg.DNI` (custom synthesizers welcome; for cDNI they receive the one-hot label as
-        context). None: the library's default synthesizers; for cDNI the pipeline's own, a rank-64
-        synthesizer with the label embedded at Adam 1e-3 (cheap enough to keep the stages busy).
+        context; a BackwardInterface left at center=None centres their synthetic gradient, as cDNI's
+        default does). None: the library's default synthesizers; for cDNI the pipeline's own, a rank-64
+        synthesizer with the label embedded at Adam 1e-3, centred (cheap enough to keep the stages busy).
     optimizer: the stages' optimizer factory (`sg.adam(lr)`, `sg.sgd(lr)`); default Adam at `lr`, whose
         default is 3e-4 for dni and cdni (stages driven by late, noisy targets move more safely) and 1e-3
         otherwise.
