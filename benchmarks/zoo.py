@@ -69,14 +69,15 @@ def library(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, nu
 
 
 def proposed(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, num_classes: int) -> sg.StepRule:
-    """What DNI.build should build (issue 17): defaults.default_interface at every boundary, Adam 1e-3 stages."""
+    """defaults.default_interface at every boundary, Adam 1e-3 stages: for cDNI what DNI.build builds since
+    2026-11-30; for DNI the same linear, centred synthesizer, which DNI.build does not use."""
     shapes = activation_shapes(stages, sample)[:-1]
     return sg.DNI(stages, [default_interface(s, conditioned, num_classes) for s in shapes],
                   conditioned=conditioned, num_classes=num_classes)
 
 
 # A candidate rule is named by '+'-joined tokens, e.g. "lin+trust+sgd"; "library" is DNI.build's defaults and
-# "default" defaults.default_interface's, the proposed defaults (the same rule as "lin+slr1e-3+pos+center").
+# "default" defaults.default_interface's (the same rule as "lin+slr1e-3+pos+center"; cDNI's defaults since 2026-11-30).
 TOKENS = {
     "lin": "linear synthesizers for DNI too (cDNI's are linear already)",
     "trust": "BackwardInterface(trust=True): the applied synthetic gradient times alpha = E[p.t] / E[p.p] in [0, 1]",
