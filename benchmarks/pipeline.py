@@ -441,8 +441,8 @@ def write_report(path: Path, a: argparse.Namespace, argv: list[str], main_res: d
     path.write_text("\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags; their defaults measure the README's pipeline table (`python benchmarks/pipeline.py`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="fcn-6",
                    help="fcn-6: its 2-stage cut is the most even of the paper's FCNs (see the report's 'why')")
@@ -464,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads-all", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe")
-    p.add_argument("--sweep", default="", help="comma-separated widths for a sweep, e.g. 128,256,512,1024,2048")
+    p.add_argument("--sweep", default="128,256,512,1024,2048",
+                   help="comma-separated widths for a sweep ('': only --width)")
     p.add_argument("--batch-sweep", default="", help="comma-separated batch sizes for a sweep at --width, e.g. "
                    "64,128,256,512 (multiples of --microbatches)")
     p.add_argument("--sweep-steps", type=int, default=60, help="timed steps per measurement in the sweeps")
@@ -479,7 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpipe-records", type=Path, default=None,
                    help="only train the GPipe baseline for --tta-epochs and write its evaluation records here (as "
                         "JSON; benchmarks/time_to_accuracy.py uses it)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    a = build_parser().parse_args(argv)
     a.threads_per_stage = max(1, a.threads_all // a.stages)
     if a.dry_run:
         a.width, a.steps, a.warmup, a.sweep, a.sweep_steps, a.repeats = 64, 10, 2, "", 10, 1

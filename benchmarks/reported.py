@@ -3,10 +3,12 @@
     python benchmarks/reported.py                     # every result's command; the count of plain ones
     python benchmarks/reported.py --settings RUN_DIR  # a run's settings, as a row of reported.json records them
 
-A command is plain when it carries no flag but those of reported.json's `plain_flags` (what is trained
-and on what, the method, the seed, the length in epochs, and where the network is cut): everything
-else comes from the defaults. Prints every result's command, marks the others with the flags they add,
-and counts plain results and plain README table rows (a row is plain when all its results are).
+A `synthgrad train` command is plain when it carries no flag but those of reported.json's `plain_flags`
+(what is trained and on what, the method, the seed, the length in epochs, and where the network is cut):
+everything else comes from the defaults. A benchmark script's command (the tables that time methods side by
+side) is plain when it carries no flag at all: the script's defaults are the table's settings. Prints
+every result's command, marks the others with the flags they add, and counts plain results and plain
+README table rows (a row is plain when all its results are).
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ def settings(run_dir: Path) -> dict:
 
 
 def extra_flags(command: str, plain: set[str]) -> list[str]:
-    """The flags of `command` that are not plain (benchmark scripts: all of theirs)."""
+    """The flags of `command` that are not plain (a benchmark script's: all of them; without any, its defaults
+    measure the table, and the command is plain)."""
     flags = re.findall(r"(?<!\S)--[a-z][a-z0-9-]*", command)
     if not command.startswith("synthgrad "):
-        return flags or ["(a benchmark script)"]
+        return flags
     return [f for f in flags if f not in plain]
 
 

@@ -21,7 +21,10 @@ from synthgrad.rundir import CONFIG
 
 RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"
 REPORTED = json.loads((RESULTS / "reported.json").read_text())
-ROWS = [row for row in REPORTED["rows"] if row["command"].startswith("synthgrad train ")]
+# A row's `synthgrad train` command: its own, or (timed by a benchmark) one of the benchmark's runs.
+ROWS = [{**row, "command": row.get("run", row["command"])} for row in REPORTED["rows"]
+        if row.get("run", row["command"]).startswith("synthgrad train ")]
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 TEXT = "The quick brown fox jumps over the lazy dog; then the dog sleeps in the sun. " * 12  # ~1,000 characters
 
 
@@ -83,3 +86,34 @@ def test_a_short_run_of_the_command_writes_the_reported_settings(row: dict, tmp_
     config = json.loads((run / CONFIG).read_text())
     assert config["max_steps"] == 2
     assert _differences(row["settings"], config, skip=("max_steps",)) == {}
+
+
+def _benchmark(name: str):
+    """A benchmark script as a module (they live outside the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_plain_time_to_accuracy_benchmark_runs_each_rows_run() -> None:
+    tta = _benchmark("time_to_accuracy")
+    rows = [r for r in REPORTED["rows"] if r["table"] == "Time to accuracy"]
+    assert rows and {r["command"] for r in rows} == {"python benchmarks/time_to_accuracy.py"}
+    a = tta.parse_args([])
+    commands = {tta.run_command(a, m) for m, flags in tta.METHODS.items() if flags is not None}
+    assert {r["run"] for r in rows} <= commands
+    # A user's other model keeps its own width.
+    assert tta.parse_args(["--model", "resmlp"]).width is None
+
+
+def test_the_plain_pipeline_benchmark_measures_every_row_of_its_table() -> None:
+    pipeline = _benchmark("pipeline")
+    rows = [r for r in REPORTED["rows"] if r["table"] == "Pipeline engine"]
+    assert rows and {r["command"] for r in rows} == {"python benchmarks/pipeline.py"}
+    a = pipeline.build_parser().parse_args([])
+    assert (a.model, a.width, a.steps, a.repeats, a.sweep_steps) == ("fcn-6", 1024, 150, 3, 60)
+    widths = {int(w) for w in a.sweep.split(",")}
+    assert {int(r["row"].removeprefix("width ")) for r in rows} == widths
