@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synthgrad.data import FILE_NAMES
+from synthgrad.idx import FILE_NAMES
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

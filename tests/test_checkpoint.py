@@ -148,6 +148,17 @@ def test_each_write_keeps_the_previous_checkpoint_and_uses_its_own_temporary_fil
     assert torch.load(io.BytesIO(raw[48:]), weights_only=False) == {"step": 3}
 
 
+def test_a_writer_killed_after_keeping_the_previous_checkpoint_leaves_no_stray_file(tmp_path: Path) -> None:
+    # kill -9 between keeping checkpoint.prev.pt (a hard link to checkpoint.pt) and renaming the new file onto
+    # checkpoint.pt leaves both names on one file; the next write must still keep it and leave no temporary link.
+    path, previous = tmp_path / checkpoint.LATEST, tmp_path / checkpoint.PREVIOUS
+    checkpoint.save(path, {"step": 1})
+    previous.hardlink_to(path)
+    checkpoint.save(path, {"step": 2})
+    assert checkpoint.load(path)["step"] == 2 and checkpoint.load(previous)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([checkpoint.LATEST, checkpoint.PREVIOUS])
+
+
 class _FullDisk:
     """An open() for checkpoint.py whose files take `room` bytes, then fail as a full disk does."""
 

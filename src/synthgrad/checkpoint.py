@@ -174,6 +174,10 @@ def _advice(path: Path) -> str:
 def _keep_previous(path: Path) -> None:
     """Make PREVIOUS a hard link to the current `path`, so that `path` never stops existing while it is replaced."""
     previous = path.with_name(PREVIOUS)
+    if previous.is_file() and os.path.samefile(path, previous):
+        # Already kept: a writer was killed between keeping it and replacing `path`. (Renaming a link onto
+        # another link of the same file does nothing, by POSIX, and would leave the new link behind.)
+        return
     link = temp_path(previous)
     try:
         os.link(path, link)

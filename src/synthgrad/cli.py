@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from synthgrad import __version__, data, models, seqconfig
+from synthgrad import __version__, cache, data, models, seqconfig
 from synthgrad.checkpoint import LATEST as CHECKPOINT
 from synthgrad.config import ABSENT_IN_OLD_CONFIGS, METHOD_DEFAULTS, METHODS, PIPELINE_DEFAULTS, SCHEDULES, TrainConfig
 from synthgrad.errors import ConfigError, DivergenceError, Interrupted, SynthgradError
@@ -194,7 +194,7 @@ def _data_args(g: argparse._ActionsContainer) -> None:
                         "(raw or .gz) for mnist and fashion-mnist; cifar-10-python.tar.gz, its folder or the "
                         "extracted cifar-10-batches-py/ for cifar10")
     g.add_argument("--cache-dir", type=Path, default=None,
-                   help=f"data cache; default ${data.CACHE_ENV} or ~/.cache/synthgrad")
+                   help=f"data cache; default ${cache.CACHE_ENV} or ~/.cache/synthgrad")
     g.add_argument("--no-verify-md5", action="store_true",
                    help="accept files whose MD5 differs from the published one (CIFAR-10 batches are still read "
                         "with a restricted unpickler)")
@@ -316,13 +316,13 @@ def cmd_plot(a: argparse.Namespace) -> int:
 
 def cmd_data(a: argparse.Namespace) -> int:
     names = list(data.DATASET_NAMES) if a.dataset == "all" else [a.dataset]
-    cache = a.cache_dir or data.default_cache_dir()
+    cache_dir = a.cache_dir or cache.default_cache_dir()
     status = 0
     for name in names:
         if a.action == "fetch":
             ds = data.load(name, a.data_dir, a.cache_dir, check_md5=not a.no_verify_md5)
             where = "" if data.is_npz(name) or ds.source.startswith(("directory", "archive")) else \
-                f"; cached in {Path(cache) / name}"
+                f"; cached in {Path(cache_dir) / name}"
             print(f"{name}: verified, from {ds.source}{where}")
         else:
             try:

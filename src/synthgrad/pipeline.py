@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from synthgrad import checkpoint, data
+from synthgrad import checkpoint, data, idx
 from synthgrad.config import TrainConfig
 from synthgrad.engine.api import Pipeline
 from synthgrad.engine.launch import run_here
@@ -301,7 +301,7 @@ def run_pipeline(cfg: TrainConfig, dataset: data.Dataset, run_dir: str | Path | 
 def data_shape(cfg: TrainConfig) -> tuple[tuple[int, ...], int, int]:
     """(input shape, classes, training examples) of a run's data without reading it: from the config, or for
     a known dataset from its description. Ranks other than 0 use it under torchrun."""
-    known = data.DATASETS.get(cfg.dataset)
+    known = idx.DATASETS.get(cfg.dataset)
     shape = tuple(cfg.input_shape) if cfg.input_shape else data.INPUT_SHAPES.get(cfg.dataset)
     classes = cfg.num_classes or (len(known.classes) if known else None)
     num_train = cfg.extra.get("num_train") or (known.counts["train"] if known else None)
