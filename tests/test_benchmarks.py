@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import benchscripts
 import pytest
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+BENCHMARKS = benchscripts.BENCHMARKS
 SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
 
 
@@ -29,12 +30,9 @@ def test_the_script_imports_and_prints_its_usage(script: Path, tmp_path: Path) -
 
 
 def test_the_held_out_models_are_four_blocks_that_compose_to_class_scores() -> None:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import holdout
-    finally:
-        sys.path.remove(str(BENCHMARKS))
     import torch
+
+    holdout = benchscripts.load("holdout")
 
     for name in holdout.SPECS:
         blocks = holdout.build_blocks(name, (1, 28, 28), 10)

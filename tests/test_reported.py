@@ -13,6 +13,7 @@ import json
 import shlex
 from pathlib import Path
 
+import benchscripts
 import pytest
 
 from synthgrad import cli, seqconfig
@@ -24,7 +25,6 @@ REPORTED = json.loads((RESULTS / "reported.json").read_text())
 # A row's `synthgrad train` command: its own, or (timed by a benchmark) one of the benchmark's runs.
 ROWS = [{**row, "command": row.get("run", row["command"])} for row in REPORTED["rows"]
         if row.get("run", row["command"]).startswith("synthgrad train ")]
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 TEXT = "The quick brown fox jumps over the lazy dog; then the dog sleeps in the sun. " * 12  # ~1,000 characters
 
 
@@ -88,18 +88,8 @@ def test_a_short_run_of_the_command_writes_the_reported_settings(row: dict, tmp_
     assert _differences(row["settings"], config, skip=("max_steps",)) == {}
 
 
-def _benchmark(name: str):
-    """A benchmark script as a module (they live outside the package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_plain_time_to_accuracy_benchmark_runs_each_rows_run() -> None:
-    tta = _benchmark("time_to_accuracy")
+    tta = benchscripts.load("time_to_accuracy")
     rows = [r for r in REPORTED["rows"] if r["table"] == "Time to accuracy"]
     assert rows and {r["command"] for r in rows} == {"python benchmarks/time_to_accuracy.py"}
     a = tta.parse_args([])
@@ -110,7 +100,7 @@ def test_the_plain_time_to_accuracy_benchmark_runs_each_rows_run() -> None:
 
 
 def test_the_plain_pipeline_benchmark_measures_every_row_of_its_table() -> None:
-    pipeline = _benchmark("pipeline")
+    pipeline = benchscripts.load("pipeline")
     rows = [r for r in REPORTED["rows"] if r["table"] == "Pipeline engine"]
     assert rows and {r["command"] for r in rows} == {"python benchmarks/pipeline.py"}
     a = pipeline.build_parser().parse_args([])
