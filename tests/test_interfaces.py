@@ -211,7 +211,7 @@ def test_default_interface_is_a_centred_linear_synthesizer_starting_at_zero(shap
     from synthgrad.defaults import DEFAULT_SYNTH_LR, default_interface
 
     iface = default_interface(shape, conditioned=True, num_classes=10)
-    assert type(iface.synthesizer).__name__ == kind and iface.center and not iface.trust
+    assert type(iface.synthesizer).__name__ == kind and iface.centers(conditioned=False) and not iface.trust
     assert iface.optimizer.param_groups[0]["lr"] == DEFAULT_SYNTH_LR
     linear = [m for m in iface.synthesizer.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     # No hidden layer: one linear map (and, for feature maps, the label's per-class bias, a Linear too).
@@ -234,12 +234,14 @@ def test_synth_center_reaches_every_default_interface_from_the_command_line() ->
     off = config_from_args(build_parser().parse_args([*argv, "--no-synth-center"]))
     dni = config_from_args(build_parser().parse_args([*argv[:-1], "dni"]))
     assert (on.synth_center, off.synth_center, dni.synth_center) == (True, False, False)
-    assert all(i.center for i in build_rule(on, (1, 28, 28), 10).interfaces)
-    assert not any(i.center for i in build_rule(off, (1, 28, 28), 10).interfaces)
+    assert all(i.centers(conditioned=True) for i in build_rule(on, (1, 28, 28), 10).interfaces)
+    assert not any(i.centers(conditioned=True) for i in build_rule(off, (1, 28, 28), 10).interfaces)
+    assert not any(i.centers(conditioned=False) for i in build_rule(dni, (1, 28, 28), 10).interfaces)
     x = torch.randn(4, 20)
     stages = [torch.nn.Linear(20, 16), torch.nn.Linear(16, 3)]
-    assert sg.DNI.build(stages, x[:2], synth_center=True).interfaces[0].center
-    assert not sg.DNI.build(stages, x[:2], conditioned=True, num_classes=3, synth_center=False).interfaces[0].center
+    assert sg.DNI.build(stages, x[:2], synth_center=True).interfaces[0].centers(conditioned=False)
+    off_build = sg.DNI.build(stages, x[:2], conditioned=True, num_classes=3, synth_center=False)
+    assert not off_build.interfaces[0].centers(conditioned=True)
 
 
 def test_dni_build_defaults_are_the_papers_for_dni_and_fast_and_centred_for_cdni() -> None:
@@ -250,8 +252,8 @@ def test_dni_build_defaults_are_the_papers_for_dni_and_fast_and_centred_for_cdni
     stages = [torch.nn.Linear(20, 16), torch.nn.Linear(16, 3)]
     (dni,) = sg.DNI.build(stages, x[:2]).interfaces
     (cdni,) = sg.DNI.build(stages, x[:2], conditioned=True, num_classes=3).interfaces
-    assert (dni.optimizer.param_groups[0]["lr"], dni.center) == (DNI_SYNTH_LR, False)
-    assert (cdni.optimizer.param_groups[0]["lr"], cdni.center) == (CDNI_SYNTH_LR, True)
+    assert (dni.optimizer.param_groups[0]["lr"], dni.centers(conditioned=False)) == (DNI_SYNTH_LR, False)
+    assert (cdni.optimizer.param_groups[0]["lr"], cdni.centers(conditioned=True)) == (CDNI_SYNTH_LR, True)
     assert (DNI_SYNTH_LR, CDNI_SYNTH_LR) == (1e-4, 1e-3)
 
 

@@ -306,4 +306,4 @@ def test_stages_bring_the_pipelines_synthesizer_defaults_and_flags_win() -> None
     rule = build_rule(TrainConfig(model="fcn-3", method="cdni", width=128, synth_rank=0).resolve(), (1, 28, 28), 10)
     assert not any(isinstance(i.synthesizer, LowRankSynthesizer) for i in rule.interfaces)  # 0: full linear
     rule = build_rule(piped, (1, 28, 28), 10)
-    assert all(isinstance(i.synthesizer, LowRankSynthesizer) and i.center for i in rule.interfaces)
+    assert all(isinstance(i.synthesizer, LowRankSynthesizer) and i.centers(conditioned=True) for i in rule.interfaces)

@@ -22,10 +22,10 @@ from synthgrad.synthesizers import InputSynthesizer, LowRankSynthesizer, make_sy
 # epochs (benchmarks/results/zoo-ablation-cdni.md), and it held on Fashion-MNIST and on held-out models
 # (zoo-fashion-cdni.md, zoo-holdout-cdni.md). The paper's models keep or gain accuracy at 20 epochs except
 # the original cnn, whose registry entry keeps the old settings (reproduction.md). DNI did not gain from the
-# same change (zoo-ablation-dni.md, dni-cost-tradeoff.md).
+# same change (zoo-ablation-dni.md, dni-cost-tradeoff.md). Centring is decided where it is applied
+# (interfaces.CDNI_CENTER).
 DNI_SYNTH_LR = 1e-4
 CDNI_SYNTH_LR = 1e-3
-CDNI_CENTER = True
 
 # What a pipeline changes (sg.Pipeline and `synthgrad train --stages`). Its synthesizers must cost a fraction
 # of their stage: rank 64 with the label embedded was the fastest to 97% and 98% on fcn-6 width 1024
@@ -45,8 +45,8 @@ class DefaultInterfaces:
     hidden: hidden layers of each synthesizer; None: 2 for DNI, 0 (linear) for cDNI.
     width: hidden width (vectors) or channels (feature maps); None: the synthesizer's default.
     lr: the synthesizers' Adam learning rate; None: DNI_SYNTH_LR for DNI, CDNI_SYNTH_LR for cDNI.
-    center: None: CDNI_CENTER for cDNI, off for DNI. scale, warmup_steps, update_every, center: see
-        BackwardInterface.
+    center: None: BackwardInterface's own default (CDNI_CENTER for cDNI, off for DNI). scale, warmup_steps,
+        update_every, center: see BackwardInterface.
     rank: a low-rank linear synthesizer of this rank (LowRankSynthesizer, the label embedded) for vector
         activations, instead of the `hidden`-layer one; None: no.
     """
@@ -70,9 +70,8 @@ class DefaultInterfaces:
         else:
             synth = make_synthesizer(shape, hidden, self.width, context)
         lr = self.lr if self.lr is not None else (CDNI_SYNTH_LR if self.conditioned else DNI_SYNTH_LR)
-        center = self.center if self.center is not None else (CDNI_CENTER and self.conditioned)
         return BackwardInterface(synth, adam(lr), self.scale, self.warmup_steps, update_every=self.update_every,
-                                 center=center)
+                                 center=self.center)
 
 
 def pipeline_interfaces(method: str, num_classes: int | None) -> DefaultInterfaces:

@@ -29,6 +29,11 @@ from torch import nn
 # make them; any callable will do (a module-level function or functools.partial if it must pickle).
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 
+# What a backward interface with center=None does when its synthesizer is given a context (cDNI): centre the
+# applied synthetic gradient over the batch. The one place this default is decided (defaults.CDNI_CENTER
+# names it for configs): a custom cDNI synthesizer gets what the library's gets. Why, in BackwardInterface.
+CDNI_CENTER = True
+
 
 def adam(lr: float) -> OptimizerFactory:
     """An optimizer factory: Adam with learning rate `lr`.
@@ -178,13 +183,18 @@ class BackwardInterface(Interface):
             p = (pf - coef * hf).view_as(p)
         return p
 
+    def centers(self, conditioned: bool) -> bool:
+        """Whether the stage below applies the prediction centred over the batch, for a prediction made with
+        a context (conditioned, cDNI) or without: `center`, or when None CDNI_CENTER for cDNI only."""
+        return self.center if self.center is not None else (CDNI_CENTER and conditioned)
+
     def stage_gradient(self, prediction: torch.Tensor, step: int = 0, conditioned: bool = False) -> torch.Tensor:
         """What the stage below backpropagates: the prediction in batch-mean units, scaled, warmed up, trusted
         and centred. conditioned: the prediction was made with a context (cDNI; decides `center=None`)."""
         ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         factor = self.scale * ramp / prediction.shape[0]
         p = prediction.detach()
-        if self.center if self.center is not None else conditioned:
+        if self.centers(conditioned):
             p = p - p.mean(0, keepdim=True)  # [B, ...] minus its mean over the batch, per feature
         if self.trust:
             return p * (self.trust_factor.to(p.dtype) * factor)
