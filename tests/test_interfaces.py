@@ -205,6 +205,13 @@ def test_center_removes_the_batch_mean_of_the_applied_gradient_only() -> None:
     assert iface.update(p, (p.detach() + 1.0) / 8) == pytest.approx(1.0, rel=1e-5)
 
 
+def test_a_batch_of_one_is_not_centred_to_nothing() -> None:
+    # One example is its own batch mean: centring would apply a zero gradient and the stage would never learn.
+    iface = BackwardInterface(_FixedMap(torch.randn(5, 5)), adam(1e-3), center=True)
+    p = iface.predict(torch.randn(1, 5))
+    torch.testing.assert_close(iface.stage_gradient(p), p.detach())  # oracle: batch-mean units, B = 1
+
+
 @pytest.mark.parametrize("shape,kind", [((32,), "VectorSynthesizer"), ((4, 7, 7), "ConvSynthesizer"),
                                         ((6, 8), "TokenSynthesizer")])
 def test_default_interface_is_a_centred_linear_synthesizer_starting_at_zero(shape: tuple[int, ...], kind: str) -> None:

@@ -299,3 +299,40 @@ def test_synthesizer_learns_whenever_the_stage_above_updates() -> None:
         assert (stats["synth_loss"][0] is not None) == above_updated
         trained += above_updated
     assert 0 < trained < 40
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_build_gives_a_float64_model_synthesizers_of_its_precision(conditioned: bool) -> None:
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(20, 16), nn.ReLU()).double(), nn.Linear(16, 3).double()]
+    x, y = torch.randn(32, 20, dtype=torch.float64), torch.randint(0, 3, (32,))
+    dni = DNI.build(stages, x[:2], conditioned=conditioned, num_classes=3)
+    assert all(p.dtype == torch.float64 for i in dni.interfaces for p in i.model.parameters())
+    before = stages[0][0].weight.detach().clone()
+    for _ in range(3):
+        stats = dni.step(x, y, diagnose=True)
+    assert stats["synth_loss"][0] is not None and stats["grad_cosine"][0] is not None
+    assert not torch.equal(before, stages[0][0].weight)
+
+
+class _TupleStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8, batch_first=True)
+
+    def forward(self, h: torch.Tensor) -> tuple:
+        return self.lstm(h)  # (output, (h, c)): not one activation
+
+
+def test_a_stage_that_returns_a_tuple_is_a_config_error_that_says_what_to_keep() -> None:
+    from synthgrad.errors import ConfigError
+
+    stages = [_TupleStage(), nn.Sequential(nn.Flatten(), nn.Linear(40, 3))]
+    x, y = torch.randn(8, 5, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(ConfigError, match="stage 1 returned a tuple.*keep output"):
+        DNI.build(stages, x[:2])
+    from synthgrad.synthesizers import make_synthesizer
+
+    dni = DNI(stages, [BackwardInterface(make_synthesizer((5, 8), 0, None, 0), adam(1e-3))])
+    with pytest.raises(ConfigError, match="stage 1 returned a tuple"):
+        dni.step(x, y)

@@ -194,7 +194,7 @@ class BackwardInterface(Interface):
         ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         factor = self.scale * ramp / prediction.shape[0]
         p = prediction.detach()
-        if self.centers(conditioned):
+        if self.centers(conditioned) and p.shape[0] > 1:  # one example is its own batch mean: keep it
             p = p - p.mean(0, keepdim=True)  # [B, ...] minus its mean over the batch, per feature
         if self.trust:
             return p * (self.trust_factor.to(p.dtype) * factor)

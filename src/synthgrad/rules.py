@@ -29,7 +29,7 @@ from synthgrad.interfaces import (
     optimizer_to,
     set_lr_factor,
 )
-from synthgrad.stage import LossFn, StageRule
+from synthgrad.stage import LossFn, StageRule, check_output
 
 METHODS = ("backprop", "dni", "cdni")
 TARGETS = ("bootstrap", "backprop")
@@ -245,10 +245,14 @@ class DNI(StepRule):
         """
         if unlock not in UNLOCKS:
             raise ConfigError(f"unknown unlock {unlock!r}; choose one of: {', '.join(UNLOCKS)}")
-        shapes = activation_shapes(stages, sample)
+        specs = activation_specs(stages, sample)
+        shapes = [shape for shape, _ in specs]
         make = DefaultInterfaces(conditioned, num_classes, synth_hidden, synth_width, synth_lr, synth_scale,
                                  synth_warmup, synth_rank, synth_every, synth_center)
         interfaces = [make(k, shape) for k, shape in enumerate(shapes[:-1])]
+        for iface, (_, dtype) in zip(interfaces, specs, strict=False):
+            if dtype.is_floating_point:  # a float64 (or bfloat16) model gets synthesizers of its own precision
+                iface.model.to(dtype)
         forward = None
         if unlock == "complete":
             make_input = DefaultForwardInterfaces(conditioned, num_classes, input_hidden, input_width,
@@ -324,12 +328,17 @@ class DNI(StepRule):
 
 def activation_shapes(stages: Sequence[nn.Module], sample: torch.Tensor) -> list[tuple[int, ...]]:
     """The per-example shape of each stage's output, from one forward pass in eval mode."""
-    shapes, h = [], sample
+    return [shape for shape, _ in activation_specs(stages, sample)]
+
+
+def activation_specs(stages: Sequence[nn.Module], sample: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The per-example shape and the dtype of each stage's output, from one forward pass in eval mode."""
+    specs, h = [], sample
     with torch.no_grad():
-        for s in stages:
+        for k, s in enumerate(stages):
             was = s.training
             s.eval()
-            h = s(h)
+            h = check_output(s(h), k)
             s.train(was)
-            shapes.append(tuple(h.shape[1:]))
-    return shapes
+            specs.append((tuple(h.shape[1:]), h.dtype))
+    return specs

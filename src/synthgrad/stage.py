@@ -63,13 +63,13 @@ def stage_step(stage: nn.Module, optimizer: torch.optim.Optimizer, inp: torch.Te
     """
     if not update:
         with torch.no_grad():
-            out = stage(inp)
+            out = check_output(stage(inp), index)
             loss = loss_fn(out, labels) if output_grad is None else None
         if on_output is not None:
             on_output(out)
         return StageResult(out, None, loss, updated=False)
     inp = inp.detach().requires_grad_(input_grad)
-    out = stage(inp)
+    out = check_output(stage(inp), index)
     if on_output is not None:
         on_output(out.detach())
     loss = None
@@ -82,6 +82,16 @@ def stage_step(stage: nn.Module, optimizer: torch.optim.Optimizer, inp: torch.Te
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StageResult(out.detach(), inp.grad if input_grad else None, None if loss is None else loss.detach())
+
+
+def check_output(out: object, index: int) -> torch.Tensor:
+    """`out` if it is one tensor (what an interface can sit on); a ConfigError that says how to fix it if not."""
+    if not isinstance(out, torch.Tensor):
+        kind = type(out).__name__
+        raise ConfigError(f"stage {index + 1} returned a {kind}, not one tensor: a boundary carries a single "
+                          f"activation [B, ...]. Wrap the stage so that it returns the tensor the next stage reads "
+                          f"(an nn.LSTM returns (output, (h, c)): keep output); see sg.cut for a list of layers")
+    return out
 
 
 def check_signature(model: nn.Module, where: str) -> None:
