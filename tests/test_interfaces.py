@@ -218,13 +218,16 @@ def test_default_interface_is_a_centred_linear_synthesizer_starting_at_zero(shap
     from synthgrad.defaults import DEFAULT_SYNTH_LR, default_interface
 
     iface = default_interface(shape, conditioned=True, num_classes=10)
-    assert type(iface.synthesizer).__name__ == kind and iface.centers(conditioned=False) and not iface.trust
+    assert type(iface.synthesizer).__name__ == "ClassifierGradient"  # cDNI: plus a local classifier's gradient
+    base = iface.synthesizer.base
+    assert type(base).__name__ == kind and iface.centers(conditioned=False) and not iface.trust
     assert iface.optimizer.param_groups[0]["lr"] == DEFAULT_SYNTH_LR
-    linear = [m for m in iface.synthesizer.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    linear = [m for m in base.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     # No hidden layer: one linear map (and, for feature maps, the label's per-class bias, a Linear too).
     assert len(linear) == (2 if kind == "ConvSynthesizer" else 1)
     if kind == "TokenSynthesizer":
-        assert iface.synthesizer.positions == shape[0]
+        assert base.positions == shape[0]
+    assert type(default_interface(shape).synthesizer).__name__ == kind  # DNI: no classifier term
     h, ctx = torch.randn(3, *shape), torch.eye(10)[[0, 1, 2]]
     assert torch.count_nonzero(iface.predict(h, ctx)) == 0
     with pytest.raises(ValueError, match="num_classes"):

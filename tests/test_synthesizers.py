@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -111,3 +113,50 @@ def test_token_synthesizer_positions_scale_and_shift_each_position() -> None:
         torch.testing.assert_close(out[:, n], s.token(h[:, n], ctx) * s.gain[n] + s.bias[n])
     with pytest.raises(ValueError, match="built for 4 positions, got 5"):
         s(torch.randn(2, 5, 6), ctx)
+
+
+@pytest.mark.parametrize("shape", [(12,), (3, 4, 4), (5, 6)])
+def test_classifier_gradient_starts_as_its_base(shape: tuple[int, ...]) -> None:
+    from synthgrad.synthesizers import ClassifierGradient
+
+    torch.manual_seed(0)
+    base = make_synthesizer(shape, hidden_layers=0, context_dim=4)
+    torch.nn.init.normal_(next(p for p in base.parameters() if p.dim() > 1))  # a base that predicts something
+    s = ClassifierGradient(base, shape, num_classes=4)
+    h, ctx = torch.randn(6, *shape), torch.eye(4)[[0, 1, 2, 3, 0, 1]]
+    torch.testing.assert_close(s(h, ctx), base(h, ctx))  # U = 0: the term adds nothing yet
+
+
+@pytest.mark.parametrize("shape", [(12,), (3, 4, 4)])
+def test_classifier_gradient_can_be_exactly_a_linear_readouts_input_gradient(shape: tuple[int, ...]) -> None:
+    # Oracle: below a linear softmax readout (W, c), the per-example input gradient is W^T (softmax(W h + c) - y);
+    # with V = W, its bias = c, U = W^T and a zero base the synthesizer predicts exactly that.
+    from synthgrad.synthesizers import ClassifierGradient
+
+    torch.manual_seed(1)
+    readout = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(shape), 5))
+    s = ClassifierGradient(make_synthesizer(shape, hidden_layers=0, context_dim=5), shape, num_classes=5)
+    with torch.no_grad():
+        s.logits.weight.copy_(readout[1].weight)
+        s.logits.bias.copy_(readout[1].bias)
+        s.error_map.weight.copy_(readout[1].weight.T)
+    h, y = torch.randn(7, *shape, requires_grad=True), torch.randint(0, 5, (7,))
+    torch.nn.functional.cross_entropy(readout(h), y, reduction="sum").backward()  # per-example gradients
+    torch.testing.assert_close(s(h.detach(), torch.nn.functional.one_hot(y, 5).float()), h.grad)
+
+
+def test_dni_build_gives_cdni_the_classifier_term_and_lets_it_be_turned_off() -> None:
+    import synthgrad as sg
+    from synthgrad.errors import ConfigError
+    from synthgrad.synthesizers import ClassifierGradient
+
+    stages = [torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU()), torch.nn.Linear(16, 3)]
+    x = torch.randn(2, 20)
+    assert isinstance(sg.DNI.build(stages, x, conditioned=True, num_classes=3).interfaces[0].model, ClassifierGradient)
+    off = sg.DNI.build(stages, x, conditioned=True, num_classes=3, synth_classifier=False)
+    assert not isinstance(off.interfaces[0].model, ClassifierGradient)
+    assert not isinstance(sg.DNI.build(stages, x).interfaces[0].model, ClassifierGradient)  # DNI: off
+    assert isinstance(sg.DNI.build(stages, x, num_classes=3, synth_classifier=True).interfaces[0].model,
+                      ClassifierGradient)
+    with pytest.raises(ConfigError, match="num_classes"):
+        sg.DNI.build(stages, x, synth_classifier=True)

@@ -11,7 +11,8 @@ The public API, enough to decouple any model given as a list of stages::
     result = pipe.fit((x, y), epochs=2, batch_size=128)                # .network, .metrics
 
 Pieces: synthesizers (`VectorSynthesizer`, `ConvSynthesizer`, `TokenSynthesizer`, `LowRankSynthesizer`,
-`InputSynthesizer`, or any module called as synth(h, context)), interfaces (`BackwardInterface`,
+`InputSynthesizer`, `ClassifierGradient` around any of them, or any module called as synth(h, context)),
+interfaces (`BackwardInterface`,
 `ForwardInterface`; `default_interface(shape)` builds the zoo's candidate default), optimizer
 factories (`adam`, `sgd`), schedules (`cosine_schedule`), the per-stage rule (`StageRule`,
 `stage_step`), rules (`Backprop`, `DNI`; `DGL` with `AuxiliaryClassifier`s as a baseline),
@@ -44,6 +45,7 @@ from synthgrad.rules import DNI, Backprop, StepRule  # noqa: E402
 from synthgrad.schedules import cosine_schedule  # noqa: E402
 from synthgrad.stage import StageRule, stage_step  # noqa: E402
 from synthgrad.synthesizers import (  # noqa: E402
+    ClassifierGradient,
     ConvSynthesizer,
     InputSynthesizer,
     LowRankSynthesizer,
@@ -58,6 +60,7 @@ __all__ = [
     "AuxiliaryClassifier",
     "BackwardInterface",
     "Backprop",
+    "ClassifierGradient",
     "ConvSynthesizer",
     "Dataset",
     "DefaultForwardInterfaces",

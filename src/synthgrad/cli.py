@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the stages apply the synthetic gradient minus its mean over the batch, which a "
                         "synthesizer learns first and a true gradient barely has; default on for cdni, off for "
                         "dni")
+    s.add_argument("--synth-classifier", action=argparse.BooleanOptionalAction, default=None,
+                   help="each synthesizer also carries a local classifier's input gradient, U (softmax(V h) - y), "
+                        "learned like the rest of it; default on for cdni in one process, off for dni and "
+                        "--stages")
     s.add_argument("--synth-scale", type=_float(0, 100, lo_open=True), default=None,
                    help="multiply the synthetic gradient the stage applies; default 1 (through time, --task: 0.1, "
                         "charlm dni 0.3)")
@@ -209,7 +213,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
         synth_hidden=a.synth_hidden, synth_width=a.synth_width,
         synth_scale=1.0 if a.synth_scale is None else a.synth_scale, synth_rank=a.synth_rank,
-        synth_every=a.synth_every, synth_center=a.synth_center,
+        synth_every=a.synth_every, synth_center=a.synth_center, synth_classifier=a.synth_classifier,
         synth_warmup=0 if a.synth_warmup is None else a.synth_warmup, schedule=a.schedule, preset=a.preset,
         unlock=a.unlock,
         input_hidden=a.input_hidden,

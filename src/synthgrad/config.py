@@ -10,7 +10,7 @@ from typing import Self
 import torch
 
 from synthgrad import data, models
-from synthgrad.defaults import CDNI_SYNTH_LR, DNI_SYNTH_LR, PIPELINE_CDNI_RANK, PIPELINE_STAGE_LR
+from synthgrad.defaults import CDNI_CLASSIFIER, CDNI_SYNTH_LR, DNI_SYNTH_LR, PIPELINE_CDNI_RANK, PIPELINE_STAGE_LR
 from synthgrad.errors import ConfigError, require
 from synthgrad.interfaces import CDNI_CENTER, OPTIMIZERS
 from synthgrad.presets import preset_values
@@ -29,7 +29,8 @@ METHOD_DEFAULTS = {
     # A linear synthesizer, as in the paper, trained 10x faster than the paper's rate so that it keeps up with
     # the stage below, and the synthetic gradient centred over the batch: robust on the zoo of user-like models
     # and as good or better on the paper's (issue 17; benchmarks/results/zoo-notes.md, reproduction.md).
-    "cdni": {"synth_lr": CDNI_SYNTH_LR, "synth_hidden": 0, "synth_center": CDNI_CENTER},
+    "cdni": {"synth_lr": CDNI_SYNTH_LR, "synth_hidden": 0, "synth_center": CDNI_CENTER,
+             "synth_classifier": CDNI_CLASSIFIER},  # and a local classifier's gradient term (defaults.py)
 }
 # The classifier's methods: the rules of synthgrad.rules, and two decoupling baselines: delayed true gradients
 # (ddg, pipeline only) and decoupled greedy learning with auxiliary classifiers (dgl; synth_lr is theirs).
@@ -40,10 +41,12 @@ METHOD_DEFAULTS["dgl"] = {"synth_lr": 1e-3}
 # sg.Pipeline's too).
 # --synth-rank 0 asks for the full linear synthesizer.
 PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "lr": PIPELINE_STAGE_LR, "synth_lr": CDNI_SYNTH_LR,
-                              "synth_center": CDNI_CENTER}}  # (the last two also for models whose own differ)
+                              "synth_center": CDNI_CENTER,  # (these two also for models whose own differ)
+                              "synth_classifier": False}}  # its timings were measured without the term
 # A resumed run keeps what it was started with: a field its config.json lacks (written before the field
 # existed) takes the value every run had then, not today's default.
-ABSENT_IN_OLD_CONFIGS = {"synth_center": False}  # before 2026-11-30 no stage centred its synthetic gradient
+# Before 2026-11-30 no stage centred its synthetic gradient; before 2026-12-01 no synthesizer had a classifier term.
+ABSENT_IN_OLD_CONFIGS = {"synth_center": False, "synth_classifier": False}
 SGD_LR = 0.01  # the stage learning rate with --optimizer sgd (Nesterov momentum 0.9), for every method
 
 
@@ -133,6 +136,7 @@ class TrainConfig(CommonConfig):
     synth_rank: int | None = None  # low-rank linear synthesizers of this rank (vector activations), label embedded
     synth_every: int = 1  # each synthesizer regresses onto every this-many-th target
     synth_center: bool | None = None  # stages apply the synthetic gradient minus its batch mean; None: default
+    synth_classifier: bool | None = None  # synthesizers carry a local classifier's gradient term; None: default
     update_prob: float = 1.0
     unlock: str = "update"  # update: synthetic gradients; complete: also synthetic inputs (forward interfaces)
     input_hidden: int = 1  # hidden layers of each input synthesizer (complete unlock)
@@ -162,7 +166,7 @@ class TrainConfig(CommonConfig):
             PIPELINE_DEFAULTS.get(self.method, {}) if out.stages is not None else {},  # the pipeline's own
             spec.method_defaults.get(self.method, {}),  # where this model differs
             METHOD_DEFAULTS[self.method],
-            {"synth_center": False},
+            {"synth_center": False, "synth_classifier": False},
             {key: spec.defaults[key] for key in ("epochs", "batch_size", "lr", "width")},
         ]
         for layer in layers:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from synthgrad.errors import ConfigError
 from synthgrad.interfaces import BackwardInterface, ForwardInterface, adam
-from synthgrad.synthesizers import InputSynthesizer, LowRankSynthesizer, make_synthesizer
+from synthgrad.synthesizers import ClassifierGradient, InputSynthesizer, LowRankSynthesizer, make_synthesizer
 
 # The synthesizers' defaults, single process and pipeline alike. DNI keeps the paper's rate. cDNI's linear
 # synthesizer learns 10x faster than the paper's 1e-4 so that it keeps up with the stage below (a synthesizer
@@ -26,6 +27,11 @@ from synthgrad.synthesizers import InputSynthesizer, LowRankSynthesizer, make_sy
 # (interfaces.CDNI_CENTER).
 DNI_SYNTH_LR = 1e-4
 CDNI_SYNTH_LR = 1e-3
+# cDNI's synthesizers also carry a local classifier's input gradient, U^T (softmax(V h) - y)
+# (synthesizers.ClassifierGradient): on the zoo with 4 stages it took cDNI from 1.3 to 3.4 points below
+# backprop to ... (benchmarks/results/zoo-notes.md, section 5). Single process only: the pipeline keeps the
+# synthesizers its timings were measured with (PIPELINE_CDNI_RANK, no classifier term).
+CDNI_CLASSIFIER = True
 
 # What a pipeline changes (sg.Pipeline and `synthgrad train --stages`). Its synthesizers must cost a fraction
 # of their stage: rank 64 with the label embedded was the fastest to 97% and 98% on fcn-6 width 1024
@@ -49,6 +55,8 @@ class DefaultInterfaces:
         update_every, center: see BackwardInterface.
     rank: a low-rank linear synthesizer of this rank (LowRankSynthesizer, the label embedded) for vector
         activations, instead of the `hidden`-layer one; None: no.
+    classifier: add a local classifier's input gradient to each synthesizer (ClassifierGradient; needs
+        num_classes); None: CDNI_CLASSIFIER for cDNI, off for DNI.
     """
 
     conditioned: bool = False
@@ -61,6 +69,7 @@ class DefaultInterfaces:
     rank: int | None = None
     update_every: int = 1
     center: bool | None = None
+    classifier: bool | None = None
 
     def __call__(self, k: int, shape: tuple[int, ...]) -> BackwardInterface:
         hidden = self.hidden if self.hidden is not None else (0 if self.conditioned else 2)
@@ -69,6 +78,10 @@ class DefaultInterfaces:
             synth: nn.Module = LowRankSynthesizer(math.prod(shape), self.rank, context)
         else:
             synth = make_synthesizer(shape, hidden, self.width, context)
+        if self.classifier if self.classifier is not None else (CDNI_CLASSIFIER and self.conditioned):
+            if not self.num_classes:
+                raise ConfigError("a synthesizer with a classifier term needs num_classes (the classifier's outputs)")
+            synth = ClassifierGradient(synth, shape, self.num_classes)
         lr = self.lr if self.lr is not None else (CDNI_SYNTH_LR if self.conditioned else DNI_SYNTH_LR)
         return BackwardInterface(synth, adam(lr), self.scale, self.warmup_steps, update_every=self.update_every,
                                  center=self.center)
@@ -77,7 +90,7 @@ class DefaultInterfaces:
 def pipeline_interfaces(method: str, num_classes: int | None) -> DefaultInterfaces:
     """A pipeline's default interfaces for `method` (dni or cdni): for cDNI of rank PIPELINE_CDNI_RANK."""
     if method == "cdni":
-        return DefaultInterfaces(True, num_classes, rank=PIPELINE_CDNI_RANK)
+        return DefaultInterfaces(True, num_classes, rank=PIPELINE_CDNI_RANK, classifier=False)
     return DefaultInterfaces()
 
 
@@ -88,12 +101,14 @@ DEFAULT_SYNTH_LR = CDNI_SYNTH_LR
 def default_interface(activation_shape: tuple[int, ...], conditioned: bool = False, num_classes: int | None = None,
                       synth_lr: float = DEFAULT_SYNTH_LR) -> BackwardInterface:
     """A cheap, robust backward interface for a boundary activation of per-example shape `activation_shape`:
-    for cDNI what `DNI.build` puts there by default; for DNI the same linear, centred synthesizer.
+    for cDNI what `DNI.build` puts there by default; for DNI the same linear, centred synthesizer (without
+    the classifier term, which needs num_classes: DefaultInterfaces(classifier=True) gives it).
 
     A linear synthesizer fitted to the shape (`make_synthesizer` with no hidden layer: a Linear on [D],
     a 5x5 convolution on [C, H, W], a Linear shared by the N positions of [N, D] with a gain and bias per
     position), seeing the one-hot label too when `conditioned` (cDNI); Adam at `synth_lr`; the applied
-    synthetic gradient centred over the batch (`center=True`).
+    synthetic gradient centred over the batch (`center=True`); for cDNI plus a local classifier's input
+    gradient (ClassifierGradient).
     """
     if conditioned and not num_classes:
         raise ValueError("a conditioned (cDNI) interface needs num_classes for the one-hot context")

@@ -101,7 +101,8 @@ REGISTRY: dict[str, ModelSpec] = {
     # about as much), so this default serves the cnn row of the README.
     "cnn": ModelSpec("cnn", "original CNN: 2x conv5x5 (16, 32) + BN + ReLU + pool, linear", _cnn,
                      {**_COMMON, "lr": 1e-3, "width": 16},
-                     {"dni": {"synth_hidden": 0, "lr": 1e-3}, "cdni": {"synth_lr": 1e-4, "synth_center": False}}),
+                     {"dni": {"synth_hidden": 0, "lr": 1e-3},
+                      "cdni": {"synth_lr": 1e-4, "synth_center": False, "synth_classifier": False}}),
     "cnn-deep": ModelSpec("cnn-deep", "paper-style CNN: 3x conv5x5(64) + BN + ReLU, linear",
                           _cnn_deep, {**_COMMON, "lr": 1e-3, "width": 64}),
     "cifar-cnn": ModelSpec("cifar-cnn", "paper CIFAR-10 CNN: 3x conv5x5(128) + BN + ReLU + maxpool 3x3/2, linear",

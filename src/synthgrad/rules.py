@@ -227,8 +227,8 @@ class DNI(StepRule):
               num_classes: int | None = None, lr: float = 1e-3, synth_lr: float | None = None,
               synth_hidden: int | None = None, synth_width: int | None = None,
               synth_scale: float = 1.0, synth_warmup: int = 0, synth_rank: int | None = None,
-              synth_every: int = 1, synth_center: bool | None = None, unlock: str = "update", input_hidden: int = 1,
-              input_width: int = 1024,
+              synth_every: int = 1, synth_center: bool | None = None, synth_classifier: bool | None = None,
+              unlock: str = "update", input_hidden: int = 1, input_width: int = 1024,
               **kwargs) -> DNI:
         """DNI over `stages` with a default synthesizer at every boundary.
 
@@ -239,6 +239,8 @@ class DNI(StepRule):
         synth_every: each synthesizer regresses onto every this-many-th target only.
         synth_center: the stages apply the synthetic gradient minus its batch mean (BackwardInterface);
             default on for cDNI, off for DNI.
+        synth_classifier: each synthesizer also carries a local classifier's input gradient
+            (ClassifierGradient); default on for cDNI, off for DNI.
         unlock: "update" (synthetic gradients) or "complete" (also synthetic inputs, with
             input synthesizers of `input_hidden` layers of `input_width`, trained at synth_lr, default 1e-4).
         kwargs: passed on to DNI (optimizer, target, update_prob, seed, loss_fn, schedule).
@@ -248,7 +250,7 @@ class DNI(StepRule):
         specs = activation_specs(stages, sample)
         shapes = [shape for shape, _ in specs]
         make = DefaultInterfaces(conditioned, num_classes, synth_hidden, synth_width, synth_lr, synth_scale,
-                                 synth_warmup, synth_rank, synth_every, synth_center)
+                                 synth_warmup, synth_rank, synth_every, synth_center, synth_classifier)
         interfaces = [make(k, shape) for k, shape in enumerate(shapes[:-1])]
         for iface, (_, dtype) in zip(interfaces, specs, strict=False):
             if dtype.is_floating_point:  # a float64 (or bfloat16) model gets synthesizers of its own precision

@@ -8,6 +8,8 @@ predicts a zero gradient (the paper's initialisation).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -143,6 +145,34 @@ class TokenSynthesizer(nn.Module):
                 raise ValueError(f"this synthesizer was built for {self.positions} positions, got {n}")
             out = out * self.gain + self.bias  # [B, N, D] * [N, D] + [N, D]
         return out
+
+
+class ClassifierGradient(nn.Module):
+    """A synthesizer plus the input gradient of a local linear classifier: base(h, y) + U^T (softmax(V h) - y).
+
+    Below a linear softmax readout the true gradient is exactly W^T (softmax(W h + c) - y): nonlinear in h,
+    and with the label inside the softmax's error, which a synthesizer linear in h and y cannot represent.
+    Lower down it is that error carried back through the stages above, so the same form still fits much of
+    it. V [K, D] and U [D, K] (D = prod of the activation's shape, K classes) are learned by the interface's
+    regression, like every synthesizer parameter: no label reaches the stage any other way. They cost
+    2 D K multiply-adds per example, little beside a linear synthesizer's D^2 (benchmarks/results/zoo-notes.md
+    measures what the term gains). U starts at zero, so a fresh synthesizer predicts what `base` predicts.
+    Without a context (DNI) the term is U^T softmax(V h). The activation must keep its shape (a fixed number
+    of positions for tokens).
+    """
+
+    def __init__(self, base: nn.Module, activation_shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        dim = math.prod(activation_shape)
+        self.base, self.num_classes = base, num_classes
+        self.logits = nn.Linear(dim, num_classes)  # V (and the classifier's bias), random
+        self.error_map = _zero_(nn.Linear(num_classes, dim, bias=False))  # U, zero
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        error = torch.softmax(self.logits(h.flatten(1)), dim=1)  # [B, K]
+        if context is not None:
+            error = error - context.to(error.dtype)  # softmax(V h) - y, the local classifier's error
+        return self.base(h, context) + self.error_map(error).view_as(h)  # [B, ...] + [B, D] viewed as h
 
 
 class InputSynthesizer(nn.Module):
