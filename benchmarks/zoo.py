@@ -97,6 +97,9 @@ TOKENS = {
     "center": "BackwardInterface(center=True): the applied synthetic gradient minus its mean over the batch "
               "(per feature); the synthesizer still regresses onto the whole target",
     "decay<x>": "trust_decay x (default 0.99)",
+    "cls": "sg.ClassifierGradient around the synthesizer: plus U (softmax(V h) - y), a local classifier's input "
+           "gradient (U from 0); cDNI's default since 2026-12-01",
+    "clsonly": "only the classifier term and a learned bias, U (softmax(V h) - y) + b: no linear map of h",
 }
 
 
@@ -104,11 +107,12 @@ def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
                   "lrcos": False, "chain": False, "hold": 0, "center": False, "norm": False, "hid1": False,
-                  "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
+                  "cls": False, "clsonly": False, "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
     if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
-        if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm", "hid1"):
+        if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm", "hid1", "cls",
+                   "clsonly"):
             opts[tok] = True
         elif tok in ("sgd", "sgdlow"):
             opts["opt"] = tok
@@ -125,6 +129,17 @@ def parse_variant(name: str) -> dict:
         else:
             raise ValueError(f"unknown variant token {tok!r}; tokens: {', '.join(TOKENS)}")
     return opts
+
+
+class LearnedBias(nn.Module):
+    """A synthesizer that predicts one learned vector, the same for every example (clsonly's base)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bias.expand_as(h)
 
 
 class NormalizedInput(nn.Module):
@@ -155,6 +170,8 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
             synth = sg.TokenSynthesizer(shape[1], hidden, width or 256, ctx, positions=shape[0])
         else:
             synth = sg.make_synthesizer(shape, hidden, width, ctx)
+        if o["cls"] or o["clsonly"]:
+            synth = sg.ClassifierGradient(LearnedBias(shape) if o["clsonly"] else synth, shape, num_classes)
         return NormalizedInput(synth) if o["norm"] else synth
 
     interfaces = [sg.BackwardInterface(synthesizer(shape), sg.adam(o["synth_lr"]), trust=o["trust"],
