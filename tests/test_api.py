@@ -38,7 +38,8 @@ def test_the_readme_path_with_a_custom_synthesizer_cdni_a_schedule_and_sgd_stage
     x, y = _data()
     stages = sg.cut(model, 3, sample=x[:2], balance="count")
     widths = [64, 64]
-    interfaces = [sg.BackwardInterface(MySynthesizer(w, 3), sg.adam(1e-3)) for w in widths]
+    synths = [MySynthesizer(w, 3) for w in widths]
+    interfaces = [sg.BackwardInterface(s, sg.adam(1e-3)) for s in synths]
     steps = 8 * (len(x) // 64)
     dni = sg.DNI(stages, interfaces, conditioned=True, num_classes=3, optimizer=sg.sgd(0.05),
                  schedule=sg.cosine_schedule(steps))
@@ -48,7 +49,10 @@ def test_the_readme_path_with_a_custom_synthesizer_cdni_a_schedule_and_sgd_stage
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
         for i in range(0, len(x) - 63, 64):
             stats = dni.step(x[order[i:i + 64]], y[order[i:i + 64]])
-    assert all(i.synthesizer.saw_context for i in interfaces)
+    assert all(s.saw_context for s in synths)
+    # cDNI's classifier term was added around each custom synthesizer, as around the library's.
+    assert all(isinstance(i.synthesizer, sg.ClassifierGradient) and i.synthesizer.base is s
+               for i, s in zip(interfaces, synths, strict=True))
     assert all(v is not None for v in stats["synth_loss"])
     assert dni.optimizers[0].param_groups[0]["lr"] < 1e-3  # the cosine schedule ran its course
     after = dni.network()(x).argmax(1).eq(y).float().mean().item()

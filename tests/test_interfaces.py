@@ -299,3 +299,70 @@ def test_a_custom_cdni_synthesizer_that_predicts_only_a_batch_mean_leaves_its_st
     torch.testing.assert_close(stages[0].weight.detach(), before)  # centred to zero: nothing applied
     sg.DNI(stages, [BackwardInterface(_Constant(5), sg.sgd(0.1))], optimizer=sg.sgd(0.1)).step(x, y)
     assert not torch.allclose(stages[0].weight.detach(), before)  # DNI applies it
+
+
+def _labels(b: int, k: int = 4) -> torch.Tensor:
+    return torch.eye(k)[torch.arange(b) % k]  # one-hot [B, K]
+
+
+def test_a_custom_cdni_synthesizer_gets_the_classifier_term_at_its_first_prediction() -> None:
+    from synthgrad import ClassifierGradient
+
+    torch.manual_seed(0)
+    mine = VectorSynthesizer(6, hidden_layers=0, context_dim=4)
+    iface = BackwardInterface(mine, adam(1e-3))
+    h = torch.randn(8, 6)
+    rng = torch.get_rng_state()
+    p = iface.predict(h, _labels(8))
+    assert isinstance(iface.synthesizer, ClassifierGradient) and iface.synthesizer.base is mine
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream did not move
+    torch.testing.assert_close(p, mine(h, _labels(8)))  # U starts at zero: the custom prediction, unchanged
+    groups = iface.optimizer.param_groups
+    assert len(groups) == 2 and groups[1]["lr"] == groups[0]["lr"] == 1e-3
+    for _ in range(3):  # the term learns, through the interface's own regression
+        iface.update(iface.predict(h, _labels(8)), torch.randn(8, 6) / 8)
+    assert iface.synthesizer.error_map.weight.abs().sum() > 0
+    # The same V wherever the term is added (a pipeline's stage process and DNI.step agree).
+    first, second = (BackwardInterface(VectorSynthesizer(6, hidden_layers=0, context_dim=4), adam(1e-3))
+                     for _ in range(2))
+    torch.randn(5)  # a different global random state
+    first.predict(h, _labels(8))
+    torch.randn(5)
+    second.predict(h, _labels(8))
+    assert torch.equal(first.synthesizer.logits.weight, second.synthesizer.logits.weight)
+
+
+def test_classifier_false_or_dni_leaves_a_custom_synthesizer_alone() -> None:
+    from synthgrad.errors import ConfigError
+
+    mine = VectorSynthesizer(6, hidden_layers=0, context_dim=4)
+    off = BackwardInterface(mine, adam(1e-3), classifier=False)
+    off.predict(torch.randn(8, 6), _labels(8))
+    assert off.synthesizer is mine and len(off.optimizer.param_groups) == 1
+    dni = BackwardInterface(VectorSynthesizer(6, hidden_layers=0), adam(1e-3))
+    dni.predict(torch.randn(8, 6))
+    assert isinstance(dni.synthesizer, VectorSynthesizer)
+    forced = BackwardInterface(VectorSynthesizer(6, hidden_layers=0), adam(1e-3), classifier=True)
+    with pytest.raises(ConfigError, match="ClassifierGradient"):
+        forced.predict(torch.randn(8, 6))
+
+
+def test_a_checkpoint_with_the_classifier_term_loads_into_a_fresh_interface() -> None:
+    torch.manual_seed(0)
+    h = torch.randn(8, 6)
+    iface = BackwardInterface(VectorSynthesizer(6, hidden_layers=0, context_dim=4), adam(1e-3))
+    for _ in range(3):
+        iface.update(iface.predict(h, _labels(8)), torch.randn(8, 6) / 8)
+    state = iface.state_dict()
+    fresh = BackwardInterface(VectorSynthesizer(6, hidden_layers=0, context_dim=4), adam(1e-3))
+    fresh.load_state_dict(state)  # before any prediction: the term is added from the checkpoint's shapes
+    torch.testing.assert_close(fresh.predict(h, _labels(8)), iface.predict(h, _labels(8)))
+    assert fresh.optimizer.state_dict()["state"].keys() == iface.optimizer.state_dict()["state"].keys()
+
+
+def test_the_classifier_term_refuses_an_activation_of_another_size_and_says_what_to_do() -> None:
+    from synthgrad import ClassifierGradient
+
+    s = ClassifierGradient(VectorSynthesizer(6, hidden_layers=0, context_dim=4), (6,), 4)
+    with pytest.raises(ValueError, match="classifier=False"):
+        s(torch.randn(8, 7), _labels(8))

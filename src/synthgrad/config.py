@@ -10,9 +10,9 @@ from typing import Self
 import torch
 
 from synthgrad import data, models
-from synthgrad.defaults import CDNI_CLASSIFIER, CDNI_SYNTH_LR, DNI_SYNTH_LR, PIPELINE_CDNI_RANK, PIPELINE_STAGE_LR
+from synthgrad.defaults import CDNI_SYNTH_LR, DNI_SYNTH_LR, PIPELINE_CDNI_RANK, PIPELINE_STAGE_LR
 from synthgrad.errors import ConfigError, require
-from synthgrad.interfaces import CDNI_CENTER, OPTIMIZERS
+from synthgrad.interfaces import CDNI_CENTER, CDNI_CLASSIFIER, OPTIMIZERS
 from synthgrad.presets import preset_values
 from synthgrad.rules import TARGETS, UNLOCKS
 from synthgrad.schedules import lr_factor

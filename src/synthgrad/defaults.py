@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from synthgrad.errors import ConfigError
-from synthgrad.interfaces import BackwardInterface, ForwardInterface, adam
+from synthgrad.interfaces import BackwardInterface, ForwardInterface, adam, classifier_on
 from synthgrad.synthesizers import ClassifierGradient, InputSynthesizer, LowRankSynthesizer, make_synthesizer
 
 # The synthesizers' defaults, single process and pipeline alike. DNI keeps the paper's rate. cDNI's linear
@@ -27,11 +27,9 @@ from synthgrad.synthesizers import ClassifierGradient, InputSynthesizer, LowRank
 # (interfaces.CDNI_CENTER).
 DNI_SYNTH_LR = 1e-4
 CDNI_SYNTH_LR = 1e-3
-# cDNI's synthesizers also carry a local classifier's input gradient, U^T (softmax(V h) - y)
-# (synthesizers.ClassifierGradient): on the zoo with 4 stages it took cDNI from 1.3 to 3.4 points below
-# backprop to ... (benchmarks/results/zoo-notes.md, section 5). Single process only: the pipeline keeps the
-# synthesizers its timings were measured with (PIPELINE_CDNI_RANK, no classifier term).
-CDNI_CLASSIFIER = True
+# cDNI's synthesizers also carry a local classifier's input gradient (interfaces.CDNI_CLASSIFIER). Single
+# process only: the pipeline keeps the synthesizers its timings were measured with (PIPELINE_CDNI_RANK, no
+# classifier term).
 
 # What a pipeline changes (sg.Pipeline and `synthgrad train --stages`). Its synthesizers must cost a fraction
 # of their stage: rank 64 with the label embedded was the fastest to 97% and 98% on fcn-6 width 1024
@@ -78,13 +76,13 @@ class DefaultInterfaces:
             synth: nn.Module = LowRankSynthesizer(math.prod(shape), self.rank, context)
         else:
             synth = make_synthesizer(shape, hidden, self.width, context)
-        if self.classifier if self.classifier is not None else (CDNI_CLASSIFIER and self.conditioned):
+        if classifier_on(self.classifier, self.conditioned):  # built here, where the shape is known
             if not self.num_classes:
                 raise ConfigError("a synthesizer with a classifier term needs num_classes (the classifier's outputs)")
             synth = ClassifierGradient(synth, shape, self.num_classes)
         lr = self.lr if self.lr is not None else (CDNI_SYNTH_LR if self.conditioned else DNI_SYNTH_LR)
         return BackwardInterface(synth, adam(lr), self.scale, self.warmup_steps, update_every=self.update_every,
-                                 center=self.center)
+                                 center=self.center, classifier=self.classifier)
 
 
 def pipeline_interfaces(method: str, num_classes: int | None) -> DefaultInterfaces:

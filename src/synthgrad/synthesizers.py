@@ -169,6 +169,10 @@ class ClassifierGradient(nn.Module):
         self.error_map = _zero_(nn.Linear(num_classes, dim, bias=False))  # U, zero
 
     def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if h[0].numel() != self.error_map.out_features:
+            raise ValueError(f"this classifier term was built for activations of {self.error_map.out_features} "
+                             f"values per example, got {list(h.shape[1:])}: activations whose size varies "
+                             "(sequences of any length) need classifier=False (--no-synth-classifier)")
         error = torch.softmax(self.logits(h.flatten(1)), dim=1)  # [B, K]
         if context is not None:
             error = error - context.to(error.dtype)  # softmax(V h) - y, the local classifier's error
