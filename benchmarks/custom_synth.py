@@ -1,4 +1,4 @@
-"""A user's model and a user's synthesizer, through the public API only: does cDNI's default centring reach it?
+"""A user's model and a user's synthesizer, through the public API only: do cDNI's defaults reach it?
 
 The model is written here (a tanh MLP with dropout, no normalisation: like nothing in the zoo or the
 paper's tables), cut with `sg.cut`, and every interface holds a synthesizer defined here, not the library's:
@@ -6,8 +6,10 @@ a Linear on [h, one-hot label], zero-initialised, as the README shows. Each vari
 MNIST (`sg.load_dataset`) from the same initialisation and prints its test accuracy:
 
 - backprop;
-- cDNI with `sg.BackwardInterface(synth, sg.adam(1e-3))`: centre left to the default (on for cDNI);
-- the same with `center=False` (the behaviour before 2026-11-30).
+- cDNI with `sg.BackwardInterface(synth, sg.adam(1e-3))`: centring and the classifier term left to the
+  defaults (both on for cDNI);
+- the same with `classifier=False` (the behaviour from 2026-11-30 to 2026-12-01);
+- the same with `center=False, classifier=False` (the behaviour before 2026-11-30).
 
     python benchmarks/custom_synth.py --stages 4 --epochs 3     # writes benchmarks/results/custom-synth.md
 """
@@ -49,6 +51,11 @@ def model(num_classes: int, width: int = 256) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
+# cDNI variant -> (center, classifier) given to BackwardInterface; None leaves it to the default.
+VARIANTS = {"cdni, the defaults": (None, None), "cdni, classifier=False": (None, False),
+            "cdni, center=False, classifier=False": (False, False)}
+
+
 def train(variant: str, ds: sg.Dataset, stages_n: int, epochs: int, seed: int) -> float:
     torch.manual_seed(seed)
     stages = sg.cut(model(ds.num_classes), stages_n, sample=ds.train_x[:2], balance="count")
@@ -56,9 +63,9 @@ def train(variant: str, ds: sg.Dataset, stages_n: int, epochs: int, seed: int) -
     if variant == "backprop":
         rule: sg.StepRule = sg.Backprop(stages, schedule=sg.cosine_schedule(steps))
     else:
-        center = None if variant == "cdni, center left to the default" else False
-        interfaces = [sg.BackwardInterface(MySynthesizer(256, ds.num_classes), sg.adam(1e-3), center=center)
-                      for _ in range(stages_n - 1)]
+        center, classifier = VARIANTS[variant]
+        interfaces = [sg.BackwardInterface(MySynthesizer(256, ds.num_classes), sg.adam(1e-3), center=center,
+                                           classifier=classifier) for _ in range(stages_n - 1)]
         rule = sg.DNI(stages, interfaces, conditioned=True, num_classes=ds.num_classes,
                       schedule=sg.cosine_schedule(steps))
     g = torch.Generator().manual_seed(seed)
@@ -82,7 +89,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     ds = sg.load_dataset("mnist")
-    variants = ["backprop", "cdni, center left to the default", "cdni, center=False"]
+    variants = ["backprop", *VARIANTS]
     rows = []
     for v in variants:
         accs = [train(v, ds, a.stages, a.epochs, s) for s in a.seeds]
