@@ -27,6 +27,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from synthgrad.idx import DATASETS
+from synthgrad.models import get_spec
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = (0.97, 0.98)
@@ -131,10 +134,12 @@ def main() -> None:
         methods[name] = shlex.split(flags)
 
     def eval_every(flags: list[str] | None) -> int:
-        """Steps between evaluations for a method's flags: --evals-per-epoch per epoch at its batch size."""
+        """Steps between evaluations for a method's flags: --evals-per-epoch per epoch at its batch size (the
+        flag's, else the model's default) over MNIST's training set, which every run here trains on."""
         flags = flags or []
-        batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 128
-        return max(1, (60000 // batch) // a.evals_per_epoch)
+        batch = (int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags
+                 else get_spec(a.model).defaults["batch_size"])
+        return max(1, (DATASETS["mnist"].counts["train"] // batch) // a.evals_per_epoch)
 
     runs: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in methods}
     t_start = time.perf_counter()
