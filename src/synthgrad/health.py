@@ -71,7 +71,8 @@ class Health:
                     f"step {step}: the synthesizer above stage {k + 1} has been no better than nothing for the "
                     f"last {self.window} samples (its prediction lies farther from the true gradient than zero: "
                     f"median relative error {statistics.median(errors):.2f}). Its stage learns little or drifts. "
-                    "Try cDNI (conditioned=True: the label makes the gradient predictable), a faster synthesizer "
+                    "Try cDNI (conditioned=True: the label makes the gradient predictable; its synthesizers also "
+                    "get a local classifier's gradient term unless classifier=False), a faster synthesizer "
                     "(synth_lr=1e-3, cDNI's default, so that it keeps up with its stage), SGD stages "
                     "(optimizer=sg.sgd(...)), a lower stage learning rate, or fewer stages"))
         for k, d in enumerate(drift):
