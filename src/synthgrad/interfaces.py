@@ -34,8 +34,8 @@ from synthgrad.synthesizers import ClassifierGradient
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 
 # What a backward interface with center=None does when its synthesizer is given a context (cDNI): centre the
-# applied synthetic gradient over the batch. The one place this default is decided (defaults.CDNI_CENTER
-# names it for configs): a custom cDNI synthesizer gets what the library's gets. Why, in BackwardInterface.
+# applied synthetic gradient over the batch. The one place this default is decided (config.py reads it for
+# the CLI's defaults): a custom cDNI synthesizer gets what the library's gets. Why, in BackwardInterface.
 CDNI_CENTER = True
 # Likewise whether a cDNI synthesizer carries a local classifier's input gradient (synthesizers.ClassifierGradient):
 # over the zoo and the held-out models cut into 2 and 4 stages it took cDNI's mean gap to backprop after 3 epochs
