@@ -366,3 +366,23 @@ def test_the_classifier_term_refuses_an_activation_of_another_size_and_says_what
     s = ClassifierGradient(VectorSynthesizer(6, hidden_layers=0, context_dim=4), (6,), 4)
     with pytest.raises(ValueError, match="classifier=False"):
         s(torch.randn(8, 7), _labels(8))
+
+
+@pytest.mark.parametrize("model,stages,expected", [
+    ("resmlp", None, True), ("vit-mini", None, True), ("cnn-deep", None, True),  # the library's default
+    ("mlp", None, False), ("fcn-3", None, False), ("fcn-6", None, False), ("cnn", None, False),  # the README's rows
+    ("resmlp", 2, False),  # the pipeline: its timings were measured without the term
+])
+def test_the_classifier_term_reaches_the_command_line_where_it_is_the_default(model: str, stages: int | None,
+                                                                              expected: bool) -> None:
+    from synthgrad import ClassifierGradient
+    from synthgrad.config import TrainConfig
+    from synthgrad.trainer import build_rule
+
+    cfg = TrainConfig(model=model, method="cdni", stages=stages).resolve()
+    assert cfg.synth_classifier is expected
+    assert TrainConfig(model=model, method="dni", stages=stages).resolve().synth_classifier is False
+    if stages is None and model in ("resmlp", "mlp"):
+        rule = build_rule(cfg, (1, 28, 28), 10)
+        assert all(isinstance(i.synthesizer, ClassifierGradient) is expected for i in rule.interfaces)
+        assert all(i.classifier is expected for i in rule.interfaces)  # nothing is added later either
