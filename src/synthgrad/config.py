@@ -10,7 +10,13 @@ from typing import Self
 import torch
 
 from synthgrad import data, models
-from synthgrad.defaults import CDNI_SYNTH_LR, DNI_SYNTH_LR, PIPELINE_CDNI_RANK, PIPELINE_STAGE_LR
+from synthgrad.defaults import (
+    CDNI_SYNTH_LR,
+    DNI_SYNTH_LR,
+    PIPELINE_CDNI_CLASSIFIER,
+    PIPELINE_CDNI_RANK,
+    PIPELINE_STAGE_LR,
+)
 from synthgrad.errors import ConfigError, require
 from synthgrad.interfaces import CDNI_CENTER, CDNI_CLASSIFIER, OPTIMIZERS
 from synthgrad.presets import preset_values
@@ -30,7 +36,7 @@ METHOD_DEFAULTS = {
     # the stage below, and the synthetic gradient centred over the batch: robust on the zoo of user-like models
     # and as good or better on the paper's (issue 17; benchmarks/results/zoo-notes.md, reproduction.md).
     "cdni": {"synth_lr": CDNI_SYNTH_LR, "synth_hidden": 0, "synth_center": CDNI_CENTER,
-             "synth_classifier": CDNI_CLASSIFIER},  # and a local classifier's gradient term (defaults.py)
+             "synth_classifier": CDNI_CLASSIFIER},  # and a local classifier's gradient term (interfaces.py)
 }
 # The classifier's methods: the rules of synthgrad.rules, and two decoupling baselines: delayed true gradients
 # (ddg, pipeline only) and decoupled greedy learning with auxiliary classifiers (dgl; synth_lr is theirs).
@@ -42,7 +48,7 @@ METHOD_DEFAULTS["dgl"] = {"synth_lr": 1e-3}
 # --synth-rank 0 asks for the full linear synthesizer.
 PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "lr": PIPELINE_STAGE_LR, "synth_lr": CDNI_SYNTH_LR,
                               "synth_center": CDNI_CENTER,  # (these two also for models whose own differ)
-                              "synth_classifier": False}}  # its timings were measured without the term
+                              "synth_classifier": PIPELINE_CDNI_CLASSIFIER}}
 # A resumed run keeps what it was started with: a field its config.json lacks (written before the field
 # existed) takes the value every run had then, not today's default.
 # Before 2026-11-30 no stage centred its synthetic gradient; before 2026-12-01 no synthesizer had a classifier term.

@@ -28,8 +28,8 @@ from synthgrad.synthesizers import ClassifierGradient, InputSynthesizer, LowRank
 DNI_SYNTH_LR = 1e-4
 CDNI_SYNTH_LR = 1e-3
 # cDNI's synthesizers also carry a local classifier's input gradient (interfaces.CDNI_CLASSIFIER). Single
-# process only: the pipeline keeps the synthesizers its timings were measured with (PIPELINE_CDNI_RANK, no
-# classifier term).
+# process only: the pipeline keeps the synthesizers its timings were measured with (PIPELINE_CDNI_RANK,
+# PIPELINE_CDNI_CLASSIFIER below).
 
 # What a pipeline changes (sg.Pipeline and `synthgrad train --stages`). Its synthesizers must cost a fraction
 # of their stage: rank 64 with the label embedded was the fastest to 97% and 98% on fcn-6 width 1024
@@ -38,6 +38,7 @@ CDNI_SYNTH_LR = 1e-3
 # after 186 steps; lockstep: 87%): stages at 3e-4 reach 92% there and lose nothing on fcn-6
 # (benchmarks/results/pipeline-defaults.md).
 PIPELINE_CDNI_RANK = 64
+PIPELINE_CDNI_CLASSIFIER = False  # its time-to-accuracy tables were measured without the classifier term
 PIPELINE_STAGE_LR = 3e-4  # the stages' (Adam), DNI and cDNI pipelines
 
 
@@ -88,7 +89,7 @@ class DefaultInterfaces:
 def pipeline_interfaces(method: str, num_classes: int | None) -> DefaultInterfaces:
     """A pipeline's default interfaces for `method` (dni or cdni): for cDNI of rank PIPELINE_CDNI_RANK."""
     if method == "cdni":
-        return DefaultInterfaces(True, num_classes, rank=PIPELINE_CDNI_RANK, classifier=False)
+        return DefaultInterfaces(True, num_classes, rank=PIPELINE_CDNI_RANK, classifier=PIPELINE_CDNI_CLASSIFIER)
     return DefaultInterfaces()
 
 

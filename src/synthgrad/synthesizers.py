@@ -164,7 +164,7 @@ class ClassifierGradient(nn.Module):
     def __init__(self, base: nn.Module, activation_shape: tuple[int, ...], num_classes: int):
         super().__init__()
         dim = math.prod(activation_shape)
-        self.base, self.num_classes = base, num_classes
+        self.base = base
         self.logits = nn.Linear(dim, num_classes)  # V (and the classifier's bias), random
         self.error_map = _zero_(nn.Linear(num_classes, dim, bias=False))  # U, zero
 
