@@ -100,6 +100,7 @@ TOKENS = {
     "cls": "sg.ClassifierGradient around the synthesizer: plus U (softmax(V h) - y), a local classifier's input "
            "gradient (U from 0); cDNI's default since 2026-12-01",
     "clsonly": "only the classifier term and a learned bias, U (softmax(V h) - y) + b: no linear map of h",
+    "clsh<w>": "with cls: the local classifier V is an MLP, Linear(D, w) + ReLU + Linear(w, K), instead of a Linear",
 }
 
 
@@ -107,7 +108,7 @@ def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
                   "lrcos": False, "chain": False, "hold": 0, "center": False, "norm": False, "hid1": False,
-                  "cls": False, "clsonly": False, "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
+                  "cls": False, "clsonly": False, "cls_hidden": 0, "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
     if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
@@ -120,6 +121,8 @@ def parse_variant(name: str) -> dict:
             opts["hold"] = int(tok[4:])
         elif tok.startswith("lowlr"):
             opts["opt"], opts["low_lr"] = "lowlr", float(tok[5:])
+        elif tok.startswith("clsh"):
+            opts["cls_hidden"] = int(tok[4:])
         elif tok.startswith("sgdlr"):
             opts["sgd_lr"] = float(tok[5:])
         elif tok.startswith("slr"):
@@ -172,6 +175,9 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
             synth = sg.make_synthesizer(shape, hidden, width, ctx)
         if o["cls"] or o["clsonly"]:
             synth = sg.ClassifierGradient(LearnedBias(shape) if o["clsonly"] else synth, shape, num_classes)
+            if o["cls_hidden"]:  # a nonlinear local classifier: closer to the stages above than a Linear can be
+                w = o["cls_hidden"]
+                synth.logits = nn.Sequential(nn.Linear(math.prod(shape), w), nn.ReLU(), nn.Linear(w, num_classes))
         return NormalizedInput(synth) if o["norm"] else synth
 
     interfaces = [sg.BackwardInterface(synthesizer(shape), sg.adam(o["synth_lr"]), trust=o["trust"],
