@@ -23,6 +23,7 @@ lr 1e-3, centred), and the cDNI runs made before that were moved to RUNS_ROOT/li
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -100,6 +101,7 @@ TOKENS = {
     "cls": "sg.ClassifierGradient around the synthesizer: plus U (softmax(V h) - y), a local classifier's input "
            "gradient (U from 0); cDNI's default since 2026-12-01",
     "clsonly": "only the classifier term and a learned bias, U (softmax(V h) - y) + b: no linear map of h",
+    "wd<x>": "stages below an interface AdamW (lr 1e-3, decoupled weight decay x), the last stage Adam (lr 1e-3)",
     "clsh<w>": "with cls: the local classifier V is an MLP, Linear(D, w) + ReLU + Linear(w, K), instead of a Linear",
 }
 
@@ -108,7 +110,8 @@ def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
                   "lrcos": False, "chain": False, "hold": 0, "center": False, "norm": False, "hid1": False,
-                  "cls": False, "clsonly": False, "cls_hidden": 0, "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
+                  "cls": False, "clsonly": False, "cls_hidden": 0, "wd": 0.0, "synth_lr": 1e-4, "decay": 0.99,
+                  "sgd_lr": 0.01}
     if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
@@ -123,6 +126,8 @@ def parse_variant(name: str) -> dict:
             opts["opt"], opts["low_lr"] = "lowlr", float(tok[5:])
         elif tok.startswith("clsh"):
             opts["cls_hidden"] = int(tok[4:])
+        elif tok.startswith("wd"):
+            opts["opt"], opts["wd"] = "wd", float(tok[2:])
         elif tok.startswith("sgdlr"):
             opts["sgd_lr"] = float(tok[5:])
         elif tok.startswith("slr"):
@@ -185,8 +190,9 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
                   for shape in activation_shapes(stages, sample)[:-1]]
     opt = sgd(o["sgd_lr"]) if o["opt"] == "sgd" else sg.adam(1e-3)
     rule = sg.DNI(stages, interfaces, optimizer=opt, conditioned=conditioned, num_classes=num_classes)
-    if o["opt"] in ("lowlr", "sgdlow"):  # the stages below an interface get their own optimizer; the last keeps Adam
-        low = sg.adam(o["low_lr"]) if o["opt"] == "lowlr" else sgd(o["sgd_lr"])
+    if o["opt"] in ("lowlr", "sgdlow", "wd"):  # the stages below an interface get their own optimizer; the last: Adam
+        low = (sg.adam(o["low_lr"]) if o["opt"] == "lowlr" else sgd(o["sgd_lr"]) if o["opt"] == "sgdlow"
+               else functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=o["wd"], fused=True))
         for stage_rule in rule.stage_rules[:-1]:
             stage_rule.optimizer = low(stage_rule.stage.parameters())
     hook = None
