@@ -81,7 +81,9 @@ def proposed(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, n
 # "default" defaults.default_interface's (the same rule as "lin+slr1e-3+pos+center"; cDNI's defaults since 2026-11-30).
 TOKENS = {
     "lin": "linear synthesizers for DNI too (cDNI's are linear already)",
-    "trust": "BackwardInterface(trust=True): the applied synthetic gradient times alpha = E[p.t] / E[p.p] in [0, 1]",
+    "trust": "BackwardInterface(trust=True): alpha = E[p.t] / E[p.p] in [0, 1] scales the stage below; runs recorded "
+             "before 2026-11-30 (fifth session) scaled the applied synthetic gradient by it, later ones the stage's "
+             "learning rate (lrtrust then applies it twice)",
     "proj": "BackwardInterface(project=True): the prediction's component along h removed, per example",
     "pos": "token synthesizers with a learned gain and bias per position (TokenSynthesizer(positions=N))",
     "sgd": "every stage SGD (Nesterov momentum 0.9, lr 0.01) instead of Adam (lr 1e-3)",

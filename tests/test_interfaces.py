@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from synthgrad import BackwardInterface, ForwardInterface, VectorSynthesizer, adam, true_gradient
+from synthgrad.stage import StageRule
 
 
 def test_backward_interface_regresses_toward_the_target_gradient() -> None:
@@ -80,7 +81,42 @@ def test_trust_factor_is_the_least_squares_scalar_clamped(c: float, expected: fl
         p = iface.predict(h)
         iface.update(p, c * p.detach() / 16)  # targets arrive in batch-mean units
     assert float(iface.trust_factor) == pytest.approx(expected, abs=1e-12)
-    torch.testing.assert_close(iface.stage_gradient(p), p.detach() * expected / 16)
+    torch.testing.assert_close(iface.stage_gradient(p), p.detach() / 16)  # the gradient is left as it is
+
+
+def test_a_stage_below_a_trusting_interface_moves_at_its_scheduled_rate_times_the_trust_factor() -> None:
+    # Oracle: targets t = 0.25 p give alpha = 0.25; the stage's learning rate is then 0.25 x schedule x initial,
+    # set afresh at each step (no compounding), and the interface's own rate follows the schedule alone.
+    torch.manual_seed(0)
+    iface = BackwardInterface(_FixedMap(torch.randn(6, 6)), adam(1e-3), trust=True)
+    for _ in range(3):
+        p = iface.predict(torch.randn(16, 6))
+        iface.update(p, 0.25 * p.detach() / 16)
+    rule = StageRule(0, nn.Linear(6, 6), torch.optim.SGD(nn.Linear(6, 6).parameters(), lr=0.1), interface=iface)
+    rule.set_lr_factor(0.5)
+    for step in range(2):
+        rule.step(torch.randn(16, 6), torch.zeros(16, dtype=torch.long), step)
+        assert rule.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * 0.25)
+        assert iface.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5)
+    iface.trust = False  # off: the stage keeps the schedule's rate
+    rule.step(torch.randn(16, 6), torch.zeros(16, dtype=torch.long), 2)
+    assert rule.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * 0.25)  # untouched, not reset
+    rule.set_lr_factor(0.5)
+    assert rule.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5)
+
+
+def test_trust_reaches_the_interfaces_from_the_command_line_and_is_off_by_default(tmp_path) -> None:
+    from synthgrad import DNI
+    from synthgrad.cli import build_parser, config_from_args
+    from synthgrad.models import build_stages
+
+    for flags, expected in (([], False), (["--synth-trust"], True)):
+        cfg = config_from_args(build_parser().parse_args(
+            ["train", "--model", "fcn-3", "--method", "cdni", "--run-dir", str(tmp_path), *flags])).resolve()
+        assert cfg.synth_trust is expected
+        rule = DNI.build(build_stages("fcn-3", (1, 28, 28), 10), torch.randn(2, 1, 28, 28), conditioned=True,
+                         num_classes=10, synth_trust=cfg.synth_trust)
+        assert [i.trust for i in rule.interfaces] == [expected] * 3
 
 
 def test_trust_shrinks_a_synthesizer_that_predicts_noise_to_about_zero() -> None:
@@ -92,12 +128,17 @@ def test_trust_shrinks_a_synthesizer_that_predicts_noise_to_about_zero() -> None
         h = torch.randn(64, 32)
         iface.update(iface.predict(h), (h @ w) / 64)
     assert abs(float(iface.trust_factor)) < 0.05
-    h = torch.randn(64, 32)
-    p = iface.predict(h)
-    assert iface.stage_gradient(p).norm() < 0.05 * (p / 64).norm()
-    # Off, the same interface applies the prediction as it is.
-    iface.trust = False
-    torch.testing.assert_close(iface.stage_gradient(p), p.detach() / 64)
+    # The stage below (plain SGD) moves under 5% of what it moves with the same gradient untrusted.
+    moved = {}
+    for trust in (True, False):
+        iface.trust = trust
+        torch.manual_seed(1)
+        stage = nn.Linear(32, 32)
+        before = stage.weight.detach().clone()
+        rule = StageRule(0, stage, torch.optim.SGD(stage.parameters(), lr=0.1), interface=iface)
+        rule.step(torch.randn(64, 32), torch.zeros(64, dtype=torch.long), 0)
+        moved[trust] = (stage.weight.detach() - before).norm()
+    assert moved[False] > 0 and moved[True] < 0.05 * moved[False]
 
 
 def test_trust_state_is_checkpointed() -> None:

@@ -143,6 +143,7 @@ class TrainConfig(CommonConfig):
     synth_every: int = 1  # each synthesizer regresses onto every this-many-th target
     synth_center: bool | None = None  # stages apply the synthetic gradient minus its batch mean; None: default
     synth_classifier: bool | None = None  # synthesizers carry a local classifier's gradient term; None: default
+    synth_trust: bool = False  # each stage moves at its rate times its interface's trust factor (interfaces.py)
     update_prob: float = 1.0
     unlock: str = "update"  # update: synthetic gradients; complete: also synthetic inputs (forward interfaces)
     input_hidden: int = 1  # hidden layers of each input synthesizer (complete unlock)

@@ -56,6 +56,7 @@ class DefaultInterfaces:
         activations, instead of the `hidden`-layer one; None: no.
     classifier: add a local classifier's input gradient to each synthesizer (ClassifierGradient; needs
         num_classes); None: CDNI_CLASSIFIER for cDNI, off for DNI.
+    trust: the stage below moves at its learning rate times the interface's trust factor (BackwardInterface).
     """
 
     conditioned: bool = False
@@ -69,6 +70,7 @@ class DefaultInterfaces:
     update_every: int = 1
     center: bool | None = None
     classifier: bool | None = None
+    trust: bool = False
 
     def __call__(self, k: int, shape: tuple[int, ...]) -> BackwardInterface:
         hidden = self.hidden if self.hidden is not None else (0 if self.conditioned else 2)
@@ -83,7 +85,7 @@ class DefaultInterfaces:
             synth = ClassifierGradient(synth, shape, self.num_classes)
         lr = self.lr if self.lr is not None else (CDNI_SYNTH_LR if self.conditioned else DNI_SYNTH_LR)
         return BackwardInterface(synth, adam(lr), self.scale, self.warmup_steps, update_every=self.update_every,
-                                 center=self.center, classifier=self.classifier)
+                                 center=self.center, classifier=self.classifier, trust=self.trust)
 
 
 def pipeline_interfaces(method: str, num_classes: int | None) -> DefaultInterfaces:

@@ -126,15 +126,17 @@ class BackwardInterface(Interface):
     scale: multiplies the synthetic gradient that the stage below applies.
     warmup_steps: the applied scale ramps linearly from 0 to `scale` over these steps,
         so the stage below waits for a synthesizer that has learnt something.
-    trust: also multiply the applied synthetic gradient by `trust_factor`, alpha = E[p.t] / E[p.p],
+    trust: the stage below moves at its learning rate times `trust_factor`, alpha = E[p.t] / E[p.p],
         the least-squares scalar that best maps the synthesizer's predictions p onto the targets t
         that later arrive for them, clamped to [0, 1]. The two expectations are exponential moving
         averages over the targets received (decay `trust_decay`; their bias corrections cancel in the
-        ratio). A synthesizer that predicts noise, or a gradient many times too large, applies ~0: the
-        stage below stays where it is instead of drifting; a good one applies ~1. It needs only the
-        targets the interface already receives, so it works for any synthesizer and in any engine.
-        The scale matters to a stage optimizer whose step follows the gradient's size (SGD); Adam
-        normalises it away, except for a factor of exactly 0, which stops it.
+        ratio). Below a synthesizer that predicts noise, or a gradient many times too large, the stage
+        stays about where it is instead of drifting (a residual stream running away); below a good one
+        it moves at its full rate. The learning rate, not the gradient, is scaled because Adam
+        normalises a gradient's size away. It needs only the targets the interface already receives, so
+        it works for any synthesizer and in any engine (StageRule applies it). Off by default: it holds a
+        stage whose activations run away (a residual stream, a network without normalisation) and costs
+        a run whose synthesizers are still learning (benchmarks/results/zoo-notes.md, section 6).
     update_every: regress onto every this-many-th target only (1: every one). The synthesizer's
         regression costs about as much as its prediction again; taking every other target halves it,
         for a synthesizer that learns fast enough from half of them.
@@ -229,15 +231,13 @@ class BackwardInterface(Interface):
         return self.center if self.center is not None else (CDNI_CENTER and conditioned)
 
     def stage_gradient(self, prediction: torch.Tensor, step: int = 0, conditioned: bool = False) -> torch.Tensor:
-        """What the stage below backpropagates: the prediction in batch-mean units, scaled, warmed up, trusted
-        and centred. conditioned: the prediction was made with a context (cDNI; decides `center=None`)."""
+        """What the stage below backpropagates: the prediction in batch-mean units, scaled, warmed up and
+        centred. conditioned: the prediction was made with a context (cDNI; decides `center=None`)."""
         ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         factor = self.scale * ramp / prediction.shape[0]
         p = prediction.detach()
         if self.centers(conditioned) and p.shape[0] > 1:  # one example is its own batch mean: keep it
             p = p - p.mean(0, keepdim=True)  # [B, ...] minus its mean over the batch, per feature
-        if self.trust:
-            return p * (self.trust_factor.to(p.dtype) * factor)
         return p * factor
 
     def accept_target(self) -> bool:

@@ -27,7 +27,6 @@ from synthgrad.interfaces import (
     OptimizerFactory,
     adam,
     optimizer_to,
-    set_lr_factor,
 )
 from synthgrad.stage import LossFn, StageRule, check_output
 
@@ -109,7 +108,8 @@ class StepRule:
 
     def set_lr_factor(self, factor: float) -> None:
         """Scale every learning rate (stages and synthesizers) to `factor` x its initial value."""
-        set_lr_factor([o for r in self.stage_rules for o in r.optimizers()], factor)
+        for r in self.stage_rules:
+            r.set_lr_factor(factor)
 
     # -- nn.Module-like bookkeeping ------------------------------------------------------------------
     def train(self, mode: bool = True) -> StepRule:
@@ -228,6 +228,7 @@ class DNI(StepRule):
               synth_hidden: int | None = None, synth_width: int | None = None,
               synth_scale: float = 1.0, synth_warmup: int = 0, synth_rank: int | None = None,
               synth_every: int = 1, synth_center: bool | None = None, synth_classifier: bool | None = None,
+              synth_trust: bool = False,
               unlock: str = "update", input_hidden: int = 1, input_width: int = 1024,
               **kwargs) -> DNI:
         """DNI over `stages` with a default synthesizer at every boundary.
@@ -241,6 +242,8 @@ class DNI(StepRule):
             default on for cDNI, off for DNI.
         synth_classifier: each synthesizer also carries a local classifier's input gradient
             (ClassifierGradient); default on for cDNI, off for DNI.
+        synth_trust: each stage below an interface moves at its learning rate times the interface's trust
+            factor (BackwardInterface); off by default.
         unlock: "update" (synthetic gradients) or "complete" (also synthetic inputs, with
             input synthesizers of `input_hidden` layers of `input_width`, trained at synth_lr, default 1e-4).
         kwargs: passed on to DNI (optimizer, target, update_prob, seed, loss_fn, schedule).
@@ -250,7 +253,7 @@ class DNI(StepRule):
         specs = activation_specs(stages, sample)
         shapes = [shape for shape, _ in specs]
         make = DefaultInterfaces(conditioned, num_classes, synth_hidden, synth_width, synth_lr, synth_scale,
-                                 synth_warmup, synth_rank, synth_every, synth_center, synth_classifier)
+                                 synth_warmup, synth_rank, synth_every, synth_center, synth_classifier, synth_trust)
         interfaces = [make(k, shape) for k, shape in enumerate(shapes[:-1])]
         for iface, (_, dtype) in zip(interfaces, specs, strict=False):
             if dtype.is_floating_point:  # a float64 (or bfloat16) model gets synthesizers of its own precision

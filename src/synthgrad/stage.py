@@ -31,7 +31,7 @@ from torch import nn
 
 from synthgrad.diagnostics import check_finite, frozen_batchnorm_stats
 from synthgrad.errors import ConfigError
-from synthgrad.interfaces import BackwardInterface, ForwardInterface
+from synthgrad.interfaces import BackwardInterface, ForwardInterface, set_lr_factor
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GradientFn = Callable[[torch.Tensor], torch.Tensor]  # h_k (with graph) -> dL/dh_k to backpropagate, [B, ...]
@@ -151,6 +151,7 @@ class StageRule:
         self.pending: deque[_Pending] = deque(maxlen=keep)
         self.synthetic_inputs: dict[int, _SyntheticInput] = {}
         self.dropped = 0  # targets that came for steps no longer pending (too stale)
+        self.lr_factor = 1.0  # the schedule's factor on every initial learning rate (set_lr_factor)
 
     # -- the step --------------------------------------------------------------------------------
     def draw_update(self) -> bool:
@@ -186,6 +187,9 @@ class StageRule:
             # real input's forward pass (take_real_input) updates them.
             frozen = frozen_batchnorm_stats([self.stage])
         assert inp is not None
+        if self.interface is not None and self.interface.trust:
+            # The stage moves at its (scheduled) rate times the trust in the synthetic gradients it gets.
+            set_lr_factor([self.optimizer], self.lr_factor * float(self.interface.trust_factor))
         prediction: list[torch.Tensor] = []
         grad_fn = upstream
         if self.interface is not None:
@@ -278,6 +282,12 @@ class StageRule:
         return out, loss
 
     # -- bookkeeping -----------------------------------------------------------------------------
+    def set_lr_factor(self, factor: float) -> None:
+        """Scale every learning rate of this stage's rule to `factor` x its initial value (a schedule's step);
+        a stage below a trusting interface also gets the interface's trust factor at each step."""
+        self.lr_factor = factor
+        set_lr_factor(self.optimizers(), factor)
+
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """Every optimizer of this stage's rule: the stage's, then its interfaces'."""
         return [self.optimizer] + [i.optimizer for i in (self.interface, self.forward_interface) if i is not None]

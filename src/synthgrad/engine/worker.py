@@ -17,7 +17,6 @@ import torch
 from synthgrad.engine.links import Inbox, Outbox
 from synthgrad.engine.packets import DATA, NONE, STOP, BackwardLayout, ForwardLayout, StatsLayout
 from synthgrad.engine.spec import PipelineSpec
-from synthgrad.interfaces import set_lr_factor
 from synthgrad.stage import StageRule
 
 
@@ -91,7 +90,7 @@ class StageWorker:
         if spec.slow is not None and spec.slow[0] == self.rank:
             time.sleep(spec.slow[1])  # test hook: a slow stage
         if spec.schedule is not None:
-            set_lr_factor(self.rule.optimizers(), spec.schedule(step))
+            self.rule.set_lr_factor(spec.schedule(step))
         ctx = spec.context(y)
         on_output = upstream = None
         # h goes up at once, except from a stage on a synthetic input (complete unlock, above the first):
