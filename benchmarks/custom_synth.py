@@ -9,7 +9,8 @@ MNIST (`sg.load_dataset`) from the same initialisation and prints its test accur
 - cDNI with `sg.BackwardInterface(synth, sg.adam(1e-3))`: centring and the classifier term left to the
   defaults (both on for cDNI);
 - the same with `classifier=False` (the behaviour from 2026-11-30 to 2026-12-01);
-- the same with `center=False, classifier=False` (the behaviour before 2026-11-30).
+- the same with `center=False, classifier=False` (the behaviour before 2026-11-30);
+- the defaults with `trust=True`: each stage moves at its learning rate times its interface's trust factor.
 
     python benchmarks/custom_synth.py --stages 4 --epochs 3     # writes benchmarks/results/custom-synth.md
 """
@@ -51,9 +52,10 @@ def model(num_classes: int, width: int = 256) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
-# cDNI variant -> (center, classifier) given to BackwardInterface; None leaves it to the default.
-VARIANTS = {"cdni, the defaults": (None, None), "cdni, classifier=False": (None, False),
-            "cdni, center=False, classifier=False": (False, False)}
+# cDNI variant -> what is given to BackwardInterface beside the synthesizer and its optimizer (nothing: the default).
+VARIANTS: dict[str, dict] = {"cdni, the defaults": {}, "cdni, classifier=False": {"classifier": False},
+                             "cdni, center=False, classifier=False": {"center": False, "classifier": False},
+                             "cdni, trust=True": {"trust": True}}
 
 
 def train(variant: str, ds: sg.Dataset, stages_n: int, epochs: int, seed: int) -> float:
@@ -63,9 +65,8 @@ def train(variant: str, ds: sg.Dataset, stages_n: int, epochs: int, seed: int) -
     if variant == "backprop":
         rule: sg.StepRule = sg.Backprop(stages, schedule=sg.cosine_schedule(steps))
     else:
-        center, classifier = VARIANTS[variant]
-        interfaces = [sg.BackwardInterface(MySynthesizer(256, ds.num_classes), sg.adam(1e-3), center=center,
-                                           classifier=classifier) for _ in range(stages_n - 1)]
+        interfaces = [sg.BackwardInterface(MySynthesizer(256, ds.num_classes), sg.adam(1e-3), **VARIANTS[variant])
+                      for _ in range(stages_n - 1)]
         rule = sg.DNI(stages, interfaces, conditioned=True, num_classes=ds.num_classes,
                       schedule=sg.cosine_schedule(steps))
     g = torch.Generator().manual_seed(seed)
@@ -85,13 +86,14 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=4)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variants", nargs="+", choices=["backprop", *VARIANTS], default=["backprop", *VARIANTS],
+                   help="which to run (default: all)")
     p.add_argument("--out", default="custom-synth", help="report name in benchmarks/results")
     a = p.parse_args()
     torch.set_num_threads(1)
     ds = sg.load_dataset("mnist")
-    variants = ["backprop", *VARIANTS]
     rows = []
-    for v in variants:
+    for v in a.variants:
         accs = [train(v, ds, a.stages, a.epochs, s) for s in a.seeds]
         rows.append(f"| {v} | " + ", ".join(f"{x:.2f}" for x in accs) + " |")
         print(rows[-1], flush=True)

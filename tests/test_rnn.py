@@ -162,6 +162,12 @@ def test_zero_initialised_aux_head_leaves_the_core_as_dni_at_step_0() -> None:
         build_rule(_model(), "bptt", 3, copy_loss, aux_weight=1.0)
 
 
+def test_a_trusting_interface_through_time_is_refused_with_what_to_do() -> None:
+    iface = BackwardInterface(FixedSynthesizer(torch.zeros(1, 16)), adam(1e-3), trust=True)
+    with pytest.raises(ConfigError, match="build the interface with trust=False"):
+        TruncatedBPTT(_model(), 3, copy_loss, interface=iface)
+
+
 def test_dni_streams_carry_state_and_train_the_synthesizer() -> None:
     torch.manual_seed(0)
     model = LSTMCore(4, 8, 5, vocab=5)

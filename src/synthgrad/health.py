@@ -82,8 +82,9 @@ class Health:
                     "sample: the synthetic gradient pushes the stage where the true one would not. Unless they are on "
                     "already (cDNI's defaults), try a faster synthesizer (synth_lr=1e-3: one that lags behind its "
                     "stage feeds the drift) and centring the synthetic gradient (sg.BackwardInterface(..., "
-                    "center=True)); then a lower stage learning rate, SGD stages (optimizer=sg.sgd(...)), a "
-                    "normalisation layer at the end of the stage, or fewer stages"))
+                    "center=True)); then stages that move at their rate times their interface's trust "
+                    "(sg.BackwardInterface(..., trust=True), --synth-trust), a lower stage learning rate, SGD "
+                    "stages (optimizer=sg.sgd(...)), a normalisation layer at the end of the stage, or fewer stages"))
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self.warned:

@@ -168,6 +168,9 @@ class TruncatedBPTT:
                  discount: float | None = None):
         if truncation < 1:
             raise ConfigError(f"truncation must be >= 1, got {truncation}")
+        if interface is not None and interface.trust:
+            raise ConfigError("trust=True scales the learning rate of the stage below an interface; through time the "
+                              "model is the stage on both sides of it, so build the interface with trust=False")
         if aux_weight < 0 or (aux_weight > 0 and interface is None):
             raise ConfigError(f"the auxiliary task (aux_weight={aux_weight}) needs a backward interface (DNI) and a "
                               "weight >= 0")
