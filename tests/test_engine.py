@@ -46,11 +46,11 @@ def _equal(a: object, b: object, where: str = "") -> list[str]:
 
 
 def _single_process(num_stages: int, method: str, update_prob: float, unlock: str, x: torch.Tensor,
-                    y: torch.Tensor, epochs: int, batch: int, seed: int, total: int) -> sg.DNI:
+                    y: torch.Tensor, epochs: int, batch: int, seed: int, total: int, trust: bool = False) -> sg.DNI:
     factory = um.stage2 if num_stages == 2 else um.stage3
     stages = [factory(k) for k in range(num_stages)]
     shapes = activation_shapes(stages, x[:2])
-    make = um.Interfaces(method == "cdni")
+    make = um.Interfaces(method == "cdni", trust)
     interfaces = [make(k, shapes[k]) for k in range(num_stages - 1)]
     forward = ([um.forward_interface(k + 1, tuple(x.shape[1:]), shapes[k]) for k in range(num_stages - 1)]
                if unlock == "complete" else None)
@@ -62,22 +62,24 @@ def _single_process(num_stages: int, method: str, update_prob: float, unlock: st
     return dni
 
 
-@pytest.mark.parametrize("num_stages,method,update_prob,unlock", [
-    (2, "dni", 1.0, "update"), (3, "cdni", 1.0, "update"), (3, "dni", 0.5, "update"),
-    (2, "cdni", 1.0, "complete"), (3, "dni", 1.0, "complete")])
+@pytest.mark.parametrize("num_stages,method,update_prob,unlock,trust", [
+    (2, "dni", 1.0, "update", False), (3, "cdni", 1.0, "update", False), (3, "dni", 0.5, "update", False),
+    (2, "cdni", 1.0, "complete", False), (3, "dni", 1.0, "complete", False), (3, "cdni", 1.0, "update", True)])
 def test_lockstep_pipeline_equals_dni_step_bit_for_bit(num_stages: int, method: str, update_prob: float,
-                                                       unlock: str, one_thread: None) -> None:
+                                                       unlock: str, trust: bool, one_thread: None) -> None:
     x, y = um.data()
     epochs, batch, seed = 2, 32, 3
     total = epochs * len(x) // batch
     pipe = sg.Pipeline(um.stage2 if num_stages == 2 else um.stage3, num_stages, method=method,
-                       num_classes=um.NUM_CLASSES, interface=um.Interfaces(method == "cdni"),
+                       num_classes=um.NUM_CLASSES, interface=um.Interfaces(method == "cdni", trust),
                        forward_interface=um.forward_interface, unlock=unlock, update_prob=update_prob,
                        lr=1e-3, lockstep=True, threads=1, seed=seed, schedule=sg.cosine_schedule(total))
     piped = pipe.fit((x, y), epochs=epochs, batch_size=batch)
-    plain = _single_process(num_stages, method, update_prob, unlock, x, y, epochs, batch, seed, total)
+    plain = _single_process(num_stages, method, update_prob, unlock, x, y, epochs, batch, seed, total, trust)
     moved = _equal(piped.states[0]["stage"], um.stages(num_stages)[0].state_dict())
     assert moved, "the comparison would be vacuous: training did not move the first stage"
+    if trust:  # the stages' learning rates (in the optimizer states compared below) carry a factor below 1
+        assert all(float(i.trust_factor) < 0.99 for i in plain.interfaces)
     for k, rule in enumerate(plain.stage_rules):
         assert _equal(piped.states[k], rule.state_dict(), f"stage {k + 1}") == []
     assert len(piped.network) == num_stages and not piped.network.training

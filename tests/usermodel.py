@@ -72,13 +72,13 @@ class LowRankSynthesizer(nn.Module):
 class Interfaces:
     """The interface factory: (k, shape of h_k) -> BackwardInterface with a LowRankSynthesizer."""
 
-    def __init__(self, conditioned: bool):
-        self.conditioned = conditioned
+    def __init__(self, conditioned: bool, trust: bool = False):
+        self.conditioned, self.trust = conditioned, trust
 
     def __call__(self, k: int, shape: tuple[int, ...]) -> sg.BackwardInterface:
         torch.manual_seed(100 + k)
         synth = LowRankSynthesizer(shape[0], context_dim=NUM_CLASSES if self.conditioned else 0)
-        return sg.BackwardInterface(synth, sg.adam(1e-3))
+        return sg.BackwardInterface(synth, sg.adam(1e-3), trust=self.trust)
 
 
 def forward_interface(k: int, input_shape: tuple[int, ...], shape: tuple[int, ...]) -> sg.ForwardInterface:
