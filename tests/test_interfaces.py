@@ -70,6 +70,15 @@ class _FixedMap(nn.Module):
         return h @ self.a + 0 * self.dummy
 
 
+def _taught(iface: BackwardInterface, c: float, steps: int, batch: int = 16) -> BackwardInterface:
+    """`iface` after `steps` targets t = c p of its own predictions on random h (batch-mean units)."""
+    dim = iface.model.a.shape[0]
+    for _ in range(steps):
+        p = iface.predict(torch.randn(batch, dim))
+        iface.update(p, c * p.detach() / batch)
+    return iface
+
+
 @pytest.mark.parametrize("c,expected", [(0.5, 0.5), (0.25, 0.25), (2.0, 1.0), (-1.0, 0.0)])
 def test_trust_factor_is_the_least_squares_scalar_clamped(c: float, expected: float) -> None:
     # Oracle: targets t = c p exactly give E[p.t] / E[p.p] = c on every batch, clamped to [0, 1].
@@ -88,11 +97,9 @@ def test_a_stage_below_a_trusting_interface_moves_at_its_scheduled_rate_times_th
     # Oracle: targets t = 0.25 p give alpha = 0.25; the stage's learning rate is then 0.25 x schedule x initial,
     # set afresh at each step (no compounding), and the interface's own rate follows the schedule alone.
     torch.manual_seed(0)
-    iface = BackwardInterface(_FixedMap(torch.randn(6, 6)), adam(1e-3), trust=True)
-    for _ in range(3):
-        p = iface.predict(torch.randn(16, 6))
-        iface.update(p, 0.25 * p.detach() / 16)
-    rule = StageRule(0, nn.Linear(6, 6), torch.optim.SGD(nn.Linear(6, 6).parameters(), lr=0.1), interface=iface)
+    iface = _taught(BackwardInterface(_FixedMap(torch.randn(6, 6)), adam(1e-3), trust=True), 0.25, steps=3)
+    stage = nn.Linear(6, 6)
+    rule = StageRule(0, stage, torch.optim.SGD(stage.parameters(), lr=0.1), interface=iface)
     rule.set_lr_factor(0.5)
     for step in range(2):
         rule.step(torch.randn(16, 6), torch.zeros(16, dtype=torch.long), step)
@@ -143,10 +150,7 @@ def test_trust_shrinks_a_synthesizer_that_predicts_noise_to_about_zero() -> None
 
 def test_trust_state_is_checkpointed() -> None:
     torch.manual_seed(0)
-    a = BackwardInterface(_FixedMap(torch.randn(4, 4)), adam(1e-3), trust=True)
-    for _ in range(3):
-        p = a.predict(torch.randn(8, 4))
-        a.update(p, 0.3 * p.detach() / 8)
+    a = _taught(BackwardInterface(_FixedMap(torch.randn(4, 4)), adam(1e-3), trust=True), 0.3, steps=3, batch=8)
     b = BackwardInterface(_FixedMap(torch.randn(4, 4)), adam(1e-3), trust=True)
     b.load_state_dict(a.state_dict())
     assert float(b.trust_factor) == pytest.approx(0.3) and torch.equal(a.fit, b.fit)
