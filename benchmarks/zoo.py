@@ -83,7 +83,7 @@ TOKENS = {
     "lin": "linear synthesizers for DNI too (cDNI's are linear already)",
     "trust": "BackwardInterface(trust=True): alpha = E[p.t] / E[p.p] in [0, 1] scales the stage below; runs recorded "
              "before 2026-11-30 (fifth session) scaled the applied synthetic gradient by it, later ones the stage's "
-             "learning rate (lrtrust then applies it twice)",
+             "learning rate, set at each step (so a learning-rate hook, lrtrust, lrcos or hold, is overridden)",
     "proj": "BackwardInterface(project=True): the prediction's component along h removed, per example",
     "pos": "token synthesizers with a learned gain and bias per position (TokenSynthesizer(positions=N))",
     "sgd": "every stage SGD (Nesterov momentum 0.9, lr 0.01) instead of Adam (lr 1e-3)",
