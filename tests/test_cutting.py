@@ -19,8 +19,8 @@ def _model() -> nn.Sequential:
                          nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 10))
 
 
-@pytest.mark.parametrize("balance", ["cost", "count"])
-@pytest.mark.parametrize("k", [1, 2, 3, 8])
+@pytest.mark.parametrize("balance,k", [("cost", 1), ("cost", 2), ("cost", 3), ("cost", 5), ("count", 1),
+                                       ("count", 3), ("count", 8)])
 def test_stages_compose_to_exactly_the_uncut_model(balance: str, k: int) -> None:
     model = _model()
     x = torch.randn(16, 10)
@@ -66,6 +66,51 @@ def test_cut_bounds_against_brute_force() -> None:
                    for c in itertools.combinations(range(1, len(costs)), k - 1))
         bounds = cutting.cut_bounds(costs, k)
         assert max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds)) == best
+
+
+def test_cut_bounds_against_brute_force_with_parameter_free_layers_and_ties() -> None:
+    # The oracle tries every cut: the stages' costs sorted from the largest are compared in order (the
+    # busiest stage first, then the next), each stage holds a trainable layer, and the earliest cut wins a tie.
+    def brute(costs: list[float], k: int, trainable: list[bool]) -> tuple[int, ...] | None:
+        best = None
+        for c in itertools.combinations(range(1, len(costs)), k - 1):
+            bounds = (0, *c, len(costs))
+            if all(any(trainable[a:b]) for a, b in itertools.pairwise(bounds)):
+                key = sorted((sum(costs[a:b]) for a, b in itertools.pairwise(bounds)), reverse=True)
+                if best is None or key < best[0]:
+                    best = (key, bounds)
+        return best and best[1]
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(1, 9, (), generator=gen))
+        costs = [float(c) for c in torch.tensor([1, 1, 2, 3, 5, 8])[torch.randint(0, 6, (n,), generator=gen)]]
+        trainable = (torch.rand(n, generator=gen) < 0.7).tolist()
+        for k in range(1, sum(trainable) + 1):
+            assert cutting.cut_bounds(costs, k, trainable) == brute(costs, k, trainable), (costs, trainable, k)
+
+
+def test_a_parameter_free_layer_is_never_a_stage_of_its_own() -> None:
+    # Flatten costs nothing and the first Linear most: balancing the busiest stage alone used to leave Flatten
+    # as stage 0 (a "stage" with nothing to train, its boundary the input itself), and a lone BatchNorm next.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.BatchNorm1d(300), nn.SiLU(),
+                          nn.Linear(300, 300), nn.BatchNorm1d(300), nn.SiLU(),
+                          nn.Linear(300, 300), nn.BatchNorm1d(300), nn.SiLU(), nn.Linear(300, 10))
+    stages = sg.cut(model, 4, sample=torch.zeros(2, 1, 28, 28))
+    assert all(any(True for _ in s.parameters()) for s in stages)
+    assert isinstance(stages[0], nn.Sequential) and [type(m) for m in stages[0]] == [nn.Flatten, nn.Linear]
+    # after the busiest stage (the first Linear), the other three share the rest evenly: a Linear(300, 300) each
+    assert [sum(isinstance(m, nn.Linear) and m.in_features == 300 for m in s) for s in stages[1:]] == [1, 1, 1]
+    with pytest.raises(ConfigError, match="only 4 of the 8 layers have parameters.*at most 4"):
+        sg.cut(nn.Sequential(*[m for m in model if not isinstance(m, nn.BatchNorm1d)]), 5,
+               sample=torch.zeros(2, 1, 28, 28))
+
+
+def test_a_stage_without_parameters_is_refused_with_what_to_do() -> None:
+    with pytest.raises(ConfigError, match=r"stage 0 \(Flatten\) has no parameters.*join it to a neighbouring stage"):
+        sg.DNI.build([nn.Flatten(), nn.Linear(4, 3)], sample=torch.zeros(2, 2, 2), conditioned=True, num_classes=3)
+    with pytest.raises(ConfigError, match="stage 1 \\(ReLU\\) has no parameters"):
+        sg.Backprop([nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)])
 
 
 def test_count_cut_is_even() -> None:

@@ -6,6 +6,7 @@ layers. Library code: it takes plain modules and tensors, and its errors speak o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -73,17 +74,54 @@ def _check_count(num_layers: int, num_stages: int) -> None:
                           f"num_stages must be between 1 and {num_layers}")
 
 
-def cut_bounds(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
-    """Where to cut layers of these costs into `num_stages` contiguous stages, minimising the most
-    expensive stage: (0, first layer of stage 2, ..., len(costs)). Ties go to the earliest cut."""
+def cut_bounds(costs: Sequence[float], num_stages: int,
+               trainable: Sequence[bool] | None = None) -> tuple[int, ...]:
+    """Where to cut layers of these costs into `num_stages` contiguous stages: (0, first layer of stage 2,
+    ..., len(costs)).
+
+    The cut minimises the most expensive stage, then the next most expensive, and so on (the stages'
+    costs sorted from the largest, compared in order): among cuts with the same busiest stage, the rest
+    are as even as they can be. Remaining ties go to the earliest cut. trainable: which layers hold
+    parameters; when given, every stage holds at least one of them (a stage with nothing to train has
+    no use for a synthetic gradient), or ConfigError when there are fewer of them than stages.
+    """
     _check_count(len(costs), num_stages)
-    best_cuts, best_max = (0, len(costs)), float("inf")
-    for cuts in itertools.combinations(range(1, len(costs)), num_stages - 1):
-        bounds = (0, *cuts, len(costs))
-        worst = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
-        if worst < best_max:
-            best_cuts, best_max = bounds, worst
-    return best_cuts
+    n = len(costs)
+    can = list(trainable) if trainable is not None else [True] * n
+    if len(can) != n:
+        raise ValueError(f"trainable has {len(can)} entries for {n} layers")
+    if sum(can) < num_stages:
+        raise ConfigError(f"only {sum(can)} of the {n} layers have parameters, too few for {num_stages} stages "
+                          f"(each stage needs something to train): cut into at most {max(sum(can), 1)}")
+    prefix = [0.0, *itertools.accumulate(costs)]
+    owns = [0, *itertools.accumulate(int(c) for c in can)]  # owns[j] - owns[i]: trainable layers in [i, j)
+
+    # best[(i, k)]: the best way to cut layers i.. into k stages, as (costs sorted from the largest,
+    # first cut). Inserting one more stage's cost into two sorted cost lists keeps their order, so the
+    # best cut of i.. starts with some stage [i, j) followed by the best cut of j..: a dynamic programme
+    # of O(n^2 K) steps instead of the C(n - 1, K - 1) cuts a search would try.
+    @functools.cache
+    def best(i: int, k: int) -> tuple[tuple[float, ...], int] | None:
+        if k == 1:
+            return ((prefix[n] - prefix[i],), n) if owns[n] > owns[i] else None
+        found = None
+        for j in range(i + 1, n - k + 2):  # stage [i, j), then k - 1 stages over j..
+            rest = best(j, k - 1)
+            if rest is None or owns[j] == owns[i]:
+                continue
+            key = tuple(sorted((prefix[j] - prefix[i], *rest[0]), reverse=True))
+            if found is None or key < found[0]:  # strict: the earliest cut keeps a tie
+                found = (key, j)
+        return found
+
+    bounds, i = [0], 0
+    for k in range(num_stages, 0, -1):
+        step = best(i, k)
+        assert step is not None  # at least num_stages trainable layers: some cut exists
+        i = step[1]
+        bounds.append(i)
+    best.cache_clear()
+    return tuple(bounds)
 
 
 def even_bounds(num_layers: int, num_stages: int) -> tuple[int, ...]:
@@ -120,9 +158,10 @@ def uncut(stages: Sequence[nn.Module]) -> nn.Sequential:
 def partition(layers: Sequence[nn.Module], num_stages: int,
               sample: torch.Tensor | tuple[int, ...]) -> list[nn.Module]:
     """Group layers into `num_stages` contiguous stages, minimising the most expensive stage's training step."""
-    if num_stages == len(layers):
+    trainable = [any(True for _ in layer.parameters()) for layer in layers]
+    if num_stages == len(layers) and all(trainable):
         return list(layers)  # one layer a stage: no costs to measure
-    return group(layers, cut_bounds(step_costs(layers, sample), num_stages))  # refuses an impossible count
+    return group(layers, cut_bounds(step_costs(layers, sample), num_stages, trainable))  # refuses impossible counts
 
 
 def cut(model: nn.Sequential | Sequence[nn.Module], num_stages: int, sample: torch.Tensor | None = None,

@@ -28,7 +28,7 @@ from synthgrad.interfaces import (
     adam,
     optimizer_to,
 )
-from synthgrad.stage import LossFn, StageRule, check_output
+from synthgrad.stage import LossFn, StageRule, check_output, stage_optimizer
 
 METHODS = ("backprop", "dni", "cdni")
 TARGETS = ("bootstrap", "backprop")
@@ -60,7 +60,7 @@ class StepRule:
         n = len(stages)
         above = list(interfaces or [None] * (n - 1)) + [None]  # the last stage has the loss above it
         front = [None, *(forward_interfaces or [None] * (n - 1))]  # nothing in front of the first stage
-        self.stage_rules = [StageRule(k, s, make(s.parameters()), interface=above[k], forward_interface=front[k],
+        self.stage_rules = [StageRule(k, s, stage_optimizer(make, s, k), interface=above[k], forward_interface=front[k],
                                       loss_fn=loss_fn, update_prob=update_prob, seed=seed)
                             for k, s in enumerate(stages)]
         self.stages = nn.ModuleList(stages)

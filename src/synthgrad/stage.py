@@ -31,7 +31,7 @@ from torch import nn
 
 from synthgrad.diagnostics import check_finite, frozen_batchnorm_stats
 from synthgrad.errors import ConfigError
-from synthgrad.interfaces import BackwardInterface, ForwardInterface, set_lr_factor
+from synthgrad.interfaces import BackwardInterface, ForwardInterface, OptimizerFactory, set_lr_factor
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GradientFn = Callable[[torch.Tensor], torch.Tensor]  # h_k (with graph) -> dL/dh_k to backpropagate, [B, ...]
@@ -92,6 +92,15 @@ def check_output(out: object, index: int) -> torch.Tensor:
                           f"activation [B, ...]. Wrap the stage so that it returns the tensor the next stage reads "
                           f"(an nn.LSTM returns (output, (h, c)): keep output); see sg.cut for a list of layers")
     return out
+
+
+def stage_optimizer(make: OptimizerFactory, stage: nn.Module, index: int) -> torch.optim.Optimizer:
+    """Stage `index`'s optimizer, from the factory; ConfigError for a stage with no parameters to train."""
+    params = list(stage.parameters())
+    if not params:
+        raise ConfigError(f"stage {index} ({type(stage).__name__}) has no parameters: every stage needs something "
+                          "to train; join it to a neighbouring stage (sg.cut never makes such a stage)")
+    return make(params)
 
 
 def check_signature(model: nn.Module, where: str) -> None:
