@@ -95,6 +95,7 @@ TOKENS = {
     "sgdlr<x>": "the SGD stages' learning rate x (default 0.01)",
     "lowlr<x>": "stages below an interface Adam with learning rate x, the last stage Adam 1e-3",
     "hold<n>": "stages below an interface do not move for the first n steps (learning rate 0)",
+    "ramp<n>": "stages below an interface ramp their learning rate linearly from 0 to full over the first n steps",
     "hid1": "synthesizers with one hidden layer: 256 units on vectors, 64 on tokens, 16 channels on feature maps",
     "norm": "the synthesizer sees each example's activation divided by its RMS (a scale-free input)",
     "center": "BackwardInterface(center=True): the applied synthetic gradient minus its mean over the batch "
@@ -111,7 +112,7 @@ TOKENS = {
 def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
-                  "lrcos": False, "chain": False, "hold": 0, "center": False, "norm": False, "hid1": False,
+                  "lrcos": False, "chain": False, "hold": 0, "ramp": 0, "center": False, "norm": False, "hid1": False,
                   "cls": False, "clsonly": False, "cls_hidden": 0, "wd": 0.0, "synth_lr": 1e-4, "decay": 0.99,
                   "sgd_lr": 0.01}
     if name in ("library", "default"):
@@ -124,6 +125,8 @@ def parse_variant(name: str) -> dict:
             opts["opt"] = tok
         elif tok.startswith("hold"):
             opts["hold"] = int(tok[4:])
+        elif tok.startswith("ramp"):
+            opts["ramp"] = int(tok[4:])
         elif tok.startswith("lowlr"):
             opts["opt"], opts["low_lr"] = "lowlr", float(tok[5:])
         elif tok.startswith("clsh"):
@@ -198,7 +201,7 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
         for stage_rule in rule.stage_rules[:-1]:
             stage_rule.optimizer = low(stage_rule.stage.parameters())
     hook = None
-    if o["lrtrust"] or o["lrcos"] or o["hold"]:
+    if o["lrtrust"] or o["lrcos"] or o["hold"] or o["ramp"]:
         def hook() -> None:  # after set_lr_factor: lower stage k's lr times interface k's trust or agreement
             if o["lrtrust"] or o["lrcos"]:
                 factors = [float(i.trust_factor if o["lrtrust"] else i.agreement) for i in rule.interfaces]
@@ -206,6 +209,8 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
                 factors = [1.0] * len(rule.interfaces)
             if rule.steps < o["hold"]:
                 factors = [0.0] * len(factors)
+            if o["ramp"]:
+                factors = [f * min(1.0, (rule.steps + 1) / o["ramp"]) for f in factors]
             if o["chain"]:  # bootstrapped targets are only as good as the interfaces above: multiply down
                 for k in range(len(factors) - 2, -1, -1):
                     factors[k] *= factors[k + 1]

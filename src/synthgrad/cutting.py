@@ -173,7 +173,9 @@ def cut(model: nn.Sequential | Sequence[nn.Module], num_stages: int, sample: tor
     num_stages: how many stages, between 1 and the number of layers.
     sample: an input batch (a few examples suffice); needed by ``balance="cost"``.
     balance: ``"cost"`` minimises the most expensive stage's training step, in multiply-accumulates
-        measured on `sample`; ``"count"`` gives every stage the same number of layers (within one).
+        measured on `sample`, then evens out the others, and keeps a layer with parameters in every
+        stage (a Flatten or an activation joins a neighbour); ``"count"`` gives every stage the same
+        number of layers (within one).
 
     The stages share their modules (and so their parameters) with `model`: nothing is copied.
     Pass the result to ``DNI.build`` or ``Backprop``.
