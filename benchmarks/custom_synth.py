@@ -69,6 +69,12 @@ def train(variant: str, ds: sg.Dataset, stages_n: int, epochs: int, seed: int) -
                       for _ in range(stages_n - 1)]
         rule = sg.DNI(stages, interfaces, conditioned=True, num_classes=ds.num_classes,
                       schedule=sg.cosine_schedule(steps))
+    return fit(rule, ds, epochs, seed)
+
+
+def fit(rule: sg.StepRule, ds: sg.Dataset, epochs: int, seed: int) -> float:
+    """Train `rule` for `epochs` of batches of 128 (the last short batch dropped), shuffled from `seed`, and
+    return the plain network's test accuracy (%)."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         rule.train()

@@ -1,0 +1,149 @@
+"""Unseen user models through the public API: `sg.cut` on a plain nn.Sequential, then `sg.DNI.build` (cDNI).
+
+Three architectures that no default was chosen on and that are in neither the zoo nor benchmarks/holdout.py,
+written as a user would write them (PyTorch's default initialisation, one flat nn.Sequential) and cut by
+`sg.cut(model, K, sample=...)` with its default cost balance:
+
+- bn-mlp: Linear + BatchNorm1d + SiLU (+ dropout) x 4 on the flattened image (vectors [B, 300]);
+- convnext: a 4x4 patchify convolution, then 4 ConvNeXt-style blocks (7x7 depthwise convolution, GroupNorm(1),
+  a pointwise MLP with GELU, residual), global pooling, LayerNorm, a Linear (feature maps [B, 48, 7, 7]);
+- cls-transformer: 7x7 patches, a class token and learned positions, 4 pre-norm nn.TransformerEncoderLayer
+  (dropout 0.1), read out from the class token (tokens [B, 17, 48]).
+
+Each trains on MNIST (`sg.load_dataset`) from the same initialisation, batches of 128, Adam 1e-3, a cosine
+schedule: backprop; the lower stages frozen at initialisation (the floor: only the last stage trains);
+cDNI at `DNI.build`'s defaults; and the same with `synth_trust=True`.
+
+    python benchmarks/user_trial.py --epochs 2      # writes benchmarks/results/user-trial.md (about 25 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import synthgrad as sg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from custom_synth import fit  # noqa: E402  (a sibling benchmark: the same training loop)
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+METHODS = ("backprop", "frozen", "cdni", "cdni, trust")
+
+
+class Patches(nn.Module):
+    """[B, 1, 28, 28] -> 16 tokens of 7x7 pixels embedded to `dim`: [B, 16, dim]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(1, dim, 7, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).flatten(2).transpose(1, 2)
+
+
+class ClassToken(nn.Module):
+    """Prepends a learned class token and adds learned positions: [B, N, dim] -> [B, N + 1, dim]."""
+
+    def __init__(self, dim: int, tokens: int):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.token.expand(len(x), -1, -1), x], 1) + self.pos
+
+
+class FirstToken(nn.Module):
+    """[B, N, dim] -> the class token [B, dim]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+class ConvNeXtBlock(nn.Module):
+    """x + PW(GroupNorm(DW(x))): a 7x7 depthwise convolution, then a 4x pointwise MLP with GELU: [B, C, H, W]."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dw = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.GroupNorm(1, channels)
+        self.pw = nn.Sequential(nn.Conv2d(channels, 4 * channels, 1), nn.GELU(), nn.Conv2d(4 * channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pw(self.norm(self.dw(x)))
+
+
+def build(name: str, num_classes: int) -> nn.Sequential:
+    if name == "bn-mlp":
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i in range(4):
+            layers += [nn.Linear(784 if i == 0 else 300, 300), nn.BatchNorm1d(300), nn.SiLU()]
+            layers += [nn.Dropout(0.2)] if i < 2 else []
+        return nn.Sequential(*layers, nn.Linear(300, num_classes))
+    if name == "convnext":
+        return nn.Sequential(nn.Conv2d(1, 48, 4, 4), nn.GroupNorm(1, 48), *[ConvNeXtBlock(48) for _ in range(4)],
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(48), nn.Linear(48, num_classes))
+    if name == "cls-transformer":
+        blocks = [nn.TransformerEncoderLayer(48, 4, 96, dropout=0.1, batch_first=True, norm_first=True)
+                  for _ in range(4)]
+        return nn.Sequential(Patches(48), ClassToken(48, 16), *blocks, nn.LayerNorm(48), FirstToken(),
+                             nn.Linear(48, num_classes))
+    raise ValueError(f"unknown model {name!r}")
+
+
+MODELS = ("bn-mlp", "convnext", "cls-transformer")
+
+
+def train(name: str, method: str, ds: sg.Dataset, stages_n: int, epochs: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    stages = sg.cut(build(name, ds.num_classes), stages_n, sample=ds.train_x[:2])
+    schedule = sg.cosine_schedule(epochs * (len(ds.train_x) // 128))
+    if method in ("backprop", "frozen"):
+        if method == "frozen":
+            for p in (p for s in stages[:-1] for p in s.parameters()):
+                p.requires_grad_(False)
+        rule: sg.StepRule = sg.Backprop(stages, schedule=schedule)
+    else:
+        rule = sg.DNI.build(stages, sample=ds.train_x[:2], conditioned=True, num_classes=ds.num_classes,
+                            synth_trust=method == "cdni, trust", schedule=schedule)
+    return fit(rule, ds, epochs, seed)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--out", default="user-trial", help="report name in benchmarks/results")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    ds = sg.load_dataset("mnist")
+    rows = []
+    for name in a.models:
+        # backprop trains the same network through the same steps whatever the cut: run it once per model
+        backprop = [train(name, "backprop", ds, a.stages[0], a.epochs, s) for s in a.seeds]
+        for k in a.stages:
+            cells = [backprop] + [[train(name, m, ds, k, a.epochs, s) for s in a.seeds] for m in METHODS[1:]]
+            rows.append(f"| {name} | {k} | " + " | ".join(", ".join(f"{x:.2f}" for x in c) for c in cells) + " |")
+            print(rows[-1], flush=True)
+    lines = ["# Unseen user models through the public API: sg.cut, then cDNI at DNI.build's defaults", "",
+             f"- command: `python benchmarks/user_trial.py {' '.join(sys.argv[1:])}`",
+             f"- date: {date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} cores, "
+             f"torch {torch.__version__}, 1 thread",
+             f"- MNIST, {a.epochs} epochs, batch 128, Adam 1e-3 with a cosine schedule; models and methods: the "
+             "docstring of benchmarks/user_trial.py; test accuracy (%) per seed", "",
+             "| model | stages | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS), *rows]
+    (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
