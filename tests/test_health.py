@@ -61,6 +61,20 @@ def test_a_useless_synthesizer_is_warned_about_once_with_what_to_try() -> None:
             dni.step(x, y)
 
 
+def test_a_useless_cdni_synthesizer_gets_advice_that_leaves_out_cdni() -> None:
+    # The run sees the label already: "try cDNI" would send its user nowhere.
+    x, y = _batch()
+    stages = [nn.Linear(20, 16), nn.Linear(16, 3)]
+    dni = sg.DNI(stages, [sg.BackwardInterface(NoiseSynthesizer(), sg.adam(1e-3), classifier=False)],
+                 conditioned=True, num_classes=3, health=Health(every=2, window=3, warmup=0))
+    with pytest.warns(HealthWarning) as record:
+        for _ in range(5):
+            dni.step(x, y)
+    message = str(record[0].message)
+    assert "The label is given already (cDNI); try a faster synthesizer" in message and "Try cDNI" not in message
+    assert "trust=True" in message
+
+
 def test_a_true_gradient_synthesizer_is_healthy_and_sampled_on_schedule() -> None:
     x, y = _batch()
     torch.manual_seed(0)

@@ -46,8 +46,10 @@ class Health:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def observe(self, step: int, rel_error: list[float | None], act_rms: list[float | None]) -> dict:
-        """Take one sample (per interface); returns the figures for the step's stats, and warns if it must."""
+    def observe(self, step: int, rel_error: list[float | None], act_rms: list[float | None],
+                conditioned: bool = False) -> dict:
+        """Take one sample (per interface); returns the figures for the step's stats, and warns if it must.
+        conditioned: the synthesizers see the label (cDNI), so the advice leaves out what is on already."""
         n = len(act_rms)
         if not self.first_rms:
             self.first_rms, self.rel_errors = [None] * n, [[] for _ in range(n)]
@@ -61,20 +63,23 @@ class Health:
             if rel_error[k] is not None:
                 self.rel_errors[k] = (self.rel_errors[k] + [rel_error[k]])[-self.window:]
         if step >= self.warmup:
-            self._judge(step, drift)
+            self._judge(step, drift, conditioned)
         return {"act_rms": act_rms, "act_rms_drift": drift}
 
-    def _judge(self, step: int, drift: list[float | None]) -> None:
+    def _judge(self, step: int, drift: list[float | None], conditioned: bool) -> None:
         for k, errors in enumerate(self.rel_errors):
             if len(errors) >= self.window and statistics.median(errors) >= 1.0:
+                first = ("The label is given already (cDNI); try" if conditioned else
+                         "Try cDNI (conditioned=True: the label makes the gradient predictable; its synthesizers "
+                         "also get a local classifier's gradient term unless classifier=False),")
                 self._warn(f"useless-{k}", (
                     f"step {step}: the synthesizer above stage {k + 1} has been no better than nothing for the "
                     f"last {self.window} samples (its prediction lies farther from the true gradient than zero: "
                     f"median relative error {statistics.median(errors):.2f}). Its stage learns little or drifts. "
-                    "Try cDNI (conditioned=True: the label makes the gradient predictable; its synthesizers also "
-                    "get a local classifier's gradient term unless classifier=False), a faster synthesizer "
-                    "(synth_lr=1e-3, cDNI's default, so that it keeps up with its stage), SGD stages "
-                    "(optimizer=sg.sgd(...)), a lower stage learning rate, or fewer stages"))
+                    f"{first} a faster synthesizer (synth_lr=1e-3, cDNI's default, so that it keeps up with its "
+                    "stage), stages that move at their rate times their interface's trust "
+                    "(sg.BackwardInterface(..., trust=True), --synth-trust), SGD stages (optimizer=sg.sgd(...)), "
+                    "a lower stage learning rate, or fewer stages"))
         for k, d in enumerate(drift):
             if d is not None and d > self.runaway:
                 self._warn(f"runaway-{k}", (

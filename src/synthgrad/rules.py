@@ -319,7 +319,7 @@ class DNI(StepRule):
             stats["input_loss"] = input_loss
         if diagnose:
             stats["grad_cosine"], stats["grad_rel_error"] = cosine, rel_error
-            stats.update(self.health.observe(t, rel_error, act_rms))
+            stats.update(self.health.observe(t, rel_error, act_rms, self.conditioned))
         return stats
 
     def state_dict(self) -> dict:
