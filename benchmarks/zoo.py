@@ -96,6 +96,8 @@ TOKENS = {
     "lowlr<x>": "stages below an interface Adam with learning rate x, the last stage Adam 1e-3",
     "hold<n>": "stages below an interface do not move for the first n steps (learning rate 0)",
     "ramp<n>": "stages below an interface ramp their learning rate linearly from 0 to full over the first n steps",
+    "trustdrift<x>": "each stage below an interface moves at its full rate until its output's RMS has grown x times "
+                     "its first step's; from then on at its rate times its interface's trust factor (as trust)",
     "hid1": "synthesizers with one hidden layer: 256 units on vectors, 64 on tokens, 16 channels on feature maps",
     "norm": "the synthesizer sees each example's activation divided by its RMS (a scale-free input)",
     "center": "BackwardInterface(center=True): the applied synthetic gradient minus its mean over the batch "
@@ -112,9 +114,9 @@ TOKENS = {
 def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
-                  "lrcos": False, "chain": False, "hold": 0, "ramp": 0, "center": False, "norm": False, "hid1": False,
-                  "cls": False, "clsonly": False, "cls_hidden": 0, "wd": 0.0, "synth_lr": 1e-4, "decay": 0.99,
-                  "sgd_lr": 0.01}
+                  "lrcos": False, "chain": False, "hold": 0, "ramp": 0, "trustdrift": 0.0, "center": False,
+                  "norm": False, "hid1": False, "cls": False, "clsonly": False, "cls_hidden": 0, "wd": 0.0,
+                  "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
     if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
@@ -127,6 +129,8 @@ def parse_variant(name: str) -> dict:
             opts["hold"] = int(tok[4:])
         elif tok.startswith("ramp"):
             opts["ramp"] = int(tok[4:])
+        elif tok.startswith("trustdrift"):
+            opts["trustdrift"] = float(tok[10:])
         elif tok.startswith("lowlr"):
             opts["opt"], opts["low_lr"] = "lowlr", float(tok[5:])
         elif tok.startswith("clsh"):
@@ -201,6 +205,8 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
         for stage_rule in rule.stage_rules[:-1]:
             stage_rule.optimizer = low(stage_rule.stage.parameters())
     hook = None
+    if o["trustdrift"]:
+        return rule, drift_gated_trust(rule, o["trustdrift"])
     if o["lrtrust"] or o["lrcos"] or o["hold"] or o["ramp"]:
         def hook() -> None:  # after set_lr_factor: lower stage k's lr times interface k's trust or agreement
             if o["lrtrust"] or o["lrcos"]:
@@ -218,6 +224,36 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
                 for group in opt_k.param_groups:
                     group["lr"] *= factor
     return rule, hook
+
+
+def drift_gated_trust(rule: sg.DNI, threshold: float) -> Callable[[], None]:
+    """The hook for trustdrift<x>: stage k moves at its full rate until its output's RMS exceeds `threshold` x its
+    first step's, then (for the rest of the run) at its rate times alpha_k = E[p.t] / E[p.p] in [0, 1]."""
+    first: list[float | None] = [None] * len(rule.interfaces)
+    now: list[float] = [0.0] * len(rule.interfaces)
+    engaged = [False] * len(rule.interfaces)
+
+    def record(k: int) -> Callable:
+        def fn(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+            if not mod.training:  # an evaluation (rule.network() copies the hooks too): not the training run
+                return
+            value = out.detach().float().pow(2).mean().sqrt().item()
+            now[k] = value
+            first[k] = value if first[k] is None else first[k]
+        return fn
+
+    for k, stage in enumerate(rule.stages[:-1]):
+        stage.register_forward_hook(record(k))
+
+    def hook() -> None:  # after set_lr_factor: the stages' rates as the schedule set them, times the gate
+        for k, (opt_k, i) in enumerate(zip(rule.optimizers[:-1], rule.interfaces, strict=True)):
+            engaged[k] = engaged[k] or (first[k] is not None and now[k] > threshold * first[k])
+            if engaged[k]:
+                pt, pp = float(i.fit[0]), float(i.fit[1])
+                factor = min(1.0, max(0.0, pt / pp)) if pp > 0 else 1.0
+                for group in opt_k.param_groups:
+                    group["lr"] *= factor
+    return hook
 
 
 @dataclass(frozen=True)
