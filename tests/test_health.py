@@ -73,6 +73,7 @@ def test_a_useless_cdni_synthesizer_gets_advice_that_leaves_out_cdni() -> None:
     message = str(record[0].message)
     assert "The label is given already (cDNI); try a faster synthesizer" in message and "Try cDNI" not in message
     assert "trust=True" in message
+    assert record[0].filename == __file__  # the warning points at the user's dni.step(...), not into the library
 
 
 def test_a_true_gradient_synthesizer_is_healthy_and_sampled_on_schedule() -> None:

@@ -94,7 +94,7 @@ class Health:
     def _warn(self, key: str, message: str) -> None:
         if key not in self.warned:
             self.warned.add(key)
-            warnings.warn(message, HealthWarning, stacklevel=4)
+            warnings.warn(message, HealthWarning, stacklevel=5)  # _warn, _judge, observe, DNI.step: its caller
 
     def state_dict(self) -> dict:
         return {"rel_errors": self.rel_errors, "first_rms": self.first_rms, "warned": sorted(self.warned)}
