@@ -6,6 +6,7 @@ from each seed. Each cell trains with `sg.DNI` in one process and, for the short
 asynchronous `sg.Pipeline`; it prints the test accuracy of each seed.
 
     python benchmarks/trust_short_run.py        # writes benchmarks/results/trust-short-run.md (about 6 min)
+    python benchmarks/trust_short_run.py --growth    # trust-short-run-growth.md: the activations' RMS growth
 """
 
 from __future__ import annotations
@@ -56,15 +57,9 @@ def pipeline(stages_n: int, trust: bool, epochs: int, seed: int, x: torch.Tensor
     return [r for r in res.metrics if r["kind"] == "epoch"][-1]["test_accuracy"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--epochs", type=int, nargs="+", default=[4, 16], help="budgets in epochs of 64 steps")
-    a = p.parse_args()
-    torch.set_num_threads(1)
-    x, y = um.data(2048)
+def growth_rows(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> list[str]:
+    """Trust off, one process: each boundary's largest RMS growth, per budget, number of stages and seed."""
     rows = []
-    growth = []  # trust off, one process: each boundary's largest RMS growth, per budget, stages and seed
     for epochs in a.epochs:
         for n in (2, 3):
             per_seed = []
@@ -72,8 +67,33 @@ def main() -> None:
                 g: list[float] = []
                 single_process(n, False, epochs, s, x, y, g)
                 per_seed.append(" / ".join(f"{v:.2f}x" for v in g))
-            growth.append(f"| {epochs * 64} | {n} | {', '.join(per_seed)} |")
-            print(growth[-1], flush=True)
+            rows.append(f"| {epochs * 64} | {n} | {', '.join(per_seed)} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--epochs", type=int, nargs="+", default=[4, 16], help="budgets in epochs of 64 steps")
+    p.add_argument("--growth", action="store_true",
+                   help="instead: how far each boundary's activation RMS grows without trust "
+                        "(writes trust-short-run-growth.md, about 1 min)")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    x, y = um.data(2048)
+    head = [f"- command: `python benchmarks/trust_short_run.py {' '.join(sys.argv[1:])}`",
+            f"- date: {date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, 1 thread per process"]
+    if a.growth:
+        out = ["# How far the user model's boundary activations grow without trust", "", *head,
+               "- model: `tests/usermodel.py`, cDNI with its custom low-rank synthesizers, `sg.DNI` in one process, "
+               "trust off; each boundary's activation RMS at its largest over its first step's (boundaries from "
+               f"the lowest, separated by /; per seed: {', '.join(map(str, a.seeds))})", "",
+               "| steps | stages | largest RMS growth |", "|---|---|---|", *growth_rows(a, x, y)]
+        (RESULTS / "trust-short-run-growth.md").write_text("\n".join(out) + "\n")
+        return
+    rows = []
     for engine, train, budgets in (("`sg.DNI`, one process", single_process, a.epochs),
                                    ("`sg.Pipeline`, asynchronous", pipeline, a.epochs[:1])):
         for epochs in budgets:
@@ -82,19 +102,12 @@ def main() -> None:
                          for trust in (False, True)]
                 rows.append(f"| {engine} | {epochs * 64} | {n} | {cells[0]} | {cells[1]} |")
                 print(rows[-1], flush=True)
-    out = ["# Trust-scaled stages on a short run: the test suite's user model", "",
-           f"- command: `python benchmarks/trust_short_run.py {' '.join(sys.argv[1:])}`",
-           f"- date: {date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} cores, "
-           f"torch {torch.__version__}, 1 thread per process",
+    out = ["# Trust-scaled stages on a short run: the test suite's user model", "", *head,
            "- model: `tests/usermodel.py` (backprop reaches about 0.83 in 256 steps; 3 stages with the lower ones "
            "frozen, 0.61), cDNI with its custom low-rank synthesizers, `trust` set on every interface; "
            f"test accuracy per seed ({', '.join(map(str, a.seeds))})", "",
-           "| engine | steps | stages | trust off | trust on |", "|---|---|---|---|---|", *rows, "",
-           "Without trust, in one process: each boundary's activation RMS at its largest over its first step's "
-           "(boundaries from the lowest, separated by /; per seed)", "",
-           "| steps | stages | largest RMS growth |", "|---|---|---|", *growth]
+           "| engine | steps | stages | trust off | trust on |", "|---|---|---|---|---|", *rows]
     (RESULTS / "trust-short-run.md").write_text("\n".join(out) + "\n")
-
 
 if __name__ == "__main__":
     main()
