@@ -90,6 +90,11 @@ def test_cut_bounds_against_brute_force_with_parameter_free_layers_and_ties() ->
             assert cutting.cut_bounds(costs, k, trainable) == brute(costs, k, trainable), (costs, trainable, k)
 
 
+def test_a_deep_model_cuts_at_once() -> None:
+    # 240 layers into 8 stages: a search over every cut would try C(239, 7) ~ 10^12 of them.
+    assert cutting.cut_bounds([1.0] * 240, 8) == tuple(range(0, 241, 30))
+
+
 def test_a_parameter_free_layer_is_never_a_stage_of_its_own() -> None:
     # Flatten costs nothing and the first Linear most: balancing the busiest stage alone used to leave Flatten
     # as stage 0 (a "stage" with nothing to train, its boundary the input itself), and a lone BatchNorm next.
