@@ -14,7 +14,7 @@ Each trains on MNIST (`sg.load_dataset`) from the same initialisation, batches o
 schedule: backprop; the lower stages frozen at initialisation (the floor: only the last stage trains);
 cDNI at `DNI.build`'s defaults; and the same with `synth_trust=True`.
 
-    python benchmarks/user_trial.py --epochs 2      # writes benchmarks/results/user-trial.md (about 25 min)
+    python benchmarks/user_trial.py --epochs 2      # writes benchmarks/results/user-trial.md (about 25 min a seed)
 """
 
 from __future__ import annotations
