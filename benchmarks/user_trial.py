@@ -23,7 +23,9 @@ import argparse
 import os
 import platform
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from datetime import date
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -102,7 +104,11 @@ def build(name: str, num_classes: int) -> nn.Sequential:
 MODELS = ("bn-mlp", "convnext", "cls-transformer")
 
 
-def train(name: str, method: str, ds: sg.Dataset, stages_n: int, epochs: int, seed: int) -> float:
+def train(name: str, method: str, ds: sg.Dataset | None, stages_n: int, epochs: int, seed: int) -> float:
+    """Test accuracy (%) of `name` cut into `stages_n` stages and trained by `method`; ds None: load MNIST."""
+    if ds is None:  # a worker process (--jobs 2): one thread, its own copy of the data
+        torch.set_num_threads(1)
+        ds = sg.load_dataset("mnist")
     torch.manual_seed(seed)
     stages = sg.cut(build(name, ds.num_classes), stages_n, sample=ds.train_x[:2])
     schedule = sg.cosine_schedule(epochs * (len(ds.train_x) // 128))
@@ -124,21 +130,30 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="user-trial", help="report name in benchmarks/results")
+    p.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="runs at a time, one thread each")
     a = p.parse_args()
     torch.set_num_threads(1)
-    ds = sg.load_dataset("mnist")
+    # backprop trains the same network through the same steps whatever the cut: once per model, at the first K
+    cells = [(name, m, k, s) for name in a.models for k in a.stages for m in METHODS for s in a.seeds
+             if m != "backprop" or k == a.stages[0]]
+    if a.jobs == 1:
+        ds = sg.load_dataset("mnist")
+        accs = [train(name, m, ds, k, a.epochs, s) for name, m, k, s in cells]
+    else:
+        with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
+            accs = list(pool.map(train, *zip(*[(name, m, None, k, a.epochs, s) for name, m, k, s in cells],
+                                             strict=True)))
+    acc = {cell: x for cell, x in zip(cells, accs, strict=True)}
     rows = []
     for name in a.models:
-        # backprop trains the same network through the same steps whatever the cut: run it once per model
-        backprop = [train(name, "backprop", ds, a.stages[0], a.epochs, s) for s in a.seeds]
         for k in a.stages:
-            cells = [backprop] + [[train(name, m, ds, k, a.epochs, s) for s in a.seeds] for m in METHODS[1:]]
-            rows.append(f"| {name} | {k} | " + " | ".join(", ".join(f"{x:.2f}" for x in c) for c in cells) + " |")
+            per = [[acc[(name, m, a.stages[0] if m == "backprop" else k, s)] for s in a.seeds] for m in METHODS]
+            rows.append(f"| {name} | {k} | " + " | ".join(", ".join(f"{x:.2f}" for x in c) for c in per) + " |")
             print(rows[-1], flush=True)
     lines = ["# Unseen user models through the public API: sg.cut, then cDNI at DNI.build's defaults", "",
              f"- command: `python benchmarks/user_trial.py {' '.join(sys.argv[1:])}`",
              f"- date: {date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} cores, "
-             f"torch {torch.__version__}, 1 thread",
+             f"torch {torch.__version__}, 1 thread per run, {a.jobs} at a time",
              f"- MNIST, {a.epochs} epochs, batch 128, Adam 1e-3 with a cosine schedule; models and methods: the "
              "docstring of benchmarks/user_trial.py; test accuracy (%) per seed", "",
              "| model | stages | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS), *rows]
