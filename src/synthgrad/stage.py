@@ -100,7 +100,7 @@ def stage_optimizer(make: OptimizerFactory, stage: nn.Module, index: int) -> tor
     if not params:
         raise ConfigError(f"stage {index} ({type(stage).__name__}) has no parameters: every stage needs something "
                           "to train; join it to a neighbouring stage (sg.cut never makes such a stage)")
-    return make(params)
+    return make(iter(params))  # the factory gets what stage.parameters() gives: an iterator
 
 
 def check_signature(model: nn.Module, where: str) -> None:
