@@ -112,9 +112,9 @@ def test_a_parameter_free_layer_is_never_a_stage_of_its_own() -> None:
 
 
 def test_a_stage_without_parameters_is_refused_with_what_to_do() -> None:
-    with pytest.raises(ConfigError, match=r"stage 0 \(Flatten\) has no parameters.*join it to a neighbouring stage"):
+    with pytest.raises(ConfigError, match=r"stage 1 \(Flatten\) has no parameters.*join it to a neighbouring stage"):
         sg.DNI.build([nn.Flatten(), nn.Linear(4, 3)], sample=torch.zeros(2, 2, 2), conditioned=True, num_classes=3)
-    with pytest.raises(ConfigError, match="stage 1 \\(ReLU\\) has no parameters"):
+    with pytest.raises(ConfigError, match="stage 2 \\(ReLU\\) has no parameters"):
         sg.Backprop([nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)])
 
 

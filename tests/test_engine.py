@@ -159,6 +159,11 @@ def test_a_diverging_stage_stops_the_run_with_a_divergence_error() -> None:
     assert "File" not in str(e.value) and e.value.exit_code == 4
 
 
+def test_a_stage_with_nothing_to_train_is_named_and_stops_the_run() -> None:
+    with pytest.raises(ConfigError, match=r"stage 1 of 2: stage 1 \(Flatten\) has no parameters.*neighbouring"):
+        sg.Pipeline(um.flatten_first, 2, threads=1).fit(um.data(), batch_size=32)
+
+
 def test_what_cannot_pickle_is_refused_before_any_process_starts() -> None:
     with pytest.raises(ConfigError, match="stage must pickle"):
         sg.Pipeline(lambda k: um.stage2(k), 2).fit(um.data(), batch_size=32)

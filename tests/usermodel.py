@@ -50,6 +50,11 @@ def stage3(k: int) -> nn.Module:
     return stages(3)[k]
 
 
+def flatten_first(k: int) -> nn.Module:
+    """A 2-stage cut whose first stage has nothing to train (a Flatten), then the whole model."""
+    return nn.Flatten() if k == 0 else nn.Sequential(*stages(2))
+
+
 class LowRankSynthesizer(nn.Module):
     """A custom synthesizer: h -> U V h (+ a per-class bias for cDNI), the last factor zero."""
 

@@ -95,10 +95,11 @@ def check_output(out: object, index: int) -> torch.Tensor:
 
 
 def stage_optimizer(make: OptimizerFactory, stage: nn.Module, index: int) -> torch.optim.Optimizer:
-    """Stage `index`'s optimizer, from the factory; ConfigError for a stage with no parameters to train."""
+    """Stage `index`'s optimizer (0-based; messages count from 1, as check_output's), from the factory;
+    ConfigError for a stage with no parameters to train."""
     params = list(stage.parameters())
     if not params:
-        raise ConfigError(f"stage {index} ({type(stage).__name__}) has no parameters: every stage needs something "
+        raise ConfigError(f"stage {index + 1} ({type(stage).__name__}) has no parameters: every stage needs something "
                           "to train; join it to a neighbouring stage (sg.cut never makes such a stage)")
     return make(iter(params))  # the factory gets what stage.parameters() gives: an iterator
 
