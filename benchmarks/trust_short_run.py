@@ -22,6 +22,7 @@ import torch
 
 import synthgrad as sg
 from synthgrad.batching import batches, epoch_order
+from synthgrad.health import rms
 from synthgrad.rules import activation_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,15 +39,14 @@ def single_process(stages_n: int, trust: bool, epochs: int, seed: int, x: torch.
     make = um.Interfaces(True, trust)
     interfaces = [make(k, s) for k, s in enumerate(activation_shapes(stages, x[:2])[:-1])]
     rule = sg.DNI(stages, interfaces, lr=1e-3, conditioned=True, num_classes=um.NUM_CLASSES)
-    rms: list[list[float]] = [[] for _ in stages[:-1]]
+    sizes: list[list[float]] = [[] for _ in stages[:-1]]
     for k, stage in enumerate(stages[:-1]):  # the RMS of each boundary's activation at every training step
-        stage.register_forward_hook(lambda m, _i, out, k=k: rms[k].append(out.detach().pow(2).mean().sqrt().item())
-                                    if m.training else None)
+        stage.register_forward_hook(lambda m, _i, out, k=k: sizes[k].append(rms(out)) if m.training else None)
     for epoch in range(epochs):
         for xb, yb in batches(x, y, 32, epoch_order(len(x), seed, epoch)):
             rule.step(xb, yb, diagnose=False)
     if growth is not None:
-        growth.extend(max(r) / r[0] for r in rms)
+        growth.extend(max(r) / r[0] for r in sizes)
     return um.accuracy(rule.network())
 
 

@@ -50,6 +50,7 @@ from synthgrad.data import batches, epoch_order, load
 from synthgrad.defaults import default_interface
 from synthgrad.diagnostics import frozen_batchnorm_stats
 from synthgrad.errors import DivergenceError
+from synthgrad.health import rms
 from synthgrad.interfaces import sgd
 from synthgrad.models import build_layers
 from synthgrad.rules import activation_shapes
@@ -237,7 +238,7 @@ def drift_gated_trust(rule: sg.DNI, threshold: float) -> Callable[[], None]:
         def fn(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
             if not mod.training:  # an evaluation (rule.network() copies the hooks too): not the training run
                 return
-            value = out.detach().float().pow(2).mean().sqrt().item()
+            value = rms(out)
             now[k] = value
             first[k] = value if first[k] is None else first[k]
         return fn
@@ -249,8 +250,7 @@ def drift_gated_trust(rule: sg.DNI, threshold: float) -> Callable[[], None]:
         for k, (opt_k, i) in enumerate(zip(rule.optimizers[:-1], rule.interfaces, strict=True)):
             engaged[k] = engaged[k] or (first[k] is not None and now[k] > threshold * first[k])
             if engaged[k]:
-                pt, pp = float(i.fit[0]), float(i.fit[1])
-                factor = min(1.0, max(0.0, pt / pp)) if pp > 0 else 1.0
+                factor = float(i.fit_scale)  # trust's alpha, which the interface (trust off) does not apply itself
                 for group in opt_k.param_groups:
                     group["lr"] *= factor
     return hook

@@ -120,7 +120,6 @@ def cut_bounds(costs: Sequence[float], num_stages: int,
         assert step is not None  # at least num_stages trainable layers: some cut exists
         i = step[1]
         bounds.append(i)
-    best.cache_clear()
     return tuple(bounds)
 
 

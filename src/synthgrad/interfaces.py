@@ -179,13 +179,17 @@ class BackwardInterface(Interface):
         return self.model
 
     @property
-    def trust_factor(self) -> torch.Tensor:
-        """alpha in [0, 1] (a 0-dim float64 tensor); 1 when `trust` is off or before any non-zero prediction
-        met its target (a zero-initialised synthesizer applies zero then anyway)."""
-        if not self.trust:
-            return torch.ones((), dtype=torch.float64)
+    def fit_scale(self) -> torch.Tensor:
+        """E[p.t] / E[p.p] over the targets received, clamped to [0, 1] (a 0-dim float64 tensor), whether or not
+        `trust` uses it; 1 before any non-zero prediction met its target (a zero-initialised synthesizer applies
+        zero then anyway)."""
         pt, pp = self.fit[0], self.fit[1]
         return torch.where(pp > 0, (pt / pp.clamp_min(1e-300)).clamp(0.0, 1.0), torch.ones_like(pp))
+
+    @property
+    def trust_factor(self) -> torch.Tensor:
+        """alpha in [0, 1]: `fit_scale` when `trust` is on, 1 when it is off."""
+        return self.fit_scale if self.trust else torch.ones((), dtype=torch.float64)
 
     @property
     def agreement(self) -> torch.Tensor:
