@@ -45,6 +45,7 @@ from torch import nn
 
 import synthgrad as sg
 from synthgrad import zoo
+from synthgrad.auxiliary import auxiliary_head
 from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
 from synthgrad.defaults import default_interface
@@ -57,8 +58,8 @@ from synthgrad.rules import activation_shapes
 from synthgrad.trainer import evaluate
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-METHODS = ("backprop", "cdni", "dni", "frozen")
-SHARED = ("backprop", "frozen")  # runs that no variant changes
+METHODS = ("backprop", "cdni", "dni", "frozen", "dgl")
+SHARED = ("backprop", "frozen", "dgl")  # runs that no variant changes
 DNI_GAP = {"mnist": 3.0, "fashion-mnist": 5.0}  # the issue's DNI targets, points below backprop
 CDNI_GAP = 1.0
 
@@ -109,6 +110,14 @@ TOKENS = {
     "clsonly": "only the classifier term and a learned bias, U (softmax(V h) - y) + b: no linear map of h",
     "wd<x>": "stages below an interface AdamW (lr 1e-3, decoupled weight decay x), the last stage Adam (lr 1e-3)",
     "clsh<w>": "with cls: the local classifier V is an MLP, Linear(D, w) + ReLU + Linear(w, K), instead of a Linear",
+    "clsce": "with cls (cDNI): V learns by the local cross-entropy of softmax(V h) against the label, not by the "
+             "regression, so the term's error is a trained local classifier's; U and the base still regress",
+    "aux<w>": "(cDNI) the stage below an interface also descends w x a local loss: DGL's auxiliary classifier "
+              "(sg.auxiliary.auxiliary_head) on h, added to the applied synthetic gradient; targets unchanged",
+    "auxgate": "with aux<w>: the local loss's weight is w x (1 - the interface's agreement), so a synthesizer "
+               "that its targets bear out takes over from the local loss",
+    "auxfit": "with aux<w>: a c + b l, the least-squares fit of the targets by the applied synthetic gradient c "
+              "and the local loss's l, (a, b) >= 0 from moving averages (w only before the first target)",
 }
 
 
@@ -116,13 +125,14 @@ def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
                   "lrcos": False, "chain": False, "hold": 0, "ramp": 0, "trustdrift": 0.0, "center": False,
-                  "norm": False, "hid1": False, "cls": False, "clsonly": False, "cls_hidden": 0, "wd": 0.0,
+                  "norm": False, "hid1": False, "cls": False, "clsonly": False, "clsce": False, "aux": 0.0,
+                  "auxgate": False, "auxfit": False, "cls_hidden": 0, "wd": 0.0,
                   "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
     if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
         if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm", "hid1", "cls",
-                   "clsonly"):
+                   "clsonly", "clsce", "auxgate", "auxfit"):
             opts[tok] = True
         elif tok in ("sgd", "sgdlow"):
             opts["opt"] = tok
@@ -134,6 +144,8 @@ def parse_variant(name: str) -> dict:
             opts["trustdrift"] = float(tok[10:])
         elif tok.startswith("lowlr"):
             opts["opt"], opts["low_lr"] = "lowlr", float(tok[5:])
+        elif tok.startswith("aux"):
+            opts["aux"] = float(tok[3:])
         elif tok.startswith("clsh"):
             opts["cls_hidden"] = int(tok[4:])
         elif tok.startswith("wd"):
@@ -158,6 +170,88 @@ class LearnedBias(nn.Module):
 
     def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.bias.expand_as(h)
+
+
+class LocalClassifierGradient(sg.ClassifierGradient):
+    """clsce: the term's V trained by its own cross-entropy against the label; its error enters the term detached."""
+
+    def __init__(self, base: nn.Module, shape: tuple[int, ...], num_classes: int):
+        super().__init__(base, shape, num_classes)
+        self.local_loss: torch.Tensor | None = None
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.logits(h.flatten(1))  # [B, K]
+        error = torch.softmax(logits.detach(), dim=1)
+        if context is not None:
+            self.local_loss = -(context * F.log_softmax(logits, dim=1)).sum(1).mean()
+            error = error - context.to(error.dtype)
+        return self.base(h, context) + self.error_map(error).view_as(h)
+
+
+class LocalLossInterface(sg.BackwardInterface):
+    """Regresses as any interface and adds its synthesizer's local loss (LocalClassifierGradient's) to the step."""
+
+    def regress(self, prediction: torch.Tensor, target: torch.Tensor) -> float:
+        loss = F.mse_loss(prediction, target.detach())
+        extra = getattr(self.model, "local_loss", None)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss if extra is None else loss + extra).backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+class LocalLossMix(sg.BackwardInterface):
+    """aux<w>: the stage below descends the synthetic gradient plus w x a DGL head's local-loss gradient.
+
+    mix "fixed": weight w; "gate": w x (1 - agreement); "fit": a c + b l, where c is the applied synthetic
+    gradient (centred), l the local loss's, and (a, b) >= 0 the least-squares fit of the targets by the two,
+    from moving averages of their dot products (the trust factor's E[p.t] / E[p.p], for two predictors).
+    """
+
+    def __init__(self, synthesizer: nn.Module, optimizer: sg.interfaces.OptimizerFactory, head: nn.Module,
+                 weight: float, mix: str, **kw: object):
+        super().__init__(synthesizer, optimizer, **kw)
+        self.head, self.weight, self.mix = sg.AuxiliaryClassifier(head, sg.adam(1e-3)), weight, mix
+        self.local: torch.Tensor | None = None
+        self.moments = torch.zeros(5, dtype=torch.float64)  # E[c.c], E[c.l], E[l.l], E[c.t], E[l.t]
+
+    def predict(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        self.local = self.head.predict(h, context)  # B x d(local CE)/dh, [B, ...]; the head steps too
+        return super().predict(h, context)
+
+    def coefficients(self) -> tuple[float, float]:
+        if self.mix == "fixed":
+            return 1.0, self.weight
+        if self.mix == "gate":
+            return 1.0, self.weight * (1.0 - float(self.agreement))
+        cc, cl, ll, ct, lt = self.moments.tolist()
+        if cc == 0.0 and ll == 0.0:
+            return 1.0, self.weight
+        ridge = 1e-6 * (cc + ll)
+        det = (cc + ridge) * (ll + ridge) - cl * cl
+        a, b = ((ll + ridge) * ct - cl * lt) / det, ((cc + ridge) * lt - cl * ct) / det
+        if a < 0:  # the best fit with b alone, or a alone
+            a, b = 0.0, max(lt / (ll + ridge), 0.0)
+        elif b < 0:
+            a, b = max(ct / (cc + ridge), 0.0), 0.0
+        return a, b
+
+    def stage_gradient(self, prediction: torch.Tensor, step: int = 0, conditioned: bool = False) -> torch.Tensor:
+        assert self.local is not None
+        a, b = self.coefficients()
+        return a * super().stage_gradient(prediction, step, conditioned) + b * self.local / len(self.local)
+
+    def update(self, prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
+        if self.mix == "fit" and self.local is not None:
+            with torch.no_grad():
+                bsz = prediction.shape[0]
+                c = prediction.detach()
+                if self.centers(True) and bsz > 1:
+                    c = c - c.mean(0, keepdim=True)
+                c, loc, t = c.flatten(), self.local.flatten(), (target_grad * bsz).flatten()
+                m = torch.stack([c @ c, c @ loc, loc @ loc, c @ t, loc @ t]).double() / bsz
+                self.moments.mul_(self.trust_decay).add_(m, alpha=1.0 - self.trust_decay)
+        return super().update(prediction, target_grad)
 
 
 class NormalizedInput(nn.Module):
@@ -189,15 +283,22 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
         else:
             synth = sg.make_synthesizer(shape, hidden, width, ctx)
         if o["cls"] or o["clsonly"]:
-            synth = sg.ClassifierGradient(LearnedBias(shape) if o["clsonly"] else synth, shape, num_classes)
+            term = LocalClassifierGradient if o["clsce"] else sg.ClassifierGradient
+            synth = term(LearnedBias(shape) if o["clsonly"] else synth, shape, num_classes)
             if o["cls_hidden"]:  # a nonlinear local classifier: closer to the stages above than a Linear can be
                 w = o["cls_hidden"]
                 synth.logits = nn.Sequential(nn.Linear(math.prod(shape), w), nn.ReLU(), nn.Linear(w, num_classes))
         return NormalizedInput(synth) if o["norm"] else synth
 
-    interfaces = [sg.BackwardInterface(synthesizer(shape), sg.adam(o["synth_lr"]), trust=o["trust"],
-                                       trust_decay=o["decay"], project=o["proj"], center=o["center"])
-                  for shape in activation_shapes(stages, sample)[:-1]]
+    def interface(shape: tuple[int, ...]) -> sg.BackwardInterface:
+        kw = dict(trust=o["trust"], trust_decay=o["decay"], project=o["proj"], center=o["center"])
+        if o["aux"]:
+            return LocalLossMix(synthesizer(shape), sg.adam(o["synth_lr"]), auxiliary_head(shape, num_classes),
+                                o["aux"], "fit" if o["auxfit"] else "gate" if o["auxgate"] else "fixed", **kw)
+        kind = LocalLossInterface if o["clsce"] else sg.BackwardInterface
+        return kind(synthesizer(shape), sg.adam(o["synth_lr"]), **kw)
+
+    interfaces = [interface(shape) for shape in activation_shapes(stages, sample)[:-1]]
     opt = sgd(o["sgd_lr"]) if o["opt"] == "sgd" else sg.adam(1e-3)
     rule = sg.DNI(stages, interfaces, optimizer=opt, conditioned=conditioned, num_classes=num_classes)
     if o["opt"] in ("lowlr", "sgdlow", "wd"):  # the stages below an interface get their own optimizer; the last: Adam
@@ -364,6 +465,8 @@ def build_rule(run: Run, stages: list[nn.Module], sample: torch.Tensor,
                num_classes: int) -> tuple[sg.StepRule, StepHook | None]:
     if run.method == "backprop":
         return sg.Backprop(stages), None
+    if run.method == "dgl":
+        return sg.DGL.build(stages, sample, num_classes), None
     if run.method == "frozen":
         for s in stages[:-1]:
             s.requires_grad_(False)  # BatchNorm statistics still track the data, as in DNI
