@@ -1,4 +1,4 @@
-"""What trust-scaled stages cost a short run: the test suite's user model, with trust off and on.
+"""What trust-scaled stages, or a local loss, cost a short run: the test suite's user model, the option off and on.
 
 The model and its custom synthesizers are `tests/usermodel.py`'s (an MLP on synthetic data, 2,048 examples,
 custom low-rank cDNI synthesizers), as `tests/test_engine.py` trains them: batch 32, Adam 1e-3, stages built
@@ -7,6 +7,7 @@ asynchronous `sg.Pipeline`; it prints the test accuracy of each seed.
 
     python benchmarks/trust_short_run.py        # writes benchmarks/results/trust-short-run.md (about 6 min)
     python benchmarks/trust_short_run.py --growth    # trust-short-run-growth.md: the activations' RMS growth
+    python benchmarks/trust_short_run.py --option local   # local-short-run.md: the local loss off and on
 """
 
 from __future__ import annotations
@@ -30,13 +31,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 import usermodel as um  # noqa: E402  (the tests' user model, not a package)
 
+OPTIONS = {  # --option: the interfaces' keywords with it off, and on (cDNI's default local loss is on)
+    "trust": ({"trust": False}, {"trust": True}),
+    "local": ({"local_loss": False}, {"local_loss": True}),
+}
 
-def single_process(stages_n: int, trust: bool, epochs: int, seed: int, x: torch.Tensor, y: torch.Tensor,
+
+def single_process(stages_n: int, opts: dict, epochs: int, seed: int, x: torch.Tensor, y: torch.Tensor,
                    growth: list[float] | None = None) -> float:
     """Test accuracy after `epochs`; growth, if given, receives each boundary's largest RMS over its first."""
     torch.manual_seed(seed)
     stages = um.stages(stages_n)
-    make = um.Interfaces(True, trust)
+    make = um.Interfaces(True, **opts)
     interfaces = [make(k, s) for k, s in enumerate(activation_shapes(stages, x[:2])[:-1])]
     rule = sg.DNI(stages, interfaces, lr=1e-3, conditioned=True, num_classes=um.NUM_CLASSES)
     sizes: list[list[float]] = [[] for _ in stages[:-1]]
@@ -50,9 +56,9 @@ def single_process(stages_n: int, trust: bool, epochs: int, seed: int, x: torch.
     return um.accuracy(rule.network())
 
 
-def pipeline(stages_n: int, trust: bool, epochs: int, seed: int, x: torch.Tensor, y: torch.Tensor) -> float:
+def pipeline(stages_n: int, opts: dict, epochs: int, seed: int, x: torch.Tensor, y: torch.Tensor) -> float:
     pipe = sg.Pipeline(um.stage2 if stages_n == 2 else um.stage3, stages_n, method="cdni",
-                       num_classes=um.NUM_CLASSES, interface=um.Interfaces(True, trust), lr=1e-3, seed=seed)
+                       num_classes=um.NUM_CLASSES, interface=um.Interfaces(True, **opts), lr=1e-3, seed=seed)
     res = pipe.fit((x, y), epochs=epochs, batch_size=32, evaluate=um.accuracy, log_every=64)
     return [r for r in res.metrics if r["kind"] == "epoch"][-1]["test_accuracy"]
 
@@ -65,7 +71,7 @@ def growth_rows(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> list
             per_seed = []
             for s in a.seeds:
                 g: list[float] = []
-                single_process(n, False, epochs, s, x, y, g)
+                single_process(n, OPTIONS["trust"][0], epochs, s, x, y, g)
                 per_seed.append(" / ".join(f"{v:.2f}x" for v in g))
             rows.append(f"| {epochs * 64} | {n} | {', '.join(per_seed)} |")
             print(rows[-1], flush=True)
@@ -79,6 +85,9 @@ def main() -> None:
     p.add_argument("--growth", action="store_true",
                    help="instead: how far each boundary's activation RMS grows without trust "
                         "(writes trust-short-run-growth.md, about 1 min)")
+    p.add_argument("--option", choices=list(OPTIONS), default="trust",
+                   help="what to compare: trust-scaled stages (trust-short-run.md) or the local loss "
+                        "(local-short-run.md)")
     a = p.parse_args()
     torch.set_num_threads(1)
     x, y = um.data(2048)
@@ -98,16 +107,18 @@ def main() -> None:
                                    ("`sg.Pipeline`, asynchronous", pipeline, a.epochs[:1])):
         for epochs in budgets:
             for n in (2, 3):
-                cells = [", ".join(f"{train(n, trust, epochs, s, x, y):.3f}" for s in a.seeds)
-                         for trust in (False, True)]
+                cells = [", ".join(f"{train(n, opts, epochs, s, x, y):.3f}" for s in a.seeds)
+                         for opts in OPTIONS[a.option]]
                 rows.append(f"| {engine} | {epochs * 64} | {n} | {cells[0]} | {cells[1]} |")
                 print(rows[-1], flush=True)
-    out = ["# Trust-scaled stages on a short run: the test suite's user model", "", *head,
+    what = {"trust": "Trust-scaled stages", "local": "A local loss mixed into the synthetic gradient"}[a.option]
+    keyword = {"trust": "`trust`", "local": "`local_loss`"}[a.option]
+    out = [f"# {what} on a short run: the test suite's user model", "", *head,
            "- model: `tests/usermodel.py` (backprop reaches about 0.83 in 256 steps; 3 stages with the lower ones "
-           "frozen, 0.61), cDNI with its custom low-rank synthesizers, `trust` set on every interface; "
+           f"frozen, 0.61), cDNI with its custom low-rank synthesizers, {keyword} set on every interface; "
            f"test accuracy per seed ({', '.join(map(str, a.seeds))})", "",
-           "| engine | steps | stages | trust off | trust on |", "|---|---|---|---|---|", *rows]
-    (RESULTS / "trust-short-run.md").write_text("\n".join(out) + "\n")
+           f"| engine | steps | stages | {a.option} off | {a.option} on |", "|---|---|---|---|---|", *rows]
+    (RESULTS / f"{a.option}-short-run.md").write_text("\n".join(out) + "\n")
 
 if __name__ == "__main__":
     main()

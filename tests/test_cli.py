@@ -146,4 +146,5 @@ def test_console_entry_point_and_module_run_without_traceback(tmp_path: Path) ->
     assert r.returncode == 0 and "fcn-N" in r.stdout
     assert all(name in r.stdout for name in ("resmlp", "resnet-mini", "vit-mini", "lstm-rows"))  # the zoo too
     assert "with --stages: cdni: {'synth_rank': 64" in r.stdout
-    assert "cnn cdni: {'synth_lr': 0.0001, 'synth_center': False, 'synth_classifier': False}" in r.stdout  # its own
+    assert ("cnn cdni: {'synth_lr': 0.0001, 'synth_center': False, 'synth_classifier': False, "
+            "'synth_local': False}") in r.stdout  # its own

@@ -77,13 +77,13 @@ class LowRankSynthesizer(nn.Module):
 class Interfaces:
     """The interface factory: (k, shape of h_k) -> BackwardInterface with a LowRankSynthesizer."""
 
-    def __init__(self, conditioned: bool, trust: bool = False):
-        self.conditioned, self.trust = conditioned, trust
+    def __init__(self, conditioned: bool, trust: bool = False, local_loss: bool | None = None):
+        self.conditioned, self.trust, self.local_loss = conditioned, trust, local_loss
 
     def __call__(self, k: int, shape: tuple[int, ...]) -> sg.BackwardInterface:
         torch.manual_seed(100 + k)
         synth = LowRankSynthesizer(shape[0], context_dim=NUM_CLASSES if self.conditioned else 0)
-        return sg.BackwardInterface(synth, sg.adam(1e-3), trust=self.trust)
+        return sg.BackwardInterface(synth, sg.adam(1e-3), trust=self.trust, local_loss=self.local_loss)
 
 
 def forward_interface(k: int, input_shape: tuple[int, ...], shape: tuple[int, ...]) -> sg.ForwardInterface:

@@ -39,6 +39,7 @@ CDNI_SYNTH_LR = 1e-3
 # (benchmarks/results/pipeline-defaults.md).
 PIPELINE_CDNI_RANK = 64
 PIPELINE_CDNI_CLASSIFIER = False  # its time-to-accuracy tables were measured without the classifier term
+PIPELINE_CDNI_LOCAL_LOSS = False  # nor the local loss
 PIPELINE_STAGE_LR = 3e-4  # the stages' (Adam), DNI and cDNI pipelines
 
 
@@ -57,6 +58,8 @@ class DefaultInterfaces:
     classifier: add a local classifier's input gradient to each synthesizer (ClassifierGradient; needs
         num_classes); None: CDNI_CLASSIFIER for cDNI, off for DNI.
     trust: the stage below moves at its learning rate times the interface's trust factor (BackwardInterface).
+    local_loss: the stage below mixes a local loss's gradient into its synthetic one (BackwardInterface); None:
+        CDNI_LOCAL_LOSS for cDNI, off for DNI.
     """
 
     conditioned: bool = False
@@ -71,6 +74,7 @@ class DefaultInterfaces:
     center: bool | None = None
     classifier: bool | None = None
     trust: bool = False
+    local_loss: bool | None = None
 
     def __call__(self, k: int, shape: tuple[int, ...]) -> BackwardInterface:
         hidden = self.hidden if self.hidden is not None else (0 if self.conditioned else 2)
@@ -85,13 +89,15 @@ class DefaultInterfaces:
             synth = ClassifierGradient(synth, shape, self.num_classes)
         lr = self.lr if self.lr is not None else (CDNI_SYNTH_LR if self.conditioned else DNI_SYNTH_LR)
         return BackwardInterface(synth, adam(lr), self.scale, self.warmup_steps, update_every=self.update_every,
-                                 center=self.center, classifier=self.classifier, trust=self.trust)
+                                 center=self.center, classifier=self.classifier, trust=self.trust,
+                                 local_loss=self.local_loss)
 
 
 def pipeline_interfaces(method: str, num_classes: int | None) -> DefaultInterfaces:
     """A pipeline's default interfaces for `method` (dni or cdni): for cDNI of rank PIPELINE_CDNI_RANK."""
     if method == "cdni":
-        return DefaultInterfaces(True, num_classes, rank=PIPELINE_CDNI_RANK, classifier=PIPELINE_CDNI_CLASSIFIER)
+        return DefaultInterfaces(True, num_classes, rank=PIPELINE_CDNI_RANK, classifier=PIPELINE_CDNI_CLASSIFIER,
+                                 local_loss=PIPELINE_CDNI_LOCAL_LOSS)
     return DefaultInterfaces()
 
 

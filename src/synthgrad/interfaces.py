@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgrad.errors import ConfigError
+from synthgrad.localloss import LocalLoss
 from synthgrad.synthesizers import ClassifierGradient
 
 # An optimizer factory: called with a module's parameters, returns its optimizer. `adam(lr)` and `sgd(lr)`
@@ -41,11 +42,20 @@ CDNI_CENTER = True
 # over the zoo and the held-out models cut into 2 and 4 stages it took cDNI's mean gap to backprop after 3 epochs
 # from -3.80 to -1.82 points, better in 15 of 16 cells (benchmarks/results/zoo-notes.md, section 5).
 CDNI_CLASSIFIER = True
+# And whether a cDNI stage mixes a local loss's gradient into its synthetic one (localloss.LocalLoss): over the
+# zoo and the held-out models cut into 2 and 4 stages it took cDNI's mean gap to backprop after 3 epochs
+# from ... (benchmarks/results/zoo-notes.md, section 8).
+CDNI_LOCAL_LOSS = True
 
 
 def classifier_on(classifier: bool | None, conditioned: bool) -> bool:
     """Whether a synthesizer gets the classifier term: `classifier`, or when None CDNI_CLASSIFIER for cDNI only."""
     return classifier if classifier is not None else (CDNI_CLASSIFIER and conditioned)
+
+
+def local_loss_on(local_loss: bool | None, conditioned: bool) -> bool:
+    """Whether a stage mixes in a local loss: `local_loss`, or when None CDNI_LOCAL_LOSS for cDNI only."""
+    return local_loss if local_loss is not None else (CDNI_LOCAL_LOSS and conditioned)
 
 
 def adam(lr: float) -> OptimizerFactory:
@@ -156,12 +166,17 @@ class BackwardInterface(Interface):
         (the default): on for cDNI (CDNI_CLASSIFIER), added at the first prediction with a label, when the
         activation's size is known, its parameters joining this interface's optimizer; off for DNI. False
         for activations whose size varies. The library's default synthesizers have it from the start.
+    local_loss: the stage below applies a c + b l instead of the synthetic gradient c alone: l is the input
+        gradient of a local loss, an auxiliary classifier on h trained on the label (DGL's), and (a, b) >= 0
+        the least-squares fit of the targets by the two (localloss.LocalLoss). Needs the label (cDNI). None
+        (the default): on for cDNI (CDNI_LOCAL_LOSS), built at the first prediction with a label; off for DNI.
+        False for activations whose shape varies. Like centring, it works for any synthesizer.
     """
 
     def __init__(self, synthesizer: nn.Module, optimizer: OptimizerFactory | torch.optim.Optimizer,
                  scale: float = 1.0, warmup_steps: int = 0, trust: bool = False, trust_decay: float = 0.99,
                  project: bool = False, update_every: int = 1, center: bool | None = None,
-                 classifier: bool | None = None):
+                 classifier: bool | None = None, local_loss: bool | None = None):
         super().__init__(synthesizer, optimizer)
         if not 0.0 <= trust_decay < 1.0:
             raise ValueError(f"trust_decay must lie in [0, 1), got {trust_decay}")
@@ -170,7 +185,8 @@ class BackwardInterface(Interface):
         self.update_every, self.targets_seen = update_every, 0
         self.scale, self.warmup_steps = scale, warmup_steps
         self.trust, self.trust_decay, self.project, self.center = trust, trust_decay, project, center
-        self.classifier = classifier
+        self.classifier, self.local_loss = classifier, local_loss
+        self.local: LocalLoss | None = None  # built at the first prediction with a label, when local_loss is on
         # Moving averages of the per-example p.t, p.p and t.t (float64 [3]): the trust factor and the agreement.
         self.fit = torch.zeros(3, dtype=torch.float64)
 
@@ -234,24 +250,52 @@ class BackwardInterface(Interface):
         a context (conditioned, cDNI) or without: `center`, or when None CDNI_CENTER for cDNI only."""
         return self.center if self.center is not None else (CDNI_CENTER and conditioned)
 
-    def stage_gradient(self, prediction: torch.Tensor, step: int = 0, conditioned: bool = False) -> torch.Tensor:
-        """What the stage below backpropagates: the prediction in batch-mean units, scaled, warmed up and
-        centred. conditioned: the prediction was made with a context (cDNI; decides `center=None`)."""
-        ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        factor = self.scale * ramp / prediction.shape[0]
+    def local_gradient(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
+        """The local loss's gradient at h (per-example units, [B, ...]) when the stage below mixes one in
+        (`local_loss`), after one step of its classifier; None when it does not."""
+        if context is None:
+            if self.local_loss:
+                raise ConfigError("local_loss=True needs the label, which a DNI interface is not given: use cDNI "
+                                  "(conditioned=True), or local_loss=None")
+            return None
+        if not local_loss_on(self.local_loss, True):
+            return None
+        if self.local is None:
+            self.local = LocalLoss(tuple(h.shape[1:]), context.shape[1], decay=self.trust_decay, like=h)
+        return self.local.gradient(h, context.to(h.dtype))
+
+    def applied(self, prediction: torch.Tensor, conditioned: bool = False) -> torch.Tensor:
+        """The prediction [B, ...] as the stage below applies it, per-example units, detached: centred over
+        the batch when `centers`."""
         p = prediction.detach()
         if self.centers(conditioned) and p.shape[0] > 1:  # one example is its own batch mean: keep it
             p = p - p.mean(0, keepdim=True)  # [B, ...] minus its mean over the batch, per feature
-        return p * factor
+        return p
+
+    def stage_gradient(self, prediction: torch.Tensor, step: int = 0, conditioned: bool = False,
+                       local: torch.Tensor | None = None) -> torch.Tensor:
+        """What the stage below backpropagates: the prediction in batch-mean units, scaled, warmed up and
+        centred; with a local loss's gradient `local` (per-example units), a c + b l (`LocalLoss`).
+        conditioned: the prediction was made with a context (cDNI; decides `center=None`)."""
+        ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        factor = self.scale * ramp / prediction.shape[0]
+        c = self.applied(prediction, conditioned)
+        if local is None or self.local is None:
+            return c * factor
+        a, b = self.local.coefficients()
+        return (a * c + b * local.detach()) * factor
 
     def accept_target(self) -> bool:
         """Count one more target that came; whether to regress onto it (every `update_every`-th)."""
         self.targets_seen += 1
         return (self.targets_seen - 1) % self.update_every == 0
 
-    def update(self, prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
-        """Regress onto the gradient that reached h from above, given in batch-mean units."""
+    def update(self, prediction: torch.Tensor, target_grad: torch.Tensor, local: torch.Tensor | None = None) -> float:
+        """Regress onto the gradient that reached h from above, given in batch-mean units. local: the local
+        loss's gradient that the stage applied with this prediction, if any (it updates the mix)."""
         target = target_grad * target_grad.shape[0]  # per-example units, like the prediction
+        if local is not None and self.local is not None:
+            self.local.observe(self.applied(prediction, conditioned=True), local, target)
         with torch.no_grad():
             # Three dot products in the activation's dtype (no float64 copy of [B, ...]: this runs every step).
             p, t, b = prediction.detach().flatten(), target.detach().flatten(), prediction.shape[0]
@@ -262,10 +306,22 @@ class BackwardInterface(Interface):
     def to(self, device: torch.device | str) -> BackwardInterface:
         super().to(device)
         self.fit = self.fit.to(device)
+        if self.local is not None:
+            self.local.head.to(device)
+            optimizer_to(self.local.optimizer, device)
+        return self
+
+    def train(self, mode: bool = True) -> BackwardInterface:
+        super().train(mode)
+        if self.local is not None:
+            self.local.head.train(mode)
         return self
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "fit": self.fit.clone(), "targets_seen": self.targets_seen}
+        state = {**super().state_dict(), "fit": self.fit.clone(), "targets_seen": self.targets_seen}
+        if self.local is not None:
+            state["local"] = self.local.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         error_map = state["model"].get("error_map.weight")  # [D, K]: saved after the term was added
@@ -276,6 +332,11 @@ class BackwardInterface(Interface):
             fit = state["fit"].to(self.fit.device, self.fit.dtype)
             self.fit = torch.cat([fit, self.fit[len(fit):]])  # [2] before the agreement was tracked: t.t restarts
         self.targets_seen = state.get("targets_seen", 0)
+        local = state.get("local")
+        if local is not None:
+            ref = next(self.model.parameters(), None)
+            self.local = LocalLoss(tuple(local["shape"]), local["num_classes"], decay=self.trust_decay, like=ref)
+            self.local.load_state_dict(local)
 
 
 class ForwardInterface(Interface):

@@ -23,7 +23,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "all": {"lr": 3e-5, "batch_size": 256, "schedule": "constant", "epochs": 2137, "max_steps": PAPER_STEPS},
         "backprop": {},
         "dni": {"synth_lr": 3e-5, "synth_hidden": 2},
-        "cdni": {"synth_lr": 3e-5, "synth_hidden": 0, "synth_center": False, "synth_classifier": False},
+        "cdni": {"synth_lr": 3e-5, "synth_hidden": 0, "synth_center": False, "synth_classifier": False,
+                 "synth_local": False},
         # 1024 hidden units are the paper's for vector activations (its FCNs, our mlp too); a convolutional
         # synthesizer's width counts channels, which the preset leaves at the synthesizer's default.
         "dni on vectors": {"synth_width": 1024},

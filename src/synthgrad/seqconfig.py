@@ -196,6 +196,7 @@ def config_from_args(a: argparse.Namespace) -> SequenceConfig:
                                  ("--synth-every", getattr(a, "synth_every", 1), 1),
                                  ("--synth-center", getattr(a, "synth_center", None), None),
                                  ("--synth-classifier", getattr(a, "synth_classifier", None), None),
+                                 ("--synth-local", getattr(a, "synth_local", None), None),
                                  ("--synth-trust", getattr(a, "synth_trust", False), False),
                                  ("--preset", getattr(a, "preset", None), None)):
         if value != default:

@@ -125,6 +125,7 @@ class _Pending:
     context: torch.Tensor | None
     prediction: torch.Tensor | None  # the synthetic gradient it applied, graph kept; None: none, or stale
     predicted: bool  # a prediction was made (so BN statistics of the synthesizer already saw h)
+    local: torch.Tensor | None = None  # the local loss's gradient it mixed in, if any (localloss.py), [B, ...]
 
 
 @dataclass
@@ -201,6 +202,7 @@ class StageRule:
             # The stage moves at its (scheduled) rate times the trust in the synthetic gradients it gets.
             set_lr_factor([self.optimizer], self.lr_factor * float(self.interface.trust_factor))
         prediction: list[torch.Tensor] = []
+        local: list[torch.Tensor | None] = []
         grad_fn = upstream
         if self.interface is not None:
             interface = self.interface
@@ -210,7 +212,8 @@ class StageRule:
                     p = self._predict(out, context)
                 check_finite(p, "synthetic gradient", self.index, step)
                 prediction.append(p)
-                return interface.stage_gradient(p, step, conditioned=context is not None)
+                local.append(interface.local_gradient(out, context))  # None unless a local loss is mixed in
+                return interface.stage_gradient(p, step, conditioned=context is not None, local=local[0])
 
         with frozen:
             res = stage_step(self.stage, self.optimizer, inp, index=self.index, step=step, output_grad=grad_fn,
@@ -218,7 +221,8 @@ class StageRule:
                              on_output=on_output)
         if self.interface is not None:
             p = prediction[0] if prediction else None
-            self.pending.append(_Pending(step, res.output, context, p if keep_graph else None, p is not None))
+            self.pending.append(_Pending(step, res.output, context, p if keep_graph else None, p is not None,
+                                         local[0] if local else None))
         return res
 
     def _predict(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -253,7 +257,9 @@ class StageRule:
             # already, its BN statistics saw h once; this pass leaves them alone.
             with frozen_batchnorm_stats([self.interface.model]) if p.predicted else contextlib.nullcontext():
                 prediction = self._predict(p.h, p.context)
-        loss = self.interface.update(prediction, target)
+        # (local only when there is one: an interface subclass written before local losses keeps working)
+        loss = (self.interface.update(prediction, target) if p.local is None
+                else self.interface.update(prediction, target, local=p.local))
         for q in self.pending:  # the synthesizer just moved: the other predictions' graphs are stale
             q.prediction = None
         return loss
