@@ -654,7 +654,10 @@ def ablation(records: dict[Run, dict], runs: list[Run], name: str, argv: list[st
                   "| variant | " + " | ".join(f"{m} K={k}" + ("" if ds == "mnist" else f" ({ds})")
                                           for ds, m, k, _ in cols) + " | mean gap |",
                   "|---|" + "---|" * (len(cols) + 1)]
-        for label, kw in (("backprop", {"method": "backprop"}), ("frozen floor", {"method": "frozen"})):
+        baselines = [("backprop", {"method": "backprop"}), ("frozen floor", {"method": "frozen"})]
+        if any(r.method == "dgl" for r in runs):
+            baselines.append(("DGL (baseline: the auxiliary classifiers alone)", {"method": "dgl"}))
+        for label, kw in baselines:
             vals = [accs(dataset=ds, model=m, **({"stages": k} if label != "backprop" else {}), **kw)
                     for ds, m, k, _ in cols]
             lines.append(f"| {label} | " + " | ".join(f"{statistics.mean(v):.2f}" if v else "-" for v in vals) + " | |")

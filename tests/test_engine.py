@@ -78,6 +78,9 @@ def test_lockstep_pipeline_equals_dni_step_bit_for_bit(num_stages: int, method: 
     plain = _single_process(num_stages, method, update_prob, unlock, x, y, epochs, batch, seed, total, trust)
     moved = _equal(piped.states[0]["stage"], um.stages(num_stages)[0].state_dict())
     assert moved, "the comparison would be vacuous: training did not move the first stage"
+    if method == "cdni":  # its default local loss is mixed in, and its state is among what is compared below
+        assert all(i.local is not None and i.local.moments.abs().sum() > 0 for i in plain.interfaces)
+        assert all("local" in piped.states[k]["interface"] for k in range(num_stages - 1))
     if trust:  # the stages' learning rates (in the optimizer states compared below) carry a factor below 1
         assert all(float(i.trust_factor) < 0.99 for i in plain.interfaces)
     for k, rule in enumerate(plain.stage_rules):
@@ -97,7 +100,9 @@ def test_async_pipeline_trains_a_user_model_with_custom_synthesizers(num_stages:
     steps = [r for r in res.metrics if r["kind"] == "step"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
     # Backprop reaches 0.83 on this model in 4 epochs; its lower stages frozen at init, 0.72 (2 stages), 0.61 (3).
-    assert epochs[-1]["test_accuracy"] > 0.75 and um.accuracy(res.network) == epochs[-1]["test_accuracy"]
+    # cDNI's local loss (on by default) costs 3 stages 2 to 5 points at this budget and gains by 1,024 steps
+    # (benchmarks/results/local-short-run.md): 0.73 to 0.75 here with 3 stages, 0.79 with 2.
+    assert epochs[-1]["test_accuracy"] > 0.70 and um.accuracy(res.network) == epochs[-1]["test_accuracy"]
     assert all(len(r["synth_loss"]) == num_stages - 1 for r in steps) and steps[-1]["step"] == 4 * 64
     assert all(r["samples_per_s"] > 0 and len(r["stage_busy_s"]) == num_stages for r in epochs)
     assert any(v is not None for r in steps for v in r["staleness"])  # targets arrived, late by design
