@@ -45,7 +45,6 @@ from torch import nn
 
 import synthgrad as sg
 from synthgrad import zoo
-from synthgrad.auxiliary import auxiliary_head
 from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
 from synthgrad.defaults import default_interface
@@ -53,6 +52,7 @@ from synthgrad.diagnostics import frozen_batchnorm_stats
 from synthgrad.errors import DivergenceError
 from synthgrad.health import rms
 from synthgrad.interfaces import sgd
+from synthgrad.localloss import auxiliary_head
 from synthgrad.models import build_layers
 from synthgrad.rules import activation_shapes
 from synthgrad.trainer import evaluate
@@ -202,6 +202,10 @@ class LocalLossInterface(sg.BackwardInterface):
 
 class LocalLossMix(sg.BackwardInterface):
     """aux<w>: the stage below descends the synthetic gradient plus w x a DGL head's local-loss gradient.
+
+    The screens' copy (zoo-screen-aux-k4.md and its kin were run with it); the library's form of `auxfit` is
+    sg.BackwardInterface(local_loss=...) (synthgrad.localloss), cDNI's default since then, which starts at
+    (a, b) = (1, 0) rather than (1, w) and seeds its head apart from the run's random stream.
 
     mix "fixed": weight w; "gate": w x (1 - agreement); "fit": a c + b l, where c is the applied synthetic
     gradient (centred), l the local loss's, and (a, b) >= 0 the least-squares fit of the targets by the two,

@@ -18,6 +18,7 @@ from torch import nn
 
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import BackwardInterface, OptimizerFactory, adam
+from synthgrad.localloss import auxiliary_head, local_gradient
 from synthgrad.rules import Schedule, StepRule, activation_shapes
 from synthgrad.stage import LossFn
 
@@ -35,27 +36,12 @@ class AuxiliaryClassifier(BackwardInterface):
         """B * d(local loss)/dh, and one update of the head on that loss (the stage's step uses the gradient)."""
         if context is None:
             raise ValueError("an auxiliary classifier needs the label: run it with the one-hot context (method dgl)")
-        with torch.enable_grad():
-            h = h.detach().requires_grad_(True)
-            loss = -(context * F.log_softmax(self.model(h), dim=1)).sum(1).mean()  # cross-entropy, one-hot labels
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-        self.last_loss = loss.item()
-        assert h.grad is not None
-        return h.grad * h.shape[0]
+        grad, self.last_loss = local_gradient(self.model, self.optimizer, h, context)
+        return grad
 
     def update(self, prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
         """Nothing comes from above in DGL: the head learnt in `predict`."""
         return self.last_loss
-
-
-def auxiliary_head(shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """DGL's default classifier on an activation of per-example `shape`: for feature maps [C, H, W], average
-    pooling to 2 x 2 then a linear layer (as the paper's small CNN heads end); for anything else a linear layer."""
-    if len(shape) == 3:
-        return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * shape[0], num_classes))
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), num_classes))
 
 
 class DefaultAuxiliaryClassifiers:
