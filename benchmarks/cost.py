@@ -30,13 +30,15 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 # (label, method, synth_hidden, synth_width[, DNI.build arguments]); width None = the default (1024 vector,
 # 64 conv channels);
 # synth_hidden "default": the interfaces of defaults.default_interface (linear synthesizers, centred; issue 17).
-# cDNI's synthesizers carry the classifier term by default (since 2026-11-30, evening; cost.md predates it).
+# cDNI's synthesizers carry the classifier term by default (since 2026-11-30, evening; cost.md predates it), and
+# its stages mix in a local loss (since the seventh session; cost-classifier.md predates it).
 VARIANTS = [
     ("backprop", "backprop", None, None),
     ("cdni default", "cdni", "default", None),
     ("dni default", "dni", "default", None),
     ("cdni linear", "cdni", 0, None),
     ("cdni linear, no classifier term", "cdni", 0, None, {"synth_classifier": False}),
+    ("cdni linear, no local loss", "cdni", 0, None, {"synth_local": False}),
     ("cdni linear, every 2nd target", "cdni", 0, None, {"synth_every": 2}),
     ("cdni rank 64, label embedded", "cdni", 0, None, {"synth_rank": 64}),
     ("cdni rank 32, label embedded", "cdni", 0, None, {"synth_rank": 32}),
@@ -52,6 +54,7 @@ CONV_VARIANTS = [
     ("dni default", "dni", "default", None),
     ("cdni linear (one 5x5 conv)", "cdni", 0, None),
     ("cdni linear (one 5x5 conv), no classifier term", "cdni", 0, None, {"synth_classifier": False}),
+    ("cdni linear (one 5x5 conv), no local loss", "cdni", 0, None, {"synth_local": False}),
     ("dni linear (one 5x5 conv)", "dni", 0, None),
     ("dni 1x16ch", "dni", 1, 16),
     ("dni 2x64ch", "dni", 2, 64),
