@@ -12,9 +12,11 @@ written as a user would write them (PyTorch's default initialisation, one flat n
 
 Each trains on MNIST (`sg.load_dataset`) from the same initialisation, batches of 128, Adam 1e-3, a cosine
 schedule: backprop; the lower stages frozen at initialisation (the floor: only the last stage trains);
-cDNI at `DNI.build`'s defaults; and the same with `synth_trust=True`.
+cDNI at `DNI.build`'s defaults; the same with `synth_trust=True`; and the same with `synth_local=False` (without the
+local loss that cDNI mixes in by default since the seventh session).
 
     python benchmarks/user_trial.py --epochs 2      # writes benchmarks/results/user-trial.md (about 25 min a seed)
+    python benchmarks/user_trial.py --methods cdni  # one method (the runs of the others do not change with cDNI's)
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from custom_synth import fit  # noqa: E402  (a sibling benchmark: the same training loop)
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-METHODS = ("backprop", "frozen", "cdni", "cdni, trust")
+METHODS = ("backprop", "frozen", "cdni", "cdni, trust", "cdni, no local loss")
 
 
 class Patches(nn.Module):
@@ -119,7 +121,8 @@ def train(name: str, method: str, ds: sg.Dataset | None, stages_n: int, epochs: 
         rule: sg.StepRule = sg.Backprop(stages, schedule=schedule)
     else:
         rule = sg.DNI.build(stages, sample=ds.train_x[:2], conditioned=True, num_classes=ds.num_classes,
-                            synth_trust=method == "cdni, trust", schedule=schedule)
+                            synth_trust=method == "cdni, trust", synth_local=False if "no local" in method else None,
+                            schedule=schedule)
     return fit(rule, ds, epochs, seed)
 
 
@@ -131,10 +134,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="user-trial", help="report name in benchmarks/results")
     p.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="runs at a time, one thread each")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS)[:4], metavar="METHOD",
+                   help=f"among {', '.join(map(repr, METHODS))}; default: all but the last")
     a = p.parse_args()
     torch.set_num_threads(1)
     # backprop trains the same network through the same steps whatever the cut: once per model, at the first K
-    cells = [(name, m, k, s) for name in a.models for k in a.stages for m in METHODS for s in a.seeds
+    methods = [m for m in METHODS if m in a.methods]
+    cells = [(name, m, k, s) for name in a.models for k in a.stages for m in methods for s in a.seeds
              if m != "backprop" or k == a.stages[0]]
     if a.jobs == 1:
         ds = sg.load_dataset("mnist")
@@ -147,7 +153,7 @@ def main() -> None:
     rows = []
     for name in a.models:
         for k in a.stages:
-            per = [[acc[(name, m, a.stages[0] if m == "backprop" else k, s)] for s in a.seeds] for m in METHODS]
+            per = [[acc[(name, m, a.stages[0] if m == "backprop" else k, s)] for s in a.seeds] for m in methods]
             rows.append(f"| {name} | {k} | " + " | ".join(", ".join(f"{x:.2f}" for x in c) for c in per) + " |")
             print(rows[-1], flush=True)
     lines = ["# Unseen user models through the public API: sg.cut, then cDNI at DNI.build's defaults", "",
@@ -156,7 +162,7 @@ def main() -> None:
              f"torch {torch.__version__}, 1 thread per run, {a.jobs} at a time",
              f"- MNIST, {a.epochs} epochs, batch 128, Adam 1e-3 with a cosine schedule; models and methods: the "
              "docstring of benchmarks/user_trial.py; test accuracy (%) per seed", "",
-             "| model | stages | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS), *rows]
+             "| model | stages | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods), *rows]
     (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
 
 
