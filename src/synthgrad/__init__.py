@@ -13,7 +13,8 @@ The public API, enough to decouple any model given as a list of stages::
 Pieces: synthesizers (`VectorSynthesizer`, `ConvSynthesizer`, `TokenSynthesizer`, `LowRankSynthesizer`,
 `InputSynthesizer`, `ClassifierGradient` around any of them, or any module called as synth(h, context)),
 interfaces (`BackwardInterface`,
-`ForwardInterface`; `default_interface(shape)` builds the zoo's candidate default), optimizer
+`ForwardInterface`; `default_interface(shape)` builds the zoo's candidate default; `LocalLoss`, the local loss a
+cDNI stage mixes into its synthetic gradient), optimizer
 factories (`adam`, `sgd`), schedules (`cosine_schedule`), the per-stage rule (`StageRule`,
 `stage_step`), rules (`Backprop`, `DNI`; `DGL` with `AuxiliaryClassifier`s as a baseline),
 diagnostics (`true_gradient`; `Health` samples agreement and activation RMS and warns with
@@ -40,6 +41,7 @@ from synthgrad.interfaces import (  # noqa: E402
     adam,
     sgd,
 )
+from synthgrad.localloss import LocalLoss  # noqa: E402
 from synthgrad.rnn import LSTMCore, TruncatedBPTT, window_step  # noqa: E402
 from synthgrad.rules import DNI, Backprop, StepRule  # noqa: E402
 from synthgrad.schedules import cosine_schedule  # noqa: E402
@@ -71,6 +73,7 @@ __all__ = [
     "InputSynthesizer",
     "Interface",
     "LSTMCore",
+    "LocalLoss",
     "LowRankSynthesizer",
     "Pipeline",
     "PipelineResult",
