@@ -128,3 +128,19 @@ def test_a_checkpoint_with_a_local_loss_loads_into_a_fresh_interface() -> None:
     fresh.load_state_dict(iface.state_dict())
     assert fresh.local is not None and fresh.local.coefficients() == iface.local.coefficients()
     torch.testing.assert_close(fresh.local_gradient(h, onehot), iface.local_gradient(h, onehot))
+
+
+def test_a_diagnosed_step_reports_each_stages_mix_and_dni_reports_none() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+
+    def stages() -> list[nn.Module]:
+        return [nn.Sequential(nn.Linear(5, 6), nn.Tanh()), nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Linear(6, 3)]
+
+    cdni = sg.DNI.build(stages(), x[:2], conditioned=True, num_classes=3)
+    for _ in range(3):
+        stats = cdni.step(x, y, diagnose=True)
+    assert len(stats["mix_local"]) == 2 and all(b >= 0.0 for b in stats["mix_local"])
+    assert stats["mix_synthetic"] == [i.local.coefficients()[0] for i in cdni.interfaces]
+    dni = sg.DNI.build(stages(), x[:2])
+    assert dni.step(x, y, diagnose=True)["mix_local"] == [None, None]

@@ -283,7 +283,8 @@ class DNI(StepRule):
             None (default): on the health schedule's steps (every `health.every`); True / False: now / not.
         Returns {"train_loss": float, "synth_loss": [per interface, None where no target came],
             "input_loss": [...] (complete unlock); on a diagnosed step also "grad_cosine",
-            "grad_rel_error", "act_rms" and "act_rms_drift" (RMS over its first sample): [per interface]}.
+            "grad_rel_error", "act_rms" and "act_rms_drift" (RMS over its first sample), and "mix_synthetic"
+            and "mix_local", the (a, b) of a stage's local-loss mix (None without one): [per interface]}.
         """
         diagnose = self.health.due(self.steps) if diagnose is None else diagnose
         self._begin_step()
@@ -323,6 +324,10 @@ class DNI(StepRule):
             stats["input_loss"] = input_loss
         if diagnose:
             stats["grad_cosine"], stats["grad_rel_error"] = cosine, rel_error
+            # How each stage mixes its local loss in, a c + b l (localloss.py); None where it has none.
+            mixes = [None if getattr(i, "local", None) is None else i.local.coefficients() for i in self.interfaces]
+            stats["mix_synthetic"] = [None if m is None else m[0] for m in mixes]
+            stats["mix_local"] = [None if m is None else m[1] for m in mixes]
             stats.update(self.health.observe(t, rel_error, act_rms, self.conditioned))
         return stats
 

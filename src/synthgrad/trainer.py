@@ -26,7 +26,8 @@ __all__ = ["CONFIG", "METRICS", "KIND", "Progress", "RunResult", "Trainer", "bui
            "new_run_dir", "prepare_run_dir"]
 
 KIND = "classifier"  # the kind of run in this trainer's checkpoints
-HEALTH_KEYS = ("grad_cosine", "grad_rel_error", "act_rms", "act_rms_drift")  # a diagnosed step's stats
+HEALTH_KEYS = ("grad_cosine", "grad_rel_error", "act_rms", "act_rms_drift",  # a diagnosed step's stats
+               "mix_synthetic", "mix_local")
 
 
 def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> StepRule:
@@ -253,7 +254,7 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self.step)
                 if want_diag:  # this step's health (agreement, activation RMS), logged with the next record
-                    self.pending_diag = {k: stats[k] for k in HEALTH_KEYS}
+                    self.pending_diag = {k: stats[k] for k in HEALTH_KEYS if k in stats}
                     self.pending_diag["diagnosed_step"] = self.step
                 if self.step % cfg.log_every == 0:
                     self._log_window(n_window / max(now - t_window, 1e-9))
