@@ -6,10 +6,11 @@ a Linear on [h, one-hot label], zero-initialised, as the README shows. Each vari
 MNIST (`sg.load_dataset`) from the same initialisation and prints its test accuracy:
 
 - backprop;
-- cDNI with `sg.BackwardInterface(synth, sg.adam(1e-3))`: centring and the classifier term left to the
-  defaults (both on for cDNI);
-- the same with `classifier=False` (the behaviour from 2026-11-30 to 2026-12-01);
-- the same with `center=False, classifier=False` (the behaviour before 2026-11-30);
+- cDNI with `sg.BackwardInterface(synth, sg.adam(1e-3))`: centring, the classifier term and the local loss left
+  to the defaults (all three on for cDNI);
+- the same with `local_loss=False` (the behaviour before the local loss, seventh session);
+- the same with `classifier=False, local_loss=False` (the behaviour from 2026-11-30 to 2026-12-01);
+- the same with `center=False, classifier=False, local_loss=False` (the behaviour before 2026-11-30);
 - the defaults with `trust=True`: each stage moves at its learning rate times its interface's trust factor.
 
     python benchmarks/custom_synth.py --stages 4 --epochs 3     # writes benchmarks/results/custom-synth.md
@@ -53,8 +54,11 @@ def model(num_classes: int, width: int = 256) -> nn.Sequential:
 
 
 # cDNI variant -> what is given to BackwardInterface beside the synthesizer and its optimizer (nothing: the default).
-VARIANTS: dict[str, dict] = {"cdni, the defaults": {}, "cdni, classifier=False": {"classifier": False},
-                             "cdni, center=False, classifier=False": {"center": False, "classifier": False},
+# (custom-synth.md and custom-synth-trust.md predate the local loss: their rows are the local_loss=False ones.)
+VARIANTS: dict[str, dict] = {"cdni, the defaults": {}, "cdni, local_loss=False": {"local_loss": False},
+                             "cdni, classifier=False": {"classifier": False, "local_loss": False},
+                             "cdni, center=False, classifier=False": {"center": False, "classifier": False,
+                                                                      "local_loss": False},
                              "cdni, trust=True": {"trust": True}}
 
 

@@ -116,6 +116,8 @@ TOKENS = {
               "(sg.auxiliary.auxiliary_head) on h, added to the applied synthetic gradient; targets unchanged",
     "auxgate": "with aux<w>: the local loss's weight is w x (1 - the interface's agreement), so a synthesizer "
                "that its targets bear out takes over from the local loss",
+    "local": "BackwardInterface(local_loss=True): the library's local loss (synthgrad.localloss), a c + b l with "
+             "(a, b) the least-squares fit of the targets; cDNI's default since the seventh session",
     "auxfit": "with aux<w>: a c + b l, the least-squares fit of the targets by the applied synthetic gradient c "
               "and the local loss's l, (a, b) >= 0 from moving averages (w only before the first target)",
 }
@@ -126,13 +128,13 @@ def parse_variant(name: str) -> dict:
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
                   "lrcos": False, "chain": False, "hold": 0, "ramp": 0, "trustdrift": 0.0, "center": False,
                   "norm": False, "hid1": False, "cls": False, "clsonly": False, "clsce": False, "aux": 0.0,
-                  "auxgate": False, "auxfit": False, "cls_hidden": 0, "wd": 0.0,
+                  "auxgate": False, "auxfit": False, "local": False, "cls_hidden": 0, "wd": 0.0,
                   "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
     if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
         if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm", "hid1", "cls",
-                   "clsonly", "clsce", "auxgate", "auxfit"):
+                   "clsonly", "clsce", "auxgate", "auxfit", "local"):
             opts[tok] = True
         elif tok in ("sgd", "sgdlow"):
             opts["opt"] = tok
@@ -295,7 +297,10 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
         return NormalizedInput(synth) if o["norm"] else synth
 
     def interface(shape: tuple[int, ...]) -> sg.BackwardInterface:
-        kw = dict(trust=o["trust"], trust_decay=o["decay"], project=o["proj"], center=o["center"])
+        # A variant is what its tokens say and nothing else: the library's later cDNI defaults (the classifier
+        # term, the local loss) stay out unless a token asks for them, so a recorded variant reruns as recorded.
+        kw = dict(trust=o["trust"], trust_decay=o["decay"], project=o["proj"], center=o["center"],
+                  classifier=o["cls"] or o["clsonly"], local_loss=o["local"])
         if o["aux"]:
             return LocalLossMix(synthesizer(shape), sg.adam(o["synth_lr"]), auxiliary_head(shape, num_classes),
                                 o["aux"], "fit" if o["auxfit"] else "gate" if o["auxgate"] else "fixed", **kw)
