@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 from datetime import date
 from pathlib import Path
@@ -108,7 +109,7 @@ def main() -> None:
         rows.append(f"| {v} | " + ", ".join(f"{x:.2f}" for x in accs) + " |")
         print(rows[-1], flush=True)
     lines = ["# A custom cDNI synthesizer on a user's model, through the public API", "",
-             f"- command: `python benchmarks/custom_synth.py {' '.join(sys.argv[1:])}`",
+             f"- command: `python benchmarks/custom_synth.py {shlex.join(sys.argv[1:])}`",
              f"- date: {date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__}, 1 thread",
              f"- model: tanh MLP 784-256x4-10 with dropout 0.1, no normalisation, `sg.cut` into {a.stages} stages; "

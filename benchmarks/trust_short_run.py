@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 from datetime import date
 from pathlib import Path
@@ -91,7 +92,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     x, y = um.data(2048)
-    head = [f"- command: `python benchmarks/trust_short_run.py {' '.join(sys.argv[1:])}`",
+    head = [f"- command: `python benchmarks/trust_short_run.py {shlex.join(sys.argv[1:])}`",
             f"- date: {date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__}, 1 thread per process"]
     if a.growth:

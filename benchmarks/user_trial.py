@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from datetime import date
@@ -157,7 +158,7 @@ def main() -> None:
             rows.append(f"| {name} | {k} | " + " | ".join(", ".join(f"{x:.2f}" for x in c) for c in per) + " |")
             print(rows[-1], flush=True)
     lines = ["# Unseen user models through the public API: sg.cut, then cDNI at DNI.build's defaults", "",
-             f"- command: `python benchmarks/user_trial.py {' '.join(sys.argv[1:])}`",
+             f"- command: `python benchmarks/user_trial.py {shlex.join(sys.argv[1:])}`",
              f"- date: {date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__}, 1 thread per run, {a.jobs} at a time",
              f"- MNIST, {a.epochs} epochs, batch 128, Adam 1e-3 with a cosine schedule; models and methods: the "
