@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +146,23 @@ def test_a_diagnosed_step_reports_each_stages_mix_and_dni_reports_none() -> None
     assert stats["mix_synthetic"] == [i.local.coefficients()[0] for i in cdni.interfaces]
     dni = sg.DNI.build(stages(), x[:2])
     assert dni.step(x, y, diagnose=True)["mix_local"] == [None, None]
+
+
+def test_a_run_resumed_from_its_state_continues_exactly_with_its_local_losses() -> None:
+    def make() -> sg.DNI:
+        torch.manual_seed(0)
+        stages = [nn.Sequential(nn.Linear(5, 6), nn.Tanh()), nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Linear(6, 3)]
+        return sg.DNI.build(stages, torch.randn(2, 5), conditioned=True, num_classes=3)
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(12)]
+    run = make()
+    for x, y in batches[:6]:
+        run.step(x, y)
+    resumed = make()
+    resumed.load_state_dict(copy.deepcopy(run.state_dict()))
+    for x, y in batches[6:]:
+        run.step(x, y)
+        resumed.step(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(run.stages.parameters(), resumed.stages.parameters(), strict=True))
+    assert [i.local.coefficients() for i in run.interfaces] == [i.local.coefficients() for i in resumed.interfaces]
