@@ -166,3 +166,12 @@ def test_a_run_resumed_from_its_state_continues_exactly_with_its_local_losses() 
         resumed.step(x, y)
     assert all(torch.equal(p, q) for p, q in zip(run.stages.parameters(), resumed.stages.parameters(), strict=True))
     assert [i.local.coefficients() for i in run.interfaces] == [i.local.coefficients() for i in resumed.interfaces]
+
+
+def test_the_command_line_refuses_a_local_loss_without_the_label() -> None:
+    from synthgrad.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="--synth-local needs the label.*--method cdni"):
+        TrainConfig(model="resmlp", method="dni", synth_local=True).resolve()
+    assert TrainConfig(model="resmlp", method="cdni").resolve().synth_local is True
+    assert TrainConfig(model="mlp", method="cdni").resolve().synth_local is False  # the paper's rows keep theirs

@@ -211,6 +211,8 @@ class TrainConfig(CommonConfig):
         need(self.unlock in UNLOCKS, f"--unlock must be one of {', '.join(UNLOCKS)}, got {self.unlock!r}")
         need(0 <= self.input_hidden <= 16, f"--input-hidden must be in 0..16, got {self.input_hidden}")
         need(1 <= self.input_width <= 65536, f"--input-width must be in 1..65536, got {self.input_width}")
+        need(not (self.synth_local and self.method != "cdni"),
+             f"--synth-local needs the label at every stage: use --method cdni, or drop it for {self.method}")
         if self.method in ("backprop", "ddg", "dgl"):
             need(self.target == "bootstrap", f"--target applies to dni and cdni only; drop it for {self.method}")
             need(self.unlock == "update", "--unlock complete needs synthetic gradients: use --method dni or cdni")
