@@ -9,7 +9,7 @@ the true and the bootstrapped target's, its component along h, and each stage's 
 `frozen` is the floor: the lower stages frozen at their initialisation, only the last stage trained.
 
 Each run is one JSON file under --runs-root (outside the checkout), reused when it exists, so a
-stopped benchmark continues where it stopped. `--variant NAME` runs a candidate rule (TOKENS below)
+stopped benchmark continues where it stopped. `--variant NAME` runs a candidate rule (benchmarks/zoo_variants.py)
 in place of the library's defaults; backprop and frozen runs do not depend on it and are shared.
 `library` runs whatever the library's defaults are when it runs: cDNI's changed on 2026-11-30 (synthesizer
 lr 1e-3, centred), and the cDNI runs made before that were moved to RUNS_ROOT/library-until-2026-11-30
@@ -23,7 +23,6 @@ lr 1e-3, centred), and the cDNI runs made before that were moved to RUNS_ROOT/li
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -42,19 +41,15 @@ import holdout
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo_variants import TOKENS, StepHook, build_variant, parse_variant
 
 import synthgrad as sg
 from synthgrad import zoo
 from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
-from synthgrad.defaults import default_interface
 from synthgrad.diagnostics import frozen_batchnorm_stats
 from synthgrad.errors import DivergenceError
-from synthgrad.health import rms
-from synthgrad.interfaces import sgd
-from synthgrad.localloss import auxiliary_head
 from synthgrad.models import build_layers
-from synthgrad.rules import activation_shapes
 from synthgrad.trainer import evaluate
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -62,308 +57,6 @@ METHODS = ("backprop", "cdni", "dni", "frozen", "dgl")
 SHARED = ("backprop", "frozen", "dgl")  # runs that no variant changes
 DNI_GAP = {"mnist": 3.0, "fashion-mnist": 5.0}  # the issue's DNI targets, points below backprop
 CDNI_GAP = 1.0
-
-StepHook = Callable[[], None]  # called after each step's schedule is set: a variant's own learning-rate rule
-
-
-def library(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, num_classes: int) -> sg.StepRule:
-    """The library's defaults, exactly as a user gets them."""
-    return sg.DNI.build(stages, sample, conditioned=conditioned, num_classes=num_classes)
-
-
-def proposed(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, num_classes: int) -> sg.StepRule:
-    """defaults.default_interface at every boundary, Adam 1e-3 stages: for cDNI what DNI.build builds since
-    2026-11-30; for DNI the same linear, centred synthesizer, which DNI.build does not use."""
-    shapes = activation_shapes(stages, sample)[:-1]
-    return sg.DNI(stages, [default_interface(s, conditioned, num_classes) for s in shapes],
-                  conditioned=conditioned, num_classes=num_classes)
-
-
-# A candidate rule is named by '+'-joined tokens, e.g. "lin+trust+sgd"; "library" is DNI.build's defaults and
-# "default" defaults.default_interface's (the same rule as "lin+slr1e-3+pos+center"; cDNI's defaults since 2026-11-30).
-TOKENS = {
-    "lin": "linear synthesizers for DNI too (cDNI's are linear already)",
-    "trust": "BackwardInterface(trust=True): alpha = E[p.t] / E[p.p] in [0, 1] scales the stage below; runs recorded "
-             "before 2026-11-30 (fifth session) scaled the applied synthetic gradient by it, later ones the stage's "
-             "learning rate, set at each step (so a learning-rate hook, lrtrust, lrcos or hold, is overridden)",
-    "proj": "BackwardInterface(project=True): the prediction's component along h removed, per example",
-    "pos": "token synthesizers with a learned gain and bias per position (TokenSynthesizer(positions=N))",
-    "sgd": "every stage SGD (Nesterov momentum 0.9, lr 0.01) instead of Adam (lr 1e-3)",
-    "sgdlow": "stages below an interface SGD (lr 0.01), the last stage Adam (lr 1e-3)",
-    "lrtrust": "Adam stages; each stage's learning rate times its interface's trust factor (needs trust)",
-    "lrcos": "Adam stages; each stage's learning rate times its interface's agreement (pooled cosine to targets)",
-    "chain": "with lrtrust/lrcos: stage k's factor is the product of the factors of interfaces k and above",
-    "slr<x>": "synthesizer learning rate x (default 1e-4)",
-    "sgdlr<x>": "the SGD stages' learning rate x (default 0.01)",
-    "lowlr<x>": "stages below an interface Adam with learning rate x, the last stage Adam 1e-3",
-    "hold<n>": "stages below an interface do not move for the first n steps (learning rate 0)",
-    "ramp<n>": "stages below an interface ramp their learning rate linearly from 0 to full over the first n steps",
-    "trustdrift<x>": "each stage below an interface moves at its full rate until its output's RMS has grown x times "
-                     "its first step's; from then on at its rate times its interface's trust factor (as trust)",
-    "hid1": "synthesizers with one hidden layer: 256 units on vectors, 64 on tokens, 16 channels on feature maps",
-    "norm": "the synthesizer sees each example's activation divided by its RMS (a scale-free input)",
-    "center": "BackwardInterface(center=True): the applied synthetic gradient minus its mean over the batch "
-              "(per feature); the synthesizer still regresses onto the whole target",
-    "decay<x>": "trust_decay x (default 0.99)",
-    "cls": "sg.ClassifierGradient around the synthesizer: plus U (softmax(V h) - y), a local classifier's input "
-           "gradient (U from 0); cDNI's default since 2026-12-01",
-    "clsonly": "only the classifier term and a learned bias, U (softmax(V h) - y) + b: no linear map of h",
-    "wd<x>": "stages below an interface AdamW (lr 1e-3, decoupled weight decay x), the last stage Adam (lr 1e-3)",
-    "clsh<w>": "with cls: the local classifier V is an MLP, Linear(D, w) + ReLU + Linear(w, K), instead of a Linear",
-    "clsce": "with cls (cDNI): V learns by the local cross-entropy of softmax(V h) against the label, not by the "
-             "regression, so the term's error is a trained local classifier's; U and the base still regress",
-    "aux<w>": "(cDNI) the stage below an interface also descends w x a local loss: DGL's auxiliary classifier "
-              "(sg.auxiliary.auxiliary_head) on h, added to the applied synthetic gradient; targets unchanged",
-    "auxgate": "with aux<w>: the local loss's weight is w x (1 - the interface's agreement), so a synthesizer "
-               "that its targets bear out takes over from the local loss",
-    "local": "BackwardInterface(local_loss=True): the library's local loss (synthgrad.localloss), a c + b l with "
-             "(a, b) the least-squares fit of the targets; cDNI's default since the seventh session",
-    "auxfit": "with aux<w>: a c + b l, the least-squares fit of the targets by the applied synthetic gradient c "
-              "and the local loss's l, (a, b) >= 0 from moving averages (w only before the first target)",
-}
-
-
-def parse_variant(name: str) -> dict:
-    """The options a variant name stands for; ValueError naming the unknown token."""
-    opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
-                  "lrcos": False, "chain": False, "hold": 0, "ramp": 0, "trustdrift": 0.0, "center": False,
-                  "norm": False, "hid1": False, "cls": False, "clsonly": False, "clsce": False, "aux": 0.0,
-                  "auxgate": False, "auxfit": False, "local": False, "cls_hidden": 0, "wd": 0.0,
-                  "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
-    if name in ("library", "default"):
-        return opts
-    for tok in name.split("+"):
-        if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm", "hid1", "cls",
-                   "clsonly", "clsce", "auxgate", "auxfit", "local"):
-            opts[tok] = True
-        elif tok in ("sgd", "sgdlow"):
-            opts["opt"] = tok
-        elif tok.startswith("hold"):
-            opts["hold"] = int(tok[4:])
-        elif tok.startswith("ramp"):
-            opts["ramp"] = int(tok[4:])
-        elif tok.startswith("trustdrift"):
-            opts["trustdrift"] = float(tok[10:])
-        elif tok.startswith("lowlr"):
-            opts["opt"], opts["low_lr"] = "lowlr", float(tok[5:])
-        elif tok.startswith("aux"):
-            opts["aux"] = float(tok[3:])
-        elif tok.startswith("clsh"):
-            opts["cls_hidden"] = int(tok[4:])
-        elif tok.startswith("wd"):
-            opts["opt"], opts["wd"] = "wd", float(tok[2:])
-        elif tok.startswith("sgdlr"):
-            opts["sgd_lr"] = float(tok[5:])
-        elif tok.startswith("slr"):
-            opts["synth_lr"] = float(tok[3:])
-        elif tok.startswith("decay"):
-            opts["decay"] = float(tok[5:])
-        else:
-            raise ValueError(f"unknown variant token {tok!r}; tokens: {', '.join(TOKENS)}")
-    return opts
-
-
-class LearnedBias(nn.Module):
-    """A synthesizer that predicts one learned vector, the same for every example (clsonly's base)."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(shape))
-
-    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return self.bias.expand_as(h)
-
-
-class LocalClassifierGradient(sg.ClassifierGradient):
-    """clsce: the term's V trained by its own cross-entropy against the label; its error enters the term detached."""
-
-    def __init__(self, base: nn.Module, shape: tuple[int, ...], num_classes: int):
-        super().__init__(base, shape, num_classes)
-        self.local_loss: torch.Tensor | None = None
-
-    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.logits(h.flatten(1))  # [B, K]
-        error = torch.softmax(logits.detach(), dim=1)
-        if context is not None:
-            self.local_loss = -(context * F.log_softmax(logits, dim=1)).sum(1).mean()
-            error = error - context.to(error.dtype)
-        return self.base(h, context) + self.error_map(error).view_as(h)
-
-
-class LocalLossInterface(sg.BackwardInterface):
-    """Regresses as any interface and adds its synthesizer's local loss (LocalClassifierGradient's) to the step."""
-
-    def regress(self, prediction: torch.Tensor, target: torch.Tensor) -> float:
-        loss = F.mse_loss(prediction, target.detach())
-        extra = getattr(self.model, "local_loss", None)
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss if extra is None else loss + extra).backward()
-        self.optimizer.step()
-        return loss.item()
-
-
-class LocalLossMix(sg.BackwardInterface):
-    """aux<w>: the stage below descends the synthetic gradient plus w x a DGL head's local-loss gradient.
-
-    The screens' copy (zoo-screen-aux-k4.md and its kin were run with it); the library's form of `auxfit` is
-    sg.BackwardInterface(local_loss=...) (synthgrad.localloss), cDNI's default since then, which starts at
-    (a, b) = (1, 0) rather than (1, w) and seeds its head apart from the run's random stream.
-
-    mix "fixed": weight w; "gate": w x (1 - agreement); "fit": a c + b l, where c is the applied synthetic
-    gradient (centred), l the local loss's, and (a, b) >= 0 the least-squares fit of the targets by the two,
-    from moving averages of their dot products (the trust factor's E[p.t] / E[p.p], for two predictors).
-    """
-
-    def __init__(self, synthesizer: nn.Module, optimizer: sg.interfaces.OptimizerFactory, head: nn.Module,
-                 weight: float, mix: str, **kw: object):
-        super().__init__(synthesizer, optimizer, **kw)
-        self.head, self.weight, self.mix = sg.AuxiliaryClassifier(head, sg.adam(1e-3)), weight, mix
-        self.local: torch.Tensor | None = None
-        self.moments = torch.zeros(5, dtype=torch.float64)  # E[c.c], E[c.l], E[l.l], E[c.t], E[l.t]
-
-    def predict(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        self.local = self.head.predict(h, context)  # B x d(local CE)/dh, [B, ...]; the head steps too
-        return super().predict(h, context)
-
-    def coefficients(self) -> tuple[float, float]:
-        if self.mix == "fixed":
-            return 1.0, self.weight
-        if self.mix == "gate":
-            return 1.0, self.weight * (1.0 - float(self.agreement))
-        cc, cl, ll, ct, lt = self.moments.tolist()
-        if cc == 0.0 and ll == 0.0:
-            return 1.0, self.weight
-        ridge = 1e-6 * (cc + ll)
-        det = (cc + ridge) * (ll + ridge) - cl * cl
-        a, b = ((ll + ridge) * ct - cl * lt) / det, ((cc + ridge) * lt - cl * ct) / det
-        if a < 0:  # the best fit with b alone, or a alone
-            a, b = 0.0, max(lt / (ll + ridge), 0.0)
-        elif b < 0:
-            a, b = max(ct / (cc + ridge), 0.0), 0.0
-        return a, b
-
-    def stage_gradient(self, prediction: torch.Tensor, step: int = 0, conditioned: bool = False) -> torch.Tensor:
-        assert self.local is not None
-        a, b = self.coefficients()
-        return a * super().stage_gradient(prediction, step, conditioned) + b * self.local / len(self.local)
-
-    def update(self, prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
-        if self.mix == "fit" and self.local is not None:
-            with torch.no_grad():
-                bsz = prediction.shape[0]
-                c = prediction.detach()
-                if self.centers(True) and bsz > 1:
-                    c = c - c.mean(0, keepdim=True)
-                c, loc, t = c.flatten(), self.local.flatten(), (target_grad * bsz).flatten()
-                m = torch.stack([c @ c, c @ loc, loc @ loc, c @ t, loc @ t]).double() / bsz
-                self.moments.mul_(self.trust_decay).add_(m, alpha=1.0 - self.trust_decay)
-        return super().update(prediction, target_grad)
-
-
-class NormalizedInput(nn.Module):
-    """A candidate: the wrapped synthesizer sees h / RMS(h), per example, so its output does not grow with h."""
-
-    def __init__(self, synth: nn.Module):
-        super().__init__()
-        self.synth = synth
-
-    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        rms = h.flatten(1).pow(2).mean(1).add(1e-12).sqrt().view(-1, *[1] * (h.dim() - 1))  # [B, 1, ...]
-        return self.synth(h / rms, context)
-
-
-def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, conditioned: bool,
-                  num_classes: int) -> tuple[sg.StepRule, StepHook | None]:
-    if name == "library":
-        return library(stages, sample, conditioned, num_classes), None
-    if name == "default":
-        return proposed(stages, sample, conditioned, num_classes), None
-    o = parse_variant(name)
-    ctx = num_classes if conditioned else 0
-    hidden = 1 if o["hid1"] else 0 if (o["lin"] or conditioned) else 2
-
-    def synthesizer(shape: tuple[int, ...]) -> nn.Module:
-        width = ({1: 256, 2: 64, 3: 16}[len(shape)] if o["hid1"] else None) if len(shape) <= 3 else None
-        if o["pos"] and len(shape) == 2:
-            synth = sg.TokenSynthesizer(shape[1], hidden, width or 256, ctx, positions=shape[0])
-        else:
-            synth = sg.make_synthesizer(shape, hidden, width, ctx)
-        if o["cls"] or o["clsonly"]:
-            term = LocalClassifierGradient if o["clsce"] else sg.ClassifierGradient
-            synth = term(LearnedBias(shape) if o["clsonly"] else synth, shape, num_classes)
-            if o["cls_hidden"]:  # a nonlinear local classifier: closer to the stages above than a Linear can be
-                w = o["cls_hidden"]
-                synth.logits = nn.Sequential(nn.Linear(math.prod(shape), w), nn.ReLU(), nn.Linear(w, num_classes))
-        return NormalizedInput(synth) if o["norm"] else synth
-
-    def interface(shape: tuple[int, ...]) -> sg.BackwardInterface:
-        # A variant is what its tokens say and nothing else: the library's later cDNI defaults (the classifier
-        # term, the local loss) stay out unless a token asks for them, so a recorded variant reruns as recorded.
-        kw = dict(trust=o["trust"], trust_decay=o["decay"], project=o["proj"], center=o["center"],
-                  classifier=o["cls"] or o["clsonly"], local_loss=o["local"])
-        if o["aux"]:
-            return LocalLossMix(synthesizer(shape), sg.adam(o["synth_lr"]), auxiliary_head(shape, num_classes),
-                                o["aux"], "fit" if o["auxfit"] else "gate" if o["auxgate"] else "fixed", **kw)
-        kind = LocalLossInterface if o["clsce"] else sg.BackwardInterface
-        return kind(synthesizer(shape), sg.adam(o["synth_lr"]), **kw)
-
-    interfaces = [interface(shape) for shape in activation_shapes(stages, sample)[:-1]]
-    opt = sgd(o["sgd_lr"]) if o["opt"] == "sgd" else sg.adam(1e-3)
-    rule = sg.DNI(stages, interfaces, optimizer=opt, conditioned=conditioned, num_classes=num_classes)
-    if o["opt"] in ("lowlr", "sgdlow", "wd"):  # the stages below an interface get their own optimizer; the last: Adam
-        low = (sg.adam(o["low_lr"]) if o["opt"] == "lowlr" else sgd(o["sgd_lr"]) if o["opt"] == "sgdlow"
-               else functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=o["wd"], fused=True))
-        for stage_rule in rule.stage_rules[:-1]:
-            stage_rule.optimizer = low(stage_rule.stage.parameters())
-    hook = None
-    if o["trustdrift"]:
-        return rule, drift_gated_trust(rule, o["trustdrift"])
-    if o["lrtrust"] or o["lrcos"] or o["hold"] or o["ramp"]:
-        def hook() -> None:  # after set_lr_factor: lower stage k's lr times interface k's trust or agreement
-            if o["lrtrust"] or o["lrcos"]:
-                factors = [float(i.trust_factor if o["lrtrust"] else i.agreement) for i in rule.interfaces]
-            else:
-                factors = [1.0] * len(rule.interfaces)
-            if rule.steps < o["hold"]:
-                factors = [0.0] * len(factors)
-            if o["ramp"]:
-                factors = [f * min(1.0, (rule.steps + 1) / o["ramp"]) for f in factors]
-            if o["chain"]:  # bootstrapped targets are only as good as the interfaces above: multiply down
-                for k in range(len(factors) - 2, -1, -1):
-                    factors[k] *= factors[k + 1]
-            for opt_k, factor in zip(rule.optimizers[:-1], factors, strict=True):
-                for group in opt_k.param_groups:
-                    group["lr"] *= factor
-    return rule, hook
-
-
-def drift_gated_trust(rule: sg.DNI, threshold: float) -> Callable[[], None]:
-    """The hook for trustdrift<x>: stage k moves at its full rate until its output's RMS exceeds `threshold` x its
-    first step's, then (for the rest of the run) at its rate times alpha_k = E[p.t] / E[p.p] in [0, 1]."""
-    first: list[float | None] = [None] * len(rule.interfaces)
-    now: list[float] = [0.0] * len(rule.interfaces)
-    engaged = [False] * len(rule.interfaces)
-
-    def record(k: int) -> Callable:
-        def fn(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-            if not mod.training:  # an evaluation (rule.network() copies the hooks too): not the training run
-                return
-            value = rms(out)
-            now[k] = value
-            first[k] = value if first[k] is None else first[k]
-        return fn
-
-    for k, stage in enumerate(rule.stages[:-1]):
-        stage.register_forward_hook(record(k))
-
-    def hook() -> None:  # after set_lr_factor: the stages' rates as the schedule set them, times the gate
-        for k, (opt_k, i) in enumerate(zip(rule.optimizers[:-1], rule.interfaces, strict=True)):
-            engaged[k] = engaged[k] or (first[k] is not None and now[k] > threshold * first[k])
-            if engaged[k]:
-                factor = float(i.fit_scale)  # trust's alpha, which the interface (trust off) does not apply itself
-                for group in opt_k.param_groups:
-                    group["lr"] *= factor
-    return hook
 
 
 @dataclass(frozen=True)
