@@ -82,6 +82,12 @@ TOKENS = {
 }
 
 
+# Tokens that carry a number: (prefix, option, type), tried in this order after the exact tokens.
+NUMBERED = (("hold", "hold", int), ("ramp", "ramp", int), ("trustdrift", "trustdrift", float), ("aux", "aux", float),
+            ("clsh", "cls_hidden", int), ("sgdlr", "sgd_lr", float), ("slr", "synth_lr", float),
+            ("decay", "decay", float))
+
+
 def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
@@ -97,26 +103,13 @@ def parse_variant(name: str) -> dict:
             opts[tok] = True
         elif tok in ("sgd", "sgdlow"):
             opts["opt"] = tok
-        elif tok.startswith("hold"):
-            opts["hold"] = int(tok[4:])
-        elif tok.startswith("ramp"):
-            opts["ramp"] = int(tok[4:])
-        elif tok.startswith("trustdrift"):
-            opts["trustdrift"] = float(tok[10:])
         elif tok.startswith("lowlr"):
             opts["opt"], opts["low_lr"] = "lowlr", float(tok[5:])
-        elif tok.startswith("aux"):
-            opts["aux"] = float(tok[3:])
-        elif tok.startswith("clsh"):
-            opts["cls_hidden"] = int(tok[4:])
         elif tok.startswith("wd"):
             opts["opt"], opts["wd"] = "wd", float(tok[2:])
-        elif tok.startswith("sgdlr"):
-            opts["sgd_lr"] = float(tok[5:])
-        elif tok.startswith("slr"):
-            opts["synth_lr"] = float(tok[3:])
-        elif tok.startswith("decay"):
-            opts["decay"] = float(tok[5:])
+        elif prefixed := next((p for p in NUMBERED if tok.startswith(p[0])), None):
+            prefix, key, kind = prefixed
+            opts[key] = kind(tok[len(prefix):])
         else:
             raise ValueError(f"unknown variant token {tok!r}; tokens: {', '.join(TOKENS)}")
     return opts
