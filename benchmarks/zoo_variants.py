@@ -19,7 +19,7 @@ import synthgrad as sg
 from synthgrad.defaults import default_interface
 from synthgrad.health import rms
 from synthgrad.interfaces import sgd
-from synthgrad.localloss import auxiliary_head
+from synthgrad.localloss import auxiliary_head, least_squares_mix, mix_moments
 from synthgrad.rules import activation_shapes
 
 StepHook = Callable[[], None]  # called after each step's schedule is set: a variant's own learning-rate rule
@@ -170,11 +170,12 @@ class LocalLossMix(sg.BackwardInterface):
                  weight: float, mix: str, **kw: object):
         super().__init__(synthesizer, optimizer, **kw)
         self.head, self.weight, self.mix = sg.AuxiliaryClassifier(head, sg.adam(1e-3)), weight, mix
-        self.local: torch.Tensor | None = None
+        # B x d(local CE)/dh of the step, [B, ...] (not `self.local`: that is the library's own LocalLoss, off here)
+        self.local_grad: torch.Tensor | None = None
         self.moments = torch.zeros(5, dtype=torch.float64)  # E[c.c], E[c.l], E[l.l], E[c.t], E[l.t]
 
     def predict(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        self.local = self.head.predict(h, context)  # B x d(local CE)/dh, [B, ...]; the head steps too
+        self.local_grad = self.head.predict(h, context)  # the head steps too
         return super().predict(h, context)
 
     def coefficients(self) -> tuple[float, float]:
@@ -182,32 +183,21 @@ class LocalLossMix(sg.BackwardInterface):
             return 1.0, self.weight
         if self.mix == "gate":
             return 1.0, self.weight * (1.0 - float(self.agreement))
-        cc, cl, ll, ct, lt = self.moments.tolist()
-        if cc == 0.0 and ll == 0.0:
-            return 1.0, self.weight
-        ridge = 1e-6 * (cc + ll)
-        det = (cc + ridge) * (ll + ridge) - cl * cl
-        a, b = ((ll + ridge) * ct - cl * lt) / det, ((cc + ridge) * lt - cl * ct) / det
-        if a < 0:  # the best fit with b alone, or a alone
-            a, b = 0.0, max(lt / (ll + ridge), 0.0)
-        elif b < 0:
-            a, b = max(ct / (cc + ridge), 0.0), 0.0
-        return a, b
+        mix = least_squares_mix(self.moments)
+        return (1.0, self.weight) if mix is None else mix
 
-    def stage_gradient(self, prediction: torch.Tensor, step: int = 0, conditioned: bool = False) -> torch.Tensor:
-        assert self.local is not None
+    def stage_gradient(self, prediction: torch.Tensor, step: int = 0, conditioned: bool = False,
+                       local: torch.Tensor | None = None) -> torch.Tensor:
+        assert self.local_grad is not None
         a, b = self.coefficients()
-        return a * super().stage_gradient(prediction, step, conditioned) + b * self.local / len(self.local)
+        return (a * super().stage_gradient(prediction, step, conditioned)
+                + b * self.local_grad / len(self.local_grad))
 
-    def update(self, prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
-        if self.mix == "fit" and self.local is not None:
+    def update(self, prediction: torch.Tensor, target_grad: torch.Tensor, local: torch.Tensor | None = None) -> float:
+        if self.mix == "fit" and self.local_grad is not None:
             with torch.no_grad():
-                bsz = prediction.shape[0]
-                c = prediction.detach()
-                if self.centers(True) and bsz > 1:
-                    c = c - c.mean(0, keepdim=True)
-                c, loc, t = c.flatten(), self.local.flatten(), (target_grad * bsz).flatten()
-                m = torch.stack([c @ c, c @ loc, loc @ loc, c @ t, loc @ t]).double() / bsz
+                c, t = self.applied(prediction, conditioned=True), target_grad * prediction.shape[0]
+                m = mix_moments(c, self.local_grad, t)
                 self.moments.mul_(self.trust_decay).add_(m, alpha=1.0 - self.trust_decay)
         return super().update(prediction, target_grad)
 

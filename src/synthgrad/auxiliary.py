@@ -36,7 +36,8 @@ class AuxiliaryClassifier(BackwardInterface):
         """B * d(local loss)/dh, and one update of the head on that loss (the stage's step uses the gradient)."""
         if context is None:
             raise ValueError("an auxiliary classifier needs the label: run it with the one-hot context (method dgl)")
-        grad, self.last_loss = local_gradient(self.model, self.optimizer, h, context)
+        grad, loss = local_gradient(self.model, self.optimizer, h, context)
+        self.last_loss = loss.item()  # what `update` reports as DGL's synth_loss
         return grad
 
     def update(self, prediction: torch.Tensor, target_grad: torch.Tensor) -> float:

@@ -32,9 +32,10 @@ def auxiliary_head(shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 def local_gradient(head: nn.Module, optimizer: torch.optim.Optimizer, h: torch.Tensor,
-                   onehot: torch.Tensor) -> tuple[torch.Tensor, float]:
+                   onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """B * d CE(head(h), y) / dh at h [B, ...] (per-example units, as a synthesizer's prediction), and the
-    loss; the head takes one optimizer step on that loss."""
+    loss (0-dim, detached: reading it waits for the device, so only a caller that reports it does); the head
+    takes one optimizer step on that loss."""
     with torch.enable_grad():
         h = h.detach().requires_grad_(True)
         loss = -(onehot * F.log_softmax(head(h), dim=1)).sum(1).mean()  # cross-entropy, one-hot labels [B, K]
@@ -42,7 +43,31 @@ def local_gradient(head: nn.Module, optimizer: torch.optim.Optimizer, h: torch.T
         loss.backward()
         optimizer.step()
     assert h.grad is not None
-    return h.grad * h.shape[0], loss.item()
+    return h.grad * h.shape[0], loss.detach()
+
+
+def mix_moments(applied: torch.Tensor, local: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[c.c, c.l, l.l, c.t, l.t] per example (float64 [5]) for one step's applied synthetic gradient c, local
+    gradient l and target t (all [B, ...], per-example units)."""
+    c, loc, t, b = applied.flatten(), local.flatten(), target.flatten(), applied.shape[0]
+    return torch.stack([c @ c, c @ loc, loc @ loc, c @ t, loc @ t]).to(torch.float64) / b
+
+
+def least_squares_mix(moments: torch.Tensor) -> tuple[float, float] | None:
+    """(a, b) >= 0 minimising E |a c + b l - t|^2, from the expectations `mix_moments` lists; None before
+    anything was observed (all zero)."""
+    cc, cl, ll, ct, lt = moments.tolist()
+    if cc == 0.0 and ll == 0.0:
+        return None
+    ridge = 1e-6 * (cc + ll)  # keeps the 2 x 2 system solvable when c and l are parallel, or c is 0
+    cc, ll = cc + ridge, ll + ridge
+    det = cc * ll - cl * cl
+    a, b = (ll * ct - cl * lt) / det, (cc * lt - cl * ct) / det
+    if a < 0.0:  # the constrained optimum lies on an edge: the best fit by one of the two alone
+        return 0.0, max(lt / ll, 0.0)
+    if b < 0.0:
+        return max(ct / cc, 0.0), 0.0
+    return a, b
 
 
 class LocalLoss:
@@ -66,7 +91,6 @@ class LocalLoss:
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr)
         # Moving averages of E[c.c], E[c.l], E[l.l], E[c.t], E[l.t], per example (float64 [5]).
         self.moments = torch.zeros(5, dtype=torch.float64)
-        self.last_loss = math.nan
 
     def gradient(self, h: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         """l = B * d CE / dh for h [B, *shape], and one step of the head."""
@@ -74,32 +98,20 @@ class LocalLoss:
             raise ValueError(f"this local loss was built for activations of shape {list(self.shape)} per example, "
                              f"got {list(h.shape[1:])}: activations whose shape varies (sequences of any length) "
                              "need local_loss=False (--no-synth-local)")
-        grad, self.last_loss = local_gradient(self.head, self.optimizer, h, onehot)
-        return grad
+        return local_gradient(self.head, self.optimizer, h, onehot)[0]
 
     @torch.no_grad()
     def observe(self, applied: torch.Tensor, local: torch.Tensor, target: torch.Tensor) -> None:
         """Fold one step's applied synthetic gradient c, local gradient l and target t (all [B, ...],
         per-example units) into the moving averages."""
-        c, loc, t, b = applied.flatten(), local.flatten(), target.flatten(), applied.shape[0]
-        m = torch.stack([c @ c, c @ loc, loc @ loc, c @ t, loc @ t]).to(self.moments) / b
+        m = mix_moments(applied, local, target).to(self.moments)
         self.moments.mul_(self.decay).add_(m, alpha=1.0 - self.decay)
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b) >= 0 minimising E |a c + b l - t|^2 over what `observe` saw. Before anything came, (1, 0):
         the stage follows its synthesizer, as without a local loss, until the targets bear the local loss out."""
-        cc, cl, ll, ct, lt = self.moments.tolist()
-        if cc == 0.0 and ll == 0.0:
-            return 1.0, 0.0
-        ridge = 1e-6 * (cc + ll)  # keeps the 2 x 2 system solvable when c and l are parallel, or c is 0
-        cc, ll = cc + ridge, ll + ridge
-        det = cc * ll - cl * cl
-        a, b = (ll * ct - cl * lt) / det, (cc * lt - cl * ct) / det
-        if a < 0.0:  # the constrained optimum lies on an edge: the best fit by one of the two alone
-            return 0.0, max(lt / ll, 0.0)
-        if b < 0.0:
-            return max(ct / cc, 0.0), 0.0
-        return a, b
+        mix = least_squares_mix(self.moments)
+        return (1.0, 0.0) if mix is None else mix
 
     def state_dict(self) -> dict:
         return {"shape": list(self.shape), "num_classes": self.num_classes, "head": self.head.state_dict(),
