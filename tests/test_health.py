@@ -51,7 +51,8 @@ def test_a_useless_synthesizer_is_warned_about_once_with_what_to_try() -> None:
     stages = [nn.Linear(20, 16), nn.Linear(16, 3)]
     dni = sg.DNI(stages, [sg.BackwardInterface(NoiseSynthesizer(), sg.adam(1e-3))],
                  health=Health(every=2, window=3, warmup=0))
-    with pytest.warns(HealthWarning, match=r"synthesizer above stage 1 has been no better than nothing .* Try cDNI"):
+    with pytest.warns(HealthWarning, match=r"gradient that stage 1 learns from \(its synthesizer's prediction, as "
+                      r"applied\) has been no better than nothing .* Try cDNI"):
         for _ in range(5):  # samples at steps 0, 2 and 4: a window of 3
             stats = dni.step(x, y)
     assert "act_rms" in stats and stats["grad_rel_error"][0] > 1
@@ -65,8 +66,9 @@ def test_a_useless_cdni_synthesizer_gets_advice_that_leaves_out_cdni() -> None:
     # The run sees the label already: "try cDNI" would send its user nowhere.
     x, y = _batch()
     stages = [nn.Linear(20, 16), nn.Linear(16, 3)]
-    dni = sg.DNI(stages, [sg.BackwardInterface(NoiseSynthesizer(), sg.adam(1e-3), classifier=False)],
-                 conditioned=True, num_classes=3, health=Health(every=2, window=3, warmup=0))
+    # Without the local loss: with it, the mix leans on the local gradient and the stage is fine (below).
+    iface = sg.BackwardInterface(NoiseSynthesizer(), sg.adam(1e-3), classifier=False, local_loss=False)
+    dni = sg.DNI(stages, [iface], conditioned=True, num_classes=3, health=Health(every=2, window=3, warmup=0))
     with pytest.warns(HealthWarning) as record:
         for _ in range(5):
             dni.step(x, y)
@@ -74,6 +76,31 @@ def test_a_useless_cdni_synthesizer_gets_advice_that_leaves_out_cdni() -> None:
     assert "The label is given already (cDNI); try a faster synthesizer" in message and "Try cDNI" not in message
     assert "trust=True" in message
     assert record[0].filename == __file__  # the warning points at the user's dni.step(...), not into the library
+
+
+def test_a_stage_that_its_local_loss_carries_is_judged_by_what_it_applies() -> None:
+    # The synthesizer predicts noise, but the least-squares mix leans on the local loss (a -> 0), so the stage
+    # learns: judging the prediction would warn about a stage that is fine.
+    x, y = _batch()
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(20, 16), nn.ReLU()), nn.Linear(16, 3)]
+    iface = sg.BackwardInterface(NoiseSynthesizer(), sg.adam(1e-3), classifier=False, local_loss=True)
+    dni = sg.DNI(stages, [iface], conditioned=True, num_classes=3, health=Health(every=5, window=3, warmup=20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HealthWarning)
+        for _ in range(200):
+            dni.step(x, y)
+    stats = dni.step(x, y, diagnose=True)
+    assert stats["grad_rel_error"][0] > 10  # the prediction: noise of 100 against a gradient of about 1
+    assert stats["applied_rel_error"][0] < 0.95 and stats["applied_cosine"][0] > 0.5
+    assert stats["mix_synthetic"][0] < 1e-3 < stats["mix_local"][0]
+
+
+def test_a_useless_mix_names_the_local_loss() -> None:
+    health = Health(every=1, window=2, warmup=0)
+    with pytest.warns(HealthWarning, match=r"its synthesizer's prediction mixed with its local loss's gradient"):
+        for step in range(2):
+            health.observe(step, [1.5], [1.0], conditioned=True, local=[True])
 
 
 def test_a_true_gradient_synthesizer_is_healthy_and_sampled_on_schedule() -> None:
@@ -88,6 +115,8 @@ def test_a_true_gradient_synthesizer_is_healthy_and_sampled_on_schedule() -> Non
     assert sampled == [True, False, False, True, False, False, True]
     stats = dni.step(x, y, diagnose=True)
     assert stats["grad_cosine"][0] == pytest.approx(1.0, abs=1e-5) and stats["act_rms"][0] > 0
+    # DNI's defaults apply the prediction as it is: the applied gradient is the prediction.
+    assert stats["applied_cosine"] == stats["grad_cosine"] and stats["applied_rel_error"] == stats["grad_rel_error"]
     assert stats["act_rms_drift"][0] == pytest.approx(stats["act_rms"][0] / dni.health.first_rms[0])
 
 

@@ -2,9 +2,12 @@
 the activations at the boundaries stay in range? It warns once per problem, with what to try.
 
 Every `every` steps the rule measures, per interface, the synthetic gradient against the true one
-(cosine, and the error relative to the true gradient's norm) and the RMS of each boundary's
-activation. A synthesizer is *no better than nothing* when its prediction lies farther from the
-true gradient than zero does (relative error >= 1) in most samples of a sustained window; an
+(cosine, and the error relative to the true gradient's norm), both as the synthesizer predicted it and as
+the stage below applied it (centred, scaled, and mixed with a local loss's gradient where there is one),
+and the RMS of each boundary's activation. An interface is *no better than nothing* when what its stage
+applied lies farther from the true gradient than zero does (relative error >= 1) in most samples of a
+sustained window: the stage then learns nothing or drifts. The applied gradient is judged, not the
+prediction, because a stage that a local loss carries learns while its synthesizer still lags. An
 activation *runs away* when its RMS grows past `runaway` times its first sample.
 """
 
@@ -47,9 +50,11 @@ class Health:
         return self.every > 0 and step % self.every == 0
 
     def observe(self, step: int, rel_error: list[float | None], act_rms: list[float | None],
-                conditioned: bool = False) -> dict:
+                conditioned: bool = False, local: list[bool] | None = None) -> dict:
         """Take one sample (per interface); returns the figures for the step's stats, and warns if it must.
-        conditioned: the synthesizers see the label (cDNI), so the advice leaves out what is on already."""
+        rel_error: of the gradient each stage applied, against the true one. conditioned: the synthesizers
+        see the label (cDNI), so the advice leaves out what is on already. local: per interface, whether its
+        stage mixes in a local loss (the message says so)."""
         n = len(act_rms)
         if not self.first_rms:
             self.first_rms, self.rel_errors = [None] * n, [[] for _ in range(n)]
@@ -63,19 +68,23 @@ class Health:
             if rel_error[k] is not None:
                 self.rel_errors[k] = (self.rel_errors[k] + [rel_error[k]])[-self.window:]
         if step >= self.warmup:
-            self._judge(step, drift, conditioned)
+            self._judge(step, drift, conditioned, local or [False] * n)
         return {"act_rms": act_rms, "act_rms_drift": drift}
 
-    def _judge(self, step: int, drift: list[float | None], conditioned: bool) -> None:
+    def _judge(self, step: int, drift: list[float | None], conditioned: bool, local: list[bool]) -> None:
         for k, errors in enumerate(self.rel_errors):
             if len(errors) >= self.window and statistics.median(errors) >= 1.0:
                 first = ("The label is given already (cDNI); try" if conditioned else
                          "Try cDNI (conditioned=True: the label makes the gradient predictable; its synthesizers "
-                         "also get a local classifier's gradient term unless classifier=False),")
+                         "also get a local classifier's gradient term unless classifier=False, and their stages a "
+                         "local loss unless local_loss=False),")
+                what = ("its synthesizer's prediction mixed with its local loss's gradient" if local[k] else
+                        "its synthesizer's prediction")
                 self._warn(f"useless-{k}", (
-                    f"step {step}: the synthesizer above stage {k + 1} has been no better than nothing for the "
-                    f"last {self.window} samples (its prediction lies farther from the true gradient than zero: "
-                    f"median relative error {statistics.median(errors):.2f}). Its stage learns little or drifts. "
+                    f"step {step}: the gradient that stage {k + 1} learns from ({what}, as applied) has been no "
+                    f"better than nothing for the last {self.window} samples (it lies farther from the true "
+                    f"gradient than zero: median relative error {statistics.median(errors):.2f}). The stage learns "
+                    "little or drifts. "
                     f"{first} a faster synthesizer (synth_lr=1e-3, cDNI's default, so that it keeps up with its "
                     "stage), stages that move at their rate times their interface's trust "
                     "(sg.BackwardInterface(..., trust=True), --synth-trust), SGD stages (optimizer=sg.sgd(...)), "

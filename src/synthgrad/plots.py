@@ -108,7 +108,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
 
     for key, name, title, ylabel, log in (
         ("synth_loss", "synth_loss.png", "Synthesizer loss per interface", "MSE to target", True),
-        ("grad_cosine", "grad_cosine.png", "Synthetic vs true gradient",
+        ("grad_cosine", "grad_cosine.png", "Synthetic vs true gradient (dashed: as the stage applied it)",
          "cosine similarity", False),
         ("input_loss", "input_loss.png", "Synthetic input loss per stage (complete unlock)",
          "MSE to the real activation", True),
@@ -122,8 +122,12 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
             for i in range(n):
                 xs, ys = _series(recs, key, i)
                 if xs:
-                    ax.plot(xs, ys, label=f"{run_label(d)} h{i + 1}")
+                    (line,) = ax.plot(xs, ys, label=f"{run_label(d)} h{i + 1}")
                     drawn = True
+                    if key == "grad_cosine":  # what the stage applied, dashed, where it differs from the prediction
+                        axs, ays = _series(recs, "applied_cosine", i)
+                        if axs and (axs != xs or max(abs(a - b) for a, b in zip(ays, ys, strict=True)) > 1e-3):
+                            ax.plot(axs, ays, "--", color=line.get_color(), label=f"{run_label(d)} h{i + 1} applied")
         if not drawn:
             plt.close(fig)
             continue

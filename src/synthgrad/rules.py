@@ -283,8 +283,11 @@ class DNI(StepRule):
             None (default): on the health schedule's steps (every `health.every`); True / False: now / not.
         Returns {"train_loss": float, "synth_loss": [per interface, None where no target came],
             "input_loss": [...] (complete unlock); on a diagnosed step also "grad_cosine",
-            "grad_rel_error", "act_rms" and "act_rms_drift" (RMS over its first sample), and "mix_synthetic"
-            and "mix_local", the (a, b) of a stage's local-loss mix (None without one): [per interface]}.
+            "grad_rel_error" (the synthesizer's prediction against the true gradient), "applied_cosine" and
+            "applied_rel_error" (what the stage below applied against it: the prediction centred, scaled and
+            mixed with a local loss's gradient; the health warnings judge this one), "act_rms" and
+            "act_rms_drift" (RMS over its first sample), and "mix_synthetic" and "mix_local", the (a, b) of a
+            stage's local-loss mix (None without one): [per interface]}.
         """
         diagnose = self.health.due(self.steps) if diagnose is None else diagnose
         self._begin_step()
@@ -295,6 +298,8 @@ class DNI(StepRule):
         input_loss: list[float | None] = [None] * last
         cosine: list[float | None] = [None] * last
         rel_error: list[float | None] = [None] * last
+        applied_cos: list[float | None] = [None] * last
+        applied_rel: list[float | None] = [None] * last
         act_rms: list[float | None] = [None] * last
         true_below: torch.Tensor | None = None  # dL/dh_(k-1), for "backprop" targets
         h, real, loss = x, x, None  # real: the real activation, under the complete unlock
@@ -308,7 +313,13 @@ class DNI(StepRule):
                 # Exact dL/dh_k now: the stages above have not moved yet on this step.
                 true_below = true_gradient(self.stages[k + 1:], res.output, y, self.loss_fn)
                 if diagnose:
-                    cosine[k], rel_error[k] = gradient_agreement(rule.pending[-1].prediction, true_below)
+                    pending = rule.pending[-1]
+                    cosine[k], rel_error[k] = gradient_agreement(pending.prediction, true_below)
+                    # What the stage learned from (centred, scaled, mixed with a local loss): the health
+                    # judgement's subject. Recomputed exactly: the mix moves only when a target arrives.
+                    applied = rule.interface.stage_gradient(pending.prediction, t, conditioned=ctx is not None,
+                                                            local=pending.local)  # [B, ...], batch-mean units
+                    applied_cos[k], applied_rel[k] = gradient_agreement(applied * applied.shape[0], true_below)
             if diagnose and k < last:
                 act_rms[k] = rms(res.output)
             h, loss = res.output, res.loss
@@ -324,11 +335,13 @@ class DNI(StepRule):
             stats["input_loss"] = input_loss
         if diagnose:
             stats["grad_cosine"], stats["grad_rel_error"] = cosine, rel_error
+            stats["applied_cosine"], stats["applied_rel_error"] = applied_cos, applied_rel
             # How each stage mixes its local loss in, a c + b l (localloss.py); None where it has none.
             mixes = [None if getattr(i, "local", None) is None else i.local.coefficients() for i in self.interfaces]
             stats["mix_synthetic"] = [None if m is None else m[0] for m in mixes]
             stats["mix_local"] = [None if m is None else m[1] for m in mixes]
-            stats.update(self.health.observe(t, rel_error, act_rms, self.conditioned))
+            stats.update(self.health.observe(t, applied_rel, act_rms, self.conditioned,
+                                             local=[m is not None for m in mixes]))
         return stats
 
     def state_dict(self) -> dict:
