@@ -19,7 +19,7 @@ import synthgrad as sg
 from synthgrad.defaults import default_interface
 from synthgrad.health import rms
 from synthgrad.interfaces import sgd
-from synthgrad.localloss import auxiliary_head, least_squares_mix, mix_moments
+from synthgrad.localloss import LocalLoss, auxiliary_head, least_squares_mix, mix_moments
 from synthgrad.rules import activation_shapes
 
 StepHook = Callable[[], None]  # called after each step's schedule is set: a variant's own learning-rate rule
@@ -79,6 +79,13 @@ TOKENS = {
              "(a, b) the least-squares fit of the targets; cDNI's default since the seventh session",
     "auxfit": "with aux<w>: a c + b l, the least-squares fit of the targets by the applied synthetic gradient c "
               "and the local loss's l, (a, b) >= 0 from moving averages (w only before the first target)",
+    "lhmlp": "with local: the local loss's head has a hidden layer, Linear(F, 128) + ReLU + Linear(128, K), on "
+             "what the default head's Linear sees (F features: the flattened vector or tokens, or the 2x2-pooled map)",
+    "lhpool4": "with local: feature maps pool to 4 x 4 instead of 2 x 2 before the head's Linear",
+    "lhmean": "with local: token activations [N, D] reach the head's Linear as the model's readout sees them, "
+              "LayerNorm then the mean over tokens (D features), instead of flattened (N D features)",
+    "tokmix": "token synthesizers also add a linear map (from zero) of the mean token to every token: a term that "
+              "mixes tokens, as attention does",
 }
 
 
@@ -93,14 +100,17 @@ def parse_variant(name: str) -> dict:
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
                   "lrcos": False, "chain": False, "hold": 0, "ramp": 0, "trustdrift": 0.0, "center": False,
                   "norm": False, "hid1": False, "cls": False, "clsonly": False, "clsce": False, "aux": 0.0,
-                  "auxgate": False, "auxfit": False, "local": False, "cls_hidden": 0, "wd": 0.0,
+                  "auxgate": False, "auxfit": False, "local": False, "cls_hidden": 0, "wd": 0.0, "tokmix": False,
+                  "local_head": "",
                   "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
     if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
         if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm", "hid1", "cls",
-                   "clsonly", "clsce", "auxgate", "auxfit", "local"):
+                   "clsonly", "clsce", "auxgate", "auxfit", "local", "tokmix"):
             opts[tok] = True
+        elif tok in ("lhmlp", "lhpool4", "lhmean"):
+            opts["local_head"] = tok
         elif tok in ("sgd", "sgdlow"):
             opts["opt"] = tok
         elif tok.startswith("lowlr"):
@@ -202,6 +212,63 @@ class LocalLossMix(sg.BackwardInterface):
         return super().update(prediction, target_grad)
 
 
+class MeanTokenMix(nn.Module):
+    """tokmix: the wrapped token synthesizer plus M mean_n(h) for every token (M [D, D] from zero), [B, N, D]."""
+
+    def __init__(self, synth: nn.Module, dim: int):
+        super().__init__()
+        self.synth, self.mix = synth, nn.Linear(dim, dim, bias=False)
+        nn.init.zeros_(self.mix.weight)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.synth(h, context) + self.mix(h.mean(1, keepdim=True))  # [B, N, D] + [B, 1, D]
+
+
+class MeanTokens(nn.Module):
+    """[B, N, D] -> [B, D]: LayerNorm per token, then the mean over tokens (the zoo ViT's readout)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h).mean(1)
+
+
+def candidate_head(kind: str, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A local-loss head other than localloss.auxiliary_head's (the lh* tokens)."""
+    if len(shape) == 3:
+        pool = 4 if kind == "lhpool4" else 2
+        trunk: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten())
+        features = pool * pool * shape[0]
+    elif len(shape) == 2 and kind == "lhmean":
+        trunk, features = MeanTokens(shape[1]), shape[1]
+    else:
+        trunk, features = nn.Flatten(), math.prod(shape)
+    if kind == "lhmlp":
+        return nn.Sequential(trunk, nn.Linear(features, 128), nn.ReLU(), nn.Linear(128, num_classes))
+    return nn.Sequential(trunk, nn.Linear(features, num_classes))
+
+
+class CandidateHeadInterface(sg.BackwardInterface):
+    """local + lh*: the library's local loss, with a candidate head (seeded apart from the run's stream, as the
+    library's) in place of auxiliary_head's."""
+
+    def __init__(self, *args: object, head_kind: str, **kw: object):
+        super().__init__(*args, **kw)
+        self.head_kind = head_kind
+
+    def local_gradient(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
+        if self.local is None and context is not None and self.local_loss:
+            local = LocalLoss(tuple(h.shape[1:]), context.shape[1], decay=self.trust_decay, like=h)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(7919 * math.prod(local.shape) + local.num_classes)
+                local.head = candidate_head(self.head_kind, local.shape, local.num_classes).to(h.device, h.dtype)
+            local.optimizer = torch.optim.Adam(local.head.parameters(), lr=1e-3)
+            self.local = local
+        return super().local_gradient(h, context)
+
+
 class NormalizedInput(nn.Module):
     """A candidate: the wrapped synthesizer sees h / RMS(h), per example, so its output does not grow with h."""
 
@@ -236,6 +303,8 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
             if o["cls_hidden"]:  # a nonlinear local classifier: closer to the stages above than a Linear can be
                 w = o["cls_hidden"]
                 synth.logits = nn.Sequential(nn.Linear(math.prod(shape), w), nn.ReLU(), nn.Linear(w, num_classes))
+        if o["tokmix"] and len(shape) == 2:
+            synth = MeanTokenMix(synth, shape[1])
         return NormalizedInput(synth) if o["norm"] else synth
 
     def interface(shape: tuple[int, ...]) -> sg.BackwardInterface:
@@ -246,6 +315,8 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
         if o["aux"]:
             return LocalLossMix(synthesizer(shape), sg.adam(o["synth_lr"]), auxiliary_head(shape, num_classes),
                                 o["aux"], "fit" if o["auxfit"] else "gate" if o["auxgate"] else "fixed", **kw)
+        if o["local_head"]:
+            return CandidateHeadInterface(synthesizer(shape), sg.adam(o["synth_lr"]), head_kind=o["local_head"], **kw)
         kind = LocalLossInterface if o["clsce"] else sg.BackwardInterface
         return kind(synthesizer(shape), sg.adam(o["synth_lr"]), **kw)
 

@@ -134,6 +134,18 @@ def test_activations_that_run_away_are_warned_about() -> None:
     assert restored.warned == health.warned and restored.first_rms == [1.0]
 
 
+def test_an_activation_that_grows_from_a_small_start_to_the_unit_scale_is_not_running_away() -> None:
+    # A tanh MLP's last boundary grows from RMS 0.17 to 0.77 under backprop (health.py): learning, not a runaway.
+    health = Health(every=1, window=3, warmup=0, runaway=5.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        health.observe(0, [0.5], [0.2])
+        drift = health.observe(1, [0.5], [1.5])["act_rms_drift"]  # 7.5x its start, 1.5x the unit scale
+    assert drift == [pytest.approx(7.5)]
+    with pytest.warns(HealthWarning, match=r"has grown 30.0x in RMS"):
+        health.observe(2, [0.5], [6.0])  # 6x the unit scale: running away
+
+
 def test_the_trainer_logs_health_and_plots_it(fake_data_dir: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(model="fcn-2", method="dni", epochs=1, batch_size=32, width=32, synth_width=32, log_every=4,
                       diagnose_every=4, verify_md5=False).resolve()
@@ -143,7 +155,7 @@ def test_the_trainer_logs_health_and_plots_it(fake_data_dir: Path, tmp_path: Pat
     t.fit()
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "step"]
     assert all(len(r["act_rms"]) == 2 and r["act_rms"][0] > 0 and r["diagnosed_step"] == r["step"] - 3
-               for r in steps[1:])
+               and len(r["applied_cosine"]) == 2 for r in steps[1:])
     from synthgrad.plots import plot_runs
 
     assert tmp_path / "run" / "act_rms.png" in plot_runs([tmp_path / "run"], tmp_path / "run")
