@@ -76,12 +76,13 @@ TOKENS = {
     "auxgate": "with aux<w>: the local loss's weight is w x (1 - the interface's agreement), so a synthesizer "
                "that its targets bear out takes over from the local loss",
     "local": "BackwardInterface(local_loss=True): the library's local loss (synthgrad.localloss), a c + b l with "
-             "(a, b) the least-squares fit of the targets; cDNI's default since the seventh session",
+             "(a, b) the least-squares fit of the targets; cDNI's default since the seventh session; its head on "
+             "feature maps pools to 2 x 2 (the library's LocalLoss pooled to 2 x 2 until the eighth session)",
     "auxfit": "with aux<w>: a c + b l, the least-squares fit of the targets by the applied synthetic gradient c "
               "and the local loss's l, (a, b) >= 0 from moving averages (w only before the first target)",
     "lhmlp": "with local: the local loss's head has a hidden layer, Linear(F, 128) + ReLU + Linear(128, K), on "
              "what the default head's Linear sees (F features: the flattened vector or tokens, or the 2x2-pooled map)",
-    "lhpool4": "with local: feature maps pool to 4 x 4 instead of 2 x 2 before the head's Linear",
+    "lhpool4": "with local: feature maps pool to 4 x 4 instead of 2 x 2 before the head's Linear (LocalLoss(pool=4))",
     "lhmean": "with local: token activations [N, D] reach the head's Linear as the model's readout sees them, "
               "LayerNorm then the mean over tokens (D features), instead of flattened (N D features)",
     "tokmix": "token synthesizers also add a linear map (from zero) of the mean token to every token: a term that "
@@ -236,11 +237,10 @@ class MeanTokens(nn.Module):
 
 
 def candidate_head(kind: str, shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A local-loss head other than localloss.auxiliary_head's (the lh* tokens)."""
+    """A local-loss head other than localloss.auxiliary_head's (lhmlp, lhmean)."""
     if len(shape) == 3:
-        pool = 4 if kind == "lhpool4" else 2
-        trunk: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten())
-        features = pool * pool * shape[0]
+        trunk: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        features = 4 * shape[0]
     elif len(shape) == 2 and kind == "lhmean":
         trunk, features = MeanTokens(shape[1]), shape[1]
     else:
@@ -251,8 +251,9 @@ def candidate_head(kind: str, shape: tuple[int, ...], num_classes: int) -> nn.Mo
 
 
 class CandidateHeadInterface(sg.BackwardInterface):
-    """local + lh*: the library's local loss, with a candidate head (seeded apart from the run's stream, as the
-    library's) in place of auxiliary_head's."""
+    """local (+ lh*): the library's local loss with the head the tokens say: DGL's 2 x 2 one for `local` alone
+    (what the screens before LOCAL_POOL = 4 ran), LocalLoss(pool=4) for lhpool4, a candidate head (seeded
+    apart from the run's stream, as the library's) for lhmlp and lhmean."""
 
     def __init__(self, *args: object, head_kind: str, **kw: object):
         super().__init__(*args, **kw)
@@ -260,11 +261,13 @@ class CandidateHeadInterface(sg.BackwardInterface):
 
     def local_gradient(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
         if self.local is None and context is not None and self.local_loss:
-            local = LocalLoss(tuple(h.shape[1:]), context.shape[1], decay=self.trust_decay, like=h)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(7919 * math.prod(local.shape) + local.num_classes)
-                local.head = candidate_head(self.head_kind, local.shape, local.num_classes).to(h.device, h.dtype)
-            local.optimizer = torch.optim.Adam(local.head.parameters(), lr=1e-3)
+            pool = 4 if self.head_kind == "lhpool4" else 2
+            local = LocalLoss(tuple(h.shape[1:]), context.shape[1], decay=self.trust_decay, like=h, pool=pool)
+            if self.head_kind in ("lhmlp", "lhmean"):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(local.seed)
+                    local.head = candidate_head(self.head_kind, local.shape, local.num_classes).to(h.device, h.dtype)
+                local.optimizer = torch.optim.Adam(local.head.parameters(), lr=1e-3)
             self.local = local
         return super().local_gradient(h, context)
 
@@ -315,7 +318,7 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
         if o["aux"]:
             return LocalLossMix(synthesizer(shape), sg.adam(o["synth_lr"]), auxiliary_head(shape, num_classes),
                                 o["aux"], "fit" if o["auxfit"] else "gate" if o["auxgate"] else "fixed", **kw)
-        if o["local_head"]:
+        if o["local"]:
             return CandidateHeadInterface(synthesizer(shape), sg.adam(o["synth_lr"]), head_kind=o["local_head"], **kw)
         kind = LocalLossInterface if o["clsce"] else sg.BackwardInterface
         return kind(synthesizer(shape), sg.adam(o["synth_lr"]), **kw)

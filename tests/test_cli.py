@@ -79,6 +79,25 @@ def test_a_run_written_before_synth_center_existed_resumes_without_centring(fake
     assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 0
 
 
+def test_a_token_run_written_before_the_mean_token_term_resumes_without_it(fake_data_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    from synthgrad.cli import config_to_resume
+
+    run = tmp_path / "run"
+    base = ["--model", "vit-mini", "--method", "cdni", "--max-steps", "2", "--quiet", "--no-plots",
+            "--run-dir", str(run)]
+    # An older synthgrad built no term: its checkpoint has no mean_map, and its config.json no synth_mean_token.
+    assert main(_train([*base, "--no-synth-mean-token"], fake_data_dir, tmp_path)) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["synth_mean_token"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert config_to_resume(run).synth_mean_token is False
+    assert main(["train", "--resume", str(run), "--max-steps", "4", "--quiet", "--no-plots"]) == 0
+    fresh = tmp_path / "fresh"
+    assert main(_train([*base[:-1], str(fresh)], fake_data_dir, tmp_path)) == 0
+    assert config_to_resume(fresh).synth_mean_token is True  # today's cDNI default, recorded
+
+
 def test_sgd_optimizer_has_its_own_default_lr_and_reaches_the_checkpoint(fake_data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main(["train", "--method", "dni", "--optimizer", "sgd", "--model", "fcn-2", "--width", "16",

@@ -177,3 +177,18 @@ def test_the_command_line_refuses_a_local_loss_without_the_label() -> None:
         TrainConfig(model="resmlp", method="dni", synth_local=True).resolve()
     assert TrainConfig(model="resmlp", method="cdni").resolve().synth_local is True
     assert TrainConfig(model="mlp", method="cdni").resolve().synth_local is False  # the paper's rows keep theirs
+
+
+def test_feature_maps_reach_the_head_pooled_to_4x4_and_an_older_2x2_head_resumes() -> None:
+    from synthgrad.localloss import LocalLoss
+
+    h, onehot = torch.randn(4, 3, 8, 8), F.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
+    new = LocalLoss((3, 8, 8), 3)
+    assert new.head[-1].in_features == 3 * 4 * 4
+    old = LocalLoss((3, 8, 8), 3, pool=2)  # what the seventh session's checkpoints hold
+    old.gradient(h, onehot)
+    state = old.state_dict()
+    del state["pool"]  # written before the pool was recorded
+    new.load_state_dict(state)
+    assert new.pool == 2 and new.head[-1].in_features == 3 * 2 * 2
+    torch.testing.assert_close(new.gradient(h, onehot), old.gradient(h, onehot))  # the same head, the same step

@@ -160,3 +160,36 @@ def test_dni_build_gives_cdni_the_classifier_term_and_lets_it_be_turned_off() ->
                       ClassifierGradient)
     with pytest.raises(ConfigError, match="num_classes"):
         sg.DNI.build(stages, x, synth_classifier=True)
+
+
+def test_the_mean_token_term_starts_at_zero_and_mixes_the_positions() -> None:
+    torch.manual_seed(0)
+    plain = TokenSynthesizer(6, hidden_layers=0, context_dim=3, positions=4)
+    after_plain = torch.rand(1)
+    torch.manual_seed(0)
+    s = TokenSynthesizer(6, hidden_layers=0, context_dim=3, positions=4, mean_token=True)
+    assert torch.equal(torch.rand(1), after_plain)  # built without a draw: the run's other draws do not move
+    h, ctx = torch.randn(2, 4, 6), torch.eye(3)[[1, 2]]
+    torch.nn.init.normal_(s.token.net[-1].weight)
+    plain.load_state_dict({k: v for k, v in s.state_dict().items() if k != "mean_map"})
+    torch.testing.assert_close(s(h, ctx), plain(h, ctx))  # M = 0: the term adds nothing yet
+    torch.nn.init.normal_(s.mean_map)
+    out = s(h, ctx)
+    for n in range(4):  # oracle: the per-position prediction plus M times the mean of all positions
+        torch.testing.assert_close(out[:, n], plain(h, ctx)[:, n] + h.mean(1) @ s.mean_map.T)
+    moved = h.clone()
+    moved[:, 3] += 1.0  # another position moves: position 0's prediction follows
+    assert not torch.allclose(s(moved, ctx)[:, 0], out[:, 0])
+
+
+def test_cdni_token_synthesizers_get_the_mean_token_term_by_default_and_dni_ones_do_not() -> None:
+    from synthgrad.defaults import DefaultInterfaces
+    from synthgrad.interfaces import BackwardInterface
+
+    def mean_map(iface: BackwardInterface) -> torch.Tensor | None:
+        return next((m.mean_map for m in iface.model.modules() if isinstance(m, TokenSynthesizer)), None)
+
+    assert mean_map(DefaultInterfaces(True, 3)(0, (5, 6))) is not None
+    assert mean_map(DefaultInterfaces(True, 3, mean_token=False)(0, (5, 6))) is None
+    assert mean_map(DefaultInterfaces(False)(0, (5, 6))) is None
+    assert mean_map(DefaultInterfaces(False, mean_token=True)(0, (5, 6))) is not None

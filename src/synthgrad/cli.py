@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each stage below an interface mixes in the gradient of a local loss (an auxiliary "
                         "classifier on its output), a c + b l with (a, b) the least-squares fit of its targets; "
                         "default on for cdni in one process, off for dni and --stages")
+    s.add_argument("--synth-mean-token", action=argparse.BooleanOptionalAction, default=None,
+                   help="token synthesizers ([N, D] activations) also add a linear map of the mean token to every "
+                        "position, a term that mixes positions as attention does; default on for cdni, off for dni")
     s.add_argument("--synth-trust", action="store_true",
                    help="each stage below an interface moves at its learning rate times the interface's trust "
                         "factor, the least-squares scale from its predictions to their targets, in [0, 1]: it holds "
@@ -222,7 +225,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         synth_hidden=a.synth_hidden, synth_width=a.synth_width,
         synth_scale=1.0 if a.synth_scale is None else a.synth_scale, synth_rank=a.synth_rank,
         synth_every=a.synth_every, synth_center=a.synth_center, synth_classifier=a.synth_classifier,
-        synth_trust=a.synth_trust, synth_local=a.synth_local,
+        synth_trust=a.synth_trust, synth_local=a.synth_local, synth_mean_token=a.synth_mean_token,
         synth_warmup=0 if a.synth_warmup is None else a.synth_warmup, schedule=a.schedule, preset=a.preset,
         unlock=a.unlock,
         input_hidden=a.input_hidden,

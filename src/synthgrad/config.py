@@ -11,6 +11,7 @@ import torch
 
 from synthgrad import data, models
 from synthgrad.defaults import (
+    CDNI_MEAN_TOKEN,
     CDNI_SYNTH_LR,
     DNI_SYNTH_LR,
     PIPELINE_CDNI_CLASSIFIER,
@@ -38,7 +39,8 @@ METHOD_DEFAULTS = {
     # and as good or better on the paper's (issue 17; benchmarks/results/zoo-notes.md, reproduction.md).
     "cdni": {"synth_lr": CDNI_SYNTH_LR, "synth_hidden": 0, "synth_center": CDNI_CENTER,
              "synth_classifier": CDNI_CLASSIFIER,  # and a local classifier's gradient term (interfaces.py)
-             "synth_local": CDNI_LOCAL_LOSS},  # and a local loss's gradient mixed in (localloss.py)
+             "synth_local": CDNI_LOCAL_LOSS,  # and a local loss's gradient mixed in (localloss.py)
+             "synth_mean_token": CDNI_MEAN_TOKEN},  # and token synthesizers mix the positions (synthesizers.py)
 }
 # The classifier's methods: the rules of synthgrad.rules, and two decoupling baselines: delayed true gradients
 # (ddg, pipeline only) and decoupled greedy learning with auxiliary classifiers (dgl; synth_lr is theirs).
@@ -54,8 +56,10 @@ PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "lr": PIPELINE_S
 # A resumed run keeps what it was started with: a field its config.json lacks (written before the field
 # existed) takes the value every run had then, not today's default.
 # Before 2026-11-30 no stage centred its synthetic gradient; before 2026-12-01 no synthesizer had a classifier term;
-# before 2026-12-01 (seventh session) no stage mixed in a local loss.
-ABSENT_IN_OLD_CONFIGS = {"synth_center": False, "synth_classifier": False, "synth_local": False}
+# before 2026-12-01 (seventh session) no stage mixed in a local loss; before the eighth session no token
+# synthesizer had the mean-token term.
+ABSENT_IN_OLD_CONFIGS = {"synth_center": False, "synth_classifier": False, "synth_local": False,
+                         "synth_mean_token": False}
 SGD_LR = 0.01  # the stage learning rate with --optimizer sgd (Nesterov momentum 0.9), for every method
 
 
@@ -147,6 +151,7 @@ class TrainConfig(CommonConfig):
     synth_center: bool | None = None  # stages apply the synthetic gradient minus its batch mean; None: default
     synth_classifier: bool | None = None  # synthesizers carry a local classifier's gradient term; None: default
     synth_local: bool | None = None  # stages mix a local loss's gradient into their synthetic one; None: default
+    synth_mean_token: bool | None = None  # token synthesizers add a map of the mean token; None: default
     synth_trust: bool = False  # each stage moves at its rate times its interface's trust factor (interfaces.py)
     update_prob: float = 1.0
     unlock: str = "update"  # update: synthetic gradients; complete: also synthetic inputs (forward interfaces)
@@ -177,7 +182,7 @@ class TrainConfig(CommonConfig):
             PIPELINE_DEFAULTS.get(self.method, {}) if out.stages is not None else {},  # the pipeline's own
             spec.method_defaults.get(self.method, {}),  # where this model differs
             METHOD_DEFAULTS[self.method],
-            {"synth_center": False, "synth_classifier": False, "synth_local": False},
+            {"synth_center": False, "synth_classifier": False, "synth_local": False, "synth_mean_token": False},
             {key: spec.defaults[key] for key in ("epochs", "batch_size", "lr", "width")},
         ]
         for layer in layers:

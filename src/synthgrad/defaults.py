@@ -27,6 +27,9 @@ from synthgrad.synthesizers import ClassifierGradient, InputSynthesizer, LowRank
 # (interfaces.CDNI_CENTER).
 DNI_SYNTH_LR = 1e-4
 CDNI_SYNTH_LR = 1e-3
+# cDNI's token synthesizers also carry a term that mixes the positions (TokenSynthesizer(mean_token=True)): on the
+# zoo's transformer and LSTM it took 4-stage cDNI closer to backprop (benchmarks/results/zoo-notes.md, section 9).
+CDNI_MEAN_TOKEN = True
 # cDNI's synthesizers also carry a local classifier's input gradient (interfaces.CDNI_CLASSIFIER). Single
 # process only: the pipeline keeps the synthesizers its timings were measured with (PIPELINE_CDNI_RANK,
 # PIPELINE_CDNI_CLASSIFIER below).
@@ -60,6 +63,8 @@ class DefaultInterfaces:
     trust: the stage below moves at its learning rate times the interface's trust factor (BackwardInterface).
     local_loss: the stage below mixes a local loss's gradient into its synthetic one (BackwardInterface); None:
         CDNI_LOCAL_LOSS for cDNI, off for DNI.
+    mean_token: token synthesizers also add a map of the mean token to every position (TokenSynthesizer); None:
+        CDNI_MEAN_TOKEN for cDNI, off for DNI.
     """
 
     conditioned: bool = False
@@ -75,6 +80,7 @@ class DefaultInterfaces:
     classifier: bool | None = None
     trust: bool = False
     local_loss: bool | None = None
+    mean_token: bool | None = None
 
     def __call__(self, k: int, shape: tuple[int, ...]) -> BackwardInterface:
         hidden = self.hidden if self.hidden is not None else (0 if self.conditioned else 2)
@@ -82,7 +88,8 @@ class DefaultInterfaces:
         if self.rank and len(shape) != 3:
             synth: nn.Module = LowRankSynthesizer(math.prod(shape), self.rank, context)
         else:
-            synth = make_synthesizer(shape, hidden, self.width, context)
+            mean_token = self.mean_token if self.mean_token is not None else CDNI_MEAN_TOKEN and self.conditioned
+            synth = make_synthesizer(shape, hidden, self.width, context, mean_token=mean_token)
         if classifier_on(self.classifier, self.conditioned):  # built here, where the shape is known
             if not self.num_classes:
                 raise ConfigError("a synthesizer with a classifier term needs num_classes (the classifier's outputs)")

@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def auxiliary_head(shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def auxiliary_head(shape: tuple[int, ...], num_classes: int, pool: int = 2) -> nn.Module:
     """DGL's default classifier on an activation of per-example `shape`: for feature maps [C, H, W], average
-    pooling to 2 x 2 then a linear layer (as the paper's small CNN heads end); for anything else a linear layer."""
+    pooling to pool x pool (2 x 2, as the paper's small CNN heads end) then a linear layer; for anything else a
+    linear layer."""
     if len(shape) == 3:
-        return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * shape[0], num_classes))
+        return nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(pool * pool * shape[0], num_classes))
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), num_classes))
 
 
@@ -70,6 +71,10 @@ def least_squares_mix(moments: torch.Tensor) -> tuple[float, float] | None:
     return a, b
 
 
+# Feature maps reach the local loss's head pooled to LOCAL_POOL x LOCAL_POOL (zoo-notes.md, section 9).
+LOCAL_POOL = 4
+
+
 class LocalLoss:
     """The local loss above one stage (an auxiliary classifier and its Adam) and its least-squares mix with
     the synthetic gradient: `coefficients` (a, b) from the moments `observe` keeps.
@@ -77,18 +82,27 @@ class LocalLoss:
     shape: the activation's per-example shape; num_classes: the label's; lr: the head's Adam learning rate;
     decay: of the moving averages. `seed`: the head's initial weights come from a generator of their own, so
     every process that builds it (a pipeline's stage, the single-process step) builds the same one and the
-    global random stream is left alone.
+    global random stream is left alone. pool: feature maps reach the head's linear layer pooled to
+    pool x pool (LOCAL_POOL: its gradient is what the stage applies, and a finer map gives it more of the
+    true gradient's spatial detail than DGL's 2 x 2).
     """
 
     def __init__(self, shape: tuple[int, ...], num_classes: int, lr: float = 1e-3, decay: float = 0.99,
-                 seed: int | None = None, like: torch.Tensor | None = None):
-        self.shape, self.num_classes, self.decay = tuple(shape), num_classes, decay
+                 seed: int | None = None, like: torch.Tensor | None = None, pool: int | None = None):
+        self.shape, self.num_classes, self.decay, self.lr = tuple(shape), num_classes, decay, lr
+        self.seed = seed if seed is not None else 7919 * math.prod(shape) + num_classes
+        self._build_head(LOCAL_POOL if pool is None else pool, like)
+        # Moving averages of E[c.c], E[c.l], E[l.l], E[c.t], E[l.t], per example (float64 [5]).
+        self.moments = torch.zeros(5, dtype=torch.float64)
+
+    def _build_head(self, pool: int, like: torch.Tensor | None) -> None:
+        self.pool = pool
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed if seed is not None else 7919 * math.prod(shape) + num_classes)
-            self.head = auxiliary_head(self.shape, num_classes)
+            torch.manual_seed(self.seed)
+            self.head = auxiliary_head(self.shape, self.num_classes, pool)
         if like is not None:
             self.head.to(like.device, like.dtype)
-        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr)
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=self.lr)
         # Moving averages of E[c.c], E[c.l], E[l.l], E[c.t], E[l.t], per example (float64 [5]).
         self.moments = torch.zeros(5, dtype=torch.float64)
 
@@ -114,10 +128,14 @@ class LocalLoss:
         return (1.0, 0.0) if mix is None else mix
 
     def state_dict(self) -> dict:
-        return {"shape": list(self.shape), "num_classes": self.num_classes, "head": self.head.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "moments": self.moments.clone()}
+        return {"shape": list(self.shape), "num_classes": self.num_classes, "pool": self.pool,
+                "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "moments": self.moments.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        pool = state.get("pool", 2)  # checkpoints written before the pool was a choice pooled to 2 x 2
+        if pool != self.pool:  # resume with the head the run was training
+            self._build_head(pool, next(self.head.parameters()))
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.moments = state["moments"].to(torch.float64).clone()

@@ -24,7 +24,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "backprop": {},
         "dni": {"synth_lr": 3e-5, "synth_hidden": 2},
         "cdni": {"synth_lr": 3e-5, "synth_hidden": 0, "synth_center": False, "synth_classifier": False,
-                 "synth_local": False},
+                 "synth_local": False, "synth_mean_token": False},
         # 1024 hidden units are the paper's for vector activations (its FCNs, our mlp too); a convolutional
         # synthesizer's width counts channels, which the preset leaves at the synthesizer's default.
         "dni on vectors": {"synth_width": 1024},

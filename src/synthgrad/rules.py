@@ -228,7 +228,7 @@ class DNI(StepRule):
               synth_hidden: int | None = None, synth_width: int | None = None,
               synth_scale: float = 1.0, synth_warmup: int = 0, synth_rank: int | None = None,
               synth_every: int = 1, synth_center: bool | None = None, synth_classifier: bool | None = None,
-              synth_trust: bool = False, synth_local: bool | None = None,
+              synth_trust: bool = False, synth_local: bool | None = None, synth_mean_token: bool | None = None,
               unlock: str = "update", input_hidden: int = 1, input_width: int = 1024,
               **kwargs) -> DNI:
         """DNI over `stages` with a default synthesizer at every boundary.
@@ -245,6 +245,8 @@ class DNI(StepRule):
         synth_local: each stage below an interface mixes a local loss's gradient (an auxiliary classifier on
             its output) into its synthetic gradient, by the least-squares fit of the targets by the two
             (BackwardInterface(local_loss=...), localloss.py); default on for cDNI, off for DNI.
+        synth_mean_token: token synthesizers also add a map of the mean token to every position
+            (TokenSynthesizer(mean_token=...)); default on for cDNI, off for DNI.
         synth_trust: each stage below an interface moves at its learning rate times the interface's trust
             factor (BackwardInterface); off by default.
         unlock: "update" (synthetic gradients) or "complete" (also synthetic inputs, with
@@ -257,7 +259,7 @@ class DNI(StepRule):
         shapes = [shape for shape, _ in specs]
         make = DefaultInterfaces(conditioned, num_classes, synth_hidden, synth_width, synth_lr, synth_scale,
                                  synth_warmup, synth_rank, synth_every, synth_center, synth_classifier, synth_trust,
-                                 synth_local)
+                                 synth_local, synth_mean_token)
         interfaces = [make(k, shape) for k, shape in enumerate(shapes[:-1])]
         for iface, (_, dtype) in zip(interfaces, specs, strict=False):
             if dtype.is_floating_point:  # a float64 (or bfloat16) model gets synthesizers of its own precision

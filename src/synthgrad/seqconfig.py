@@ -197,6 +197,7 @@ def config_from_args(a: argparse.Namespace) -> SequenceConfig:
                                  ("--synth-center", getattr(a, "synth_center", None), None),
                                  ("--synth-classifier", getattr(a, "synth_classifier", None), None),
                                  ("--synth-local", getattr(a, "synth_local", None), None),
+                                 ("--synth-mean-token", getattr(a, "synth_mean_token", None), None),
                                  ("--synth-trust", getattr(a, "synth_trust", False), False),
                                  ("--preset", getattr(a, "preset", None), None)):
         if value != default:

@@ -124,14 +124,20 @@ class TokenSynthesizer(nn.Module):
         size often depends on the position more than on the activation there (a sequence read at its
         last step: the gradient fades towards the start); the shared map alone cannot say so. Sequences
         must then have exactly N positions.
+    mean_token: also add M mean_n(h_n) to every position, M [D, D] from zero: a term that mixes the
+        positions, as attention and recurrence do, where the shared map sees one position alone. It costs
+        D^2 multiply-adds per example, not per position (benchmarks/results/zoo-notes.md, section 9).
     """
 
-    def __init__(self, dim: int, hidden_layers: int = 0, width: int = 256, context_dim: int = 0, positions: int = 0):
+    def __init__(self, dim: int, hidden_layers: int = 0, width: int = 256, context_dim: int = 0, positions: int = 0,
+                 mean_token: bool = False):
         super().__init__()
         self.dim, self.context_dim, self.positions = dim, context_dim, positions
         self.token = VectorSynthesizer(dim, hidden_layers, width, context_dim)
         self.gain = nn.Parameter(torch.ones(positions, dim)) if positions else None
         self.bias = nn.Parameter(torch.zeros(positions, dim)) if positions else None
+        # From zero, and built without drawing from the random stream: a fresh synthesizer predicts as without it.
+        self.mean_map = nn.Parameter(torch.zeros(dim, dim)) if mean_token else None
 
     def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = h.shape
@@ -144,6 +150,8 @@ class TokenSynthesizer(nn.Module):
             if n != self.positions:
                 raise ValueError(f"this synthesizer was built for {self.positions} positions, got {n}")
             out = out * self.gain + self.bias  # [B, N, D] * [N, D] + [N, D]
+        if self.mean_map is not None:
+            out = out + h.mean(1, keepdim=True) @ self.mean_map.T  # [B, N, D] + [B, 1, D]
         return out
 
 
@@ -209,15 +217,16 @@ class InputSynthesizer(nn.Module):
 
 
 def make_synthesizer(activation_shape: tuple[int, ...], hidden_layers: int, width: int | None = None,
-                     context_dim: int = 0, kernel_size: int = 5) -> nn.Module:
+                     context_dim: int = 0, kernel_size: int = 5, mean_token: bool = False) -> nn.Module:
     """A synthesizer that fits an activation of shape [C, H, W] (conv), [N, D] (tokens) or [D] / other (vector).
 
-    Tokens get a TokenSynthesizer with a gain and bias per position (for exactly N positions).
+    Tokens get a TokenSynthesizer with a gain and bias per position (for exactly N positions), and with
+    `mean_token` its term that mixes the positions.
     """
     if len(activation_shape) == 3:
         return ConvSynthesizer(activation_shape[0], hidden_layers, width or 64, kernel_size, context_dim)
     if len(activation_shape) == 2:
         return TokenSynthesizer(activation_shape[1], hidden_layers, width or 256, context_dim,
-                                positions=activation_shape[0])
+                                positions=activation_shape[0], mean_token=mean_token)
     dim = int(torch.tensor(activation_shape).prod())
     return VectorSynthesizer(dim, hidden_layers, width or 1024, context_dim)

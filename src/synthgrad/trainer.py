@@ -45,7 +45,7 @@ def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int)
                      synth_width=cfg.synth_width, synth_scale=cfg.synth_scale,
                      synth_warmup=cfg.synth_warmup, synth_rank=cfg.synth_rank, synth_every=cfg.synth_every,
                      synth_center=cfg.synth_center, synth_classifier=cfg.synth_classifier,
-                     synth_trust=cfg.synth_trust, synth_local=cfg.synth_local,
+                     synth_trust=cfg.synth_trust, synth_local=cfg.synth_local, synth_mean_token=cfg.synth_mean_token,
                      target=cfg.target, unlock=cfg.unlock,
                      input_hidden=cfg.input_hidden, input_width=cfg.input_width,
                      update_prob=cfg.update_prob, seed=cfg.seed)
