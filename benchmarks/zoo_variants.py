@@ -39,7 +39,8 @@ def proposed(stages: list[nn.Module], sample: torch.Tensor, conditioned: bool, n
 
 
 # A candidate rule is named by '+'-joined tokens, e.g. "lin+trust+sgd"; "library" is DNI.build's defaults and
-# "default" defaults.default_interface's (the same rule as "lin+slr1e-3+pos+center"; cDNI's defaults since 2026-11-30).
+# "default" defaults.default_interface's. Both follow the library: "default" was "lin+slr1e-3+pos+center" when its runs
+# were recorded (2026-11-30); for cDNI it has since gained the classifier term, the local loss and the mean-token term.
 TOKENS = {
     "lin": "linear synthesizers for DNI too (cDNI's are linear already)",
     "trust": "BackwardInterface(trust=True): alpha = E[p.t] / E[p.p] in [0, 1] scales the stage below; runs recorded "
