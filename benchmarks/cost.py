@@ -60,6 +60,14 @@ CONV_VARIANTS = [
     ("dni 2x64ch", "dni", 2, 64),
 ]
 
+TOKEN_VARIANTS = [  # token activations [N, D]: the mean-token term is cDNI's default since the eighth session
+    ("backprop", "backprop", None, None),
+    ("cdni linear", "cdni", 0, None),
+    ("cdni linear, no mean-token term", "cdni", 0, None, {"synth_mean_token": False}),
+    ("cdni linear, no local loss", "cdni", 0, None, {"synth_local": False}),
+    ("dni 2x256", "dni", 2, 256),
+]
+
 
 def make(model: str, method: str, hidden: int | str | None, width: int | None, x: torch.Tensor, **kw) -> StepRule:
     torch.manual_seed(0)
@@ -77,8 +85,8 @@ def make(model: str, method: str, hidden: int | str | None, width: int | None, x
 def measure(model: str, batch: int, steps: int, rounds: int) -> list[tuple[str, float, float]]:
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     torch.manual_seed(0)
-    conv = len(activation_shapes(build_stages(model, (1, 28, 28), 10), x[:2])[0]) == 3  # feature maps
-    variants = CONV_VARIANTS if conv else VARIANTS
+    rank = len(activation_shapes(build_stages(model, (1, 28, 28), 10), x[:2])[0])  # 3: feature maps; 2: tokens
+    variants = CONV_VARIANTS if rank == 3 else TOKEN_VARIANTS if rank == 2 else VARIANTS
     rules = [(v[0], make(model, *v[1:4], x, **(v[4] if len(v) > 4 else {}))) for v in variants]
     times: dict[str, list[float]] = {label: [] for label, _ in rules}
     for rule in (r for _, r in rules):  # warm-up
