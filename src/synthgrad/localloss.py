@@ -103,8 +103,6 @@ class LocalLoss:
         if like is not None:
             self.head.to(like.device, like.dtype)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=self.lr)
-        # Moving averages of E[c.c], E[c.l], E[l.l], E[c.t], E[l.t], per example (float64 [5]).
-        self.moments = torch.zeros(5, dtype=torch.float64)
 
     def gradient(self, h: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         """l = B * d CE / dh for h [B, *shape], and one step of the head."""
