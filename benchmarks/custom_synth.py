@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -77,16 +78,19 @@ def train(variant: str, ds: sg.Dataset, stages_n: int, epochs: int, seed: int) -
     return fit(rule, ds, epochs, seed)
 
 
-def fit(rule: sg.StepRule, ds: sg.Dataset, epochs: int, seed: int) -> float:
+def fit(rule: sg.StepRule, ds: sg.Dataset, epochs: int, seed: int,
+        on_step: Callable[[dict], None] | None = None) -> float:
     """Train `rule` for `epochs` of batches of 128 (the last short batch dropped), shuffled from `seed`, and
-    return the plain network's test accuracy (%)."""
+    return the plain network's test accuracy (%). on_step: called with each step's stats."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         rule.train()
         order = torch.randperm(len(ds.train_x), generator=g)
         for i in range(0, len(order) - 127, 128):
             idx = order[i:i + 128]
-            rule.step(ds.train_x[idx], ds.train_y[idx])
+            stats = rule.step(ds.train_x[idx], ds.train_y[idx])
+            if on_step is not None:
+                on_step(stats)
     net = rule.network()
     with torch.no_grad():
         return (net(ds.test_x).argmax(1) == ds.test_y).float().mean().item() * 100

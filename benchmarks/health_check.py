@@ -31,7 +31,7 @@ import synthgrad as sg
 from synthgrad.health import Health, HealthWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from custom_synth import MySynthesizer  # noqa: E402  (sibling benchmarks: the same models)
+from custom_synth import MySynthesizer, fit  # noqa: E402  (sibling benchmarks: the same models and loop)
 from custom_synth import model as tanh_mlp  # noqa: E402
 from user_trial import MODELS, build  # noqa: E402
 
@@ -67,26 +67,19 @@ def run(name: str, method: str, stages_n: int, epochs: int, seed: int) -> dict:
     prediction_judge = QuietHealth()  # the same schedule, fed the prediction's error instead of the applied one's
     pred_err: list[list[float]] = [[] for _ in stages[:-1]]
     applied_err: list[list[float]] = [[] for _ in stages[:-1]]
-    g = torch.Generator().manual_seed(seed)
+
+    def sample(stats: dict) -> None:
+        if "grad_rel_error" not in stats:
+            return
+        for k in range(len(pred_err)):
+            pred_err[k].append(stats["grad_rel_error"][k])
+            applied_err[k].append(stats["applied_rel_error"][k])
+        prediction_judge.observe(rule.steps - 1, stats["grad_rel_error"], stats["act_rms"], conditioned)
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HealthWarning)
-        for _ in range(epochs):
-            rule.train()
-            order = torch.randperm(len(ds.train_x), generator=g)
-            for i in range(0, len(order) - 127, 128):
-                idx = order[i:i + 128]
-                stats = rule.step(ds.train_x[idx], ds.train_y[idx])
-                if "grad_rel_error" not in stats:
-                    continue
-                for k in range(len(pred_err)):
-                    pred_err[k].append(stats["grad_rel_error"][k])
-                    applied_err[k].append(stats["applied_rel_error"][k])
-                prediction_judge.observe(rule.steps - 1, stats["grad_rel_error"], stats["act_rms"], conditioned)
+        acc = fit(rule, ds, epochs, seed, on_step=sample)
     given = [str(w.message) for w in caught if issubclass(w.category, HealthWarning)]
-    net = rule.network()
-    net.eval()
-    with torch.no_grad():
-        acc = (net(ds.test_x).argmax(1) == ds.test_y).float().mean().item() * 100
     useless = [int(m.split("stage ")[1].split()[0]) for m in given if "no better than nothing" in m]
     runaway = [int(m.split("stage ")[1].split()[0]) for m in given if "has grown" in m]
     return {"acc": acc, "pred": [statistics.median(e[-10:]) for e in pred_err],

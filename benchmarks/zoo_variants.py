@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import synthgrad as sg
+from synthgrad import zoo
 from synthgrad.defaults import default_interface
 from synthgrad.health import rms
 from synthgrad.interfaces import sgd
@@ -226,24 +227,13 @@ class MeanTokenMix(nn.Module):
         return self.synth(h, context) + self.mix(h.mean(1, keepdim=True))  # [B, N, D] + [B, 1, D]
 
 
-class MeanTokens(nn.Module):
-    """[B, N, D] -> [B, D]: LayerNorm per token, then the mean over tokens (the zoo ViT's readout)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(h).mean(1)
-
-
 def candidate_head(kind: str, shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A local-loss head other than localloss.auxiliary_head's (lhmlp, lhmean)."""
     if len(shape) == 3:
         trunk: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
         features = 4 * shape[0]
     elif len(shape) == 2 and kind == "lhmean":
-        trunk, features = MeanTokens(shape[1]), shape[1]
+        trunk, features = nn.Sequential(nn.LayerNorm(shape[1]), zoo.MeanTokens()), shape[1]  # the ViT's readout
     else:
         trunk, features = nn.Flatten(), math.prod(shape)
     if kind == "lhmlp":
