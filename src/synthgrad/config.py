@@ -57,9 +57,10 @@ PIPELINE_DEFAULTS = {"cdni": {"synth_rank": PIPELINE_CDNI_RANK, "lr": PIPELINE_S
 # existed) takes the value every run had then, not today's default.
 # Before 2026-11-30 no stage centred its synthetic gradient; before 2026-12-01 no synthesizer had a classifier term;
 # before 2026-12-01 (seventh session) no stage mixed in a local loss; before the eighth session no token
-# synthesizer had the mean-token term.
-ABSENT_IN_OLD_CONFIGS = {"synth_center": False, "synth_classifier": False, "synth_local": False,
-                         "synth_mean_token": False}
+# synthesizer had the mean-token term. Those options are also what every method but cDNI has off.
+SYNTH_OPTIONS_OFF = {"synth_center": False, "synth_classifier": False, "synth_local": False,
+                     "synth_mean_token": False}
+ABSENT_IN_OLD_CONFIGS = SYNTH_OPTIONS_OFF
 SGD_LR = 0.01  # the stage learning rate with --optimizer sgd (Nesterov momentum 0.9), for every method
 
 
@@ -182,7 +183,7 @@ class TrainConfig(CommonConfig):
             PIPELINE_DEFAULTS.get(self.method, {}) if out.stages is not None else {},  # the pipeline's own
             spec.method_defaults.get(self.method, {}),  # where this model differs
             METHOD_DEFAULTS[self.method],
-            {"synth_center": False, "synth_classifier": False, "synth_local": False, "synth_mean_token": False},
+            SYNTH_OPTIONS_OFF,
             {key: spec.defaults[key] for key in ("epochs", "batch_size", "lr", "width")},
         ]
         for layer in layers:
