@@ -106,14 +106,15 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     written.append(finish_figure(fig, ax, out / "accuracy.png", title="Test accuracy", ylabel="test accuracy (%)",
                                  xlabel="epoch", legend_size=8))
 
-    for key, name, title, ylabel, log in (
-        ("synth_loss", "synth_loss.png", "Synthesizer loss per interface", "MSE to target", True),
+    # (key, file, title, y label, log scale, a second key drawn dashed where it differs from the first)
+    for key, name, title, ylabel, log, dashed in (
+        ("synth_loss", "synth_loss.png", "Synthesizer loss per interface", "MSE to target", True, None),
         ("grad_cosine", "grad_cosine.png", "Synthetic vs true gradient (dashed: as the stage applied it)",
-         "cosine similarity", False),
+         "cosine similarity", False, "applied_cosine"),
         ("input_loss", "input_loss.png", "Synthetic input loss per stage (complete unlock)",
-         "MSE to the real activation", True),
+         "MSE to the real activation", True, None),
         ("act_rms_drift", "act_rms.png", "Activation RMS per boundary, over its first sample",
-         "RMS / first RMS", True),
+         "RMS / first RMS", True, None),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = False
@@ -124,10 +125,9 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
                 if xs:
                     (line,) = ax.plot(xs, ys, label=f"{run_label(d)} h{i + 1}")
                     drawn = True
-                    if key == "grad_cosine":  # what the stage applied, dashed, where it differs from the prediction
-                        axs, ays = _series(recs, "applied_cosine", i)
-                        if axs and (axs != xs or max(abs(a - b) for a, b in zip(ays, ys, strict=True)) > 1e-3):
-                            ax.plot(axs, ays, "--", color=line.get_color(), label=f"{run_label(d)} h{i + 1} applied")
+                    axs, ays = _series(recs, dashed, i) if dashed else ([], [])
+                    if axs and (axs != xs or max(abs(a - b) for a, b in zip(ays, ys, strict=True)) > 1e-3):
+                        ax.plot(axs, ays, "--", color=line.get_color(), label=f"{run_label(d)} h{i + 1} ({dashed})")
         if not drawn:
             plt.close(fig)
             continue
