@@ -14,6 +14,7 @@ frozen floor of user-trial.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import shlex
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 import synthgrad as sg
-from synthgrad.health import Health, HealthWarning
+from synthgrad.health import Health, HealthWarning, rms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from custom_synth import MySynthesizer, fit  # noqa: E402  (sibling benchmarks: the same models and loop)
@@ -36,7 +37,17 @@ from custom_synth import model as tanh_mlp  # noqa: E402
 from user_trial import MODELS, build  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-METHODS = ("cdni", "cdni, no local loss", "dni")
+METHODS = ("cdni", "cdni, no local loss", "dni", "backprop")
+
+
+def boundary_rms(stages: list[torch.nn.Module], x: torch.Tensor) -> list[float]:
+    """The RMS of each boundary's activation on x, the stages in eval mode (copies: training is left alone)."""
+    out, h = [], x
+    with torch.no_grad():
+        for s in copy.deepcopy(stages)[:-1]:
+            h = s.eval()(h)
+            out.append(rms(h))
+    return out
 
 
 class QuietHealth(Health):
@@ -56,7 +67,10 @@ def run(name: str, method: str, stages_n: int, epochs: int, seed: int) -> dict:
     schedule = sg.cosine_schedule(epochs * (len(ds.train_x) // 128))
     conditioned = method.startswith("cdni")
     local = False if "no local" in method else None
-    if name == "tanh-mlp":  # the README's custom synthesizer, first-class: the same interface options
+    start = boundary_rms(stages, ds.train_x[:512])
+    if method == "backprop":  # for scale: how much the activations grow with true gradients
+        rule: sg.StepRule = sg.Backprop(stages, schedule=schedule)
+    elif name == "tanh-mlp":  # the README's custom synthesizer, first-class: the same interface options
         width = stages[0](ds.train_x[:2]).shape[1]
         interfaces = [sg.BackwardInterface(MySynthesizer(width, ds.num_classes), sg.adam(1e-3), local_loss=local)
                       for _ in stages[:-1]]
@@ -82,8 +96,10 @@ def run(name: str, method: str, stages_n: int, epochs: int, seed: int) -> dict:
     given = [str(w.message) for w in caught if issubclass(w.category, HealthWarning)]
     useless = [int(m.split("stage ")[1].split()[0]) for m in given if "no better than nothing" in m]
     runaway = [int(m.split("stage ")[1].split()[0]) for m in given if "has grown" in m]
-    return {"acc": acc, "pred": [statistics.median(e[-10:]) for e in pred_err],
-            "applied": [statistics.median(e[-10:]) for e in applied_err], "useless": useless, "runaway": runaway,
+    growth = [end / first for end, first in zip(boundary_rms(stages, ds.train_x[:512]), start, strict=True)]
+    return {"acc": acc, "pred": [statistics.median(e[-10:]) for e in pred_err if e],
+            "applied": [statistics.median(e[-10:]) for e in applied_err if e], "growth": growth,
+            "useless": useless, "runaway": runaway,
             "useless_by_prediction": sorted(int(w.split("-")[1]) + 1 for w in prediction_judge.warned
                                             if w.startswith("useless"))}
 
@@ -108,7 +124,7 @@ def main() -> None:
             results = list(pool.map(run, *zip(*args, strict=True)))
 
     def fmt(xs: list[float]) -> str:
-        return ", ".join(f"{x:.2f}" for x in xs)
+        return ", ".join(f"{x:.2f}" for x in xs) or "-"
 
     def stages(xs: list[int]) -> str:
         return ", ".join(map(str, xs)) or "none"
@@ -116,7 +132,8 @@ def main() -> None:
     rows = []
     for (name, m), r in zip(cells, results, strict=True):
         rows.append(f"| {name} | {m} | {r['acc']:.2f} | {fmt(r['pred'])} | {fmt(r['applied'])} | "
-                    f"{stages(r['useless'])} | {stages(r['useless_by_prediction'])} | {stages(r['runaway'])} |")
+                    f"{stages(r['useless'])} | {stages(r['useless_by_prediction'])} | {stages(r['runaway'])} | "
+                    f"{fmt(r['growth'])} |")
         print(rows[-1], flush=True)
     lines = ["# Health warnings on unseen user models: what the stage applies, against what the synthesizer predicts",
              "", f"- command: `python benchmarks/health_check.py {shlex.join(sys.argv[1:])}`",
@@ -130,9 +147,10 @@ def main() -> None:
              "better than nothing",
              "- warned: the stages named by the run's \"no better than nothing\" warnings (they judge the applied "
              "gradient); by prediction: those a judge of the prediction alone would have named; runaway: the "
-             "boundaries named by activation-growth warnings", "",
+             "boundaries named by activation-growth warnings; boundary RMS: on the first 512 training images, the "
+             "stages in eval mode, after training over before (backprop: for scale)", "",
              "| model | method | test accuracy (%) | prediction's error | applied error | warned | by prediction "
-             "| runaway |", "|---|---|---|---|---|---|---|---|", *rows]
+             "| runaway | boundary RMS, end / start |", "|---|---|---|---|---|---|---|---|---|", *rows]
     (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -135,7 +135,7 @@ def test_activations_that_run_away_are_warned_about() -> None:
 
 
 def test_an_activation_that_grows_from_a_small_start_to_the_unit_scale_is_not_running_away() -> None:
-    # A tanh MLP's last boundary grows from RMS 0.17 to 0.77 under backprop (health.py): learning, not a runaway.
+    # A tanh MLP's last boundary grows 5.1x under backprop (health.py): learning, not a runaway.
     health = Health(every=1, window=3, warmup=0, runaway=5.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
