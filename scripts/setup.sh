@@ -8,5 +8,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 spec="."
-[ $# -gt 0 ] && spec=".[$1]"
+if [ $# -gt 0 ]; then
+  case "$1" in
+    dev|tensorboard) spec=".[$1]" ;;
+    *) echo "setup.sh: unknown extra '$1'; use 'dev' (pytest, ruff, tensorboard) or 'tensorboard', or nothing" >&2
+       exit 2 ;;
+  esac
+fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec"
