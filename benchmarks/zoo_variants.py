@@ -62,6 +62,9 @@ TOKENS = {
     "trustdrift<x>": "each stage below an interface moves at its full rate until its output's RMS has grown x times "
                      "its first step's; from then on at its rate times its interface's trust factor (as trust)",
     "hid1": "synthesizers with one hidden layer: 256 units on vectors, 64 on tokens, 16 channels on feature maps",
+    "narrow": "DNI's two hidden layers as wide as the activation's features (D units on vectors [D] and tokens [N, D], "
+              "C channels on feature maps [C, H, W]) instead of the paper's 1024 (vectors), 256 (tokens) and 64 "
+              "channels: a synthesizer that costs about what a layer of its stage does",
     "norm": "the synthesizer sees each example's activation divided by its RMS (a scale-free input)",
     "center": "BackwardInterface(center=True): the applied synthetic gradient minus its mean over the batch "
               "(per feature); the synthesizer still regresses onto the whole target",
@@ -89,6 +92,14 @@ TOKENS = {
               "LayerNorm then the mean over tokens (D features), instead of flattened (N D features)",
     "tokmix": "token synthesizers also add a linear map (from zero) of the mean token to every token: a term that "
               "mixes tokens, as attention does",
+    "tokattn": "token synthesizers also add M softmax(q k^T / sqrt(d)) h to every token (M [D, D] from zero; q, k "
+               "linear maps of the layer-normed tokens to d = min(D, 32)): tokmix's mixing weighted per pair of "
+               "positions, as the attention of the stage above weighs them",
+    "fpos": "feature-map synthesizers with a learned gain (from 1) and bias (from 0) per channel and position, "
+            "[C, H, W] each, on their output: pos for feature maps, where a convolution predicts the same at every "
+            "position",
+    "lhconv": "with local: feature maps reach the local loss's head through a 3x3 convolution (C to C channels) and "
+              "a ReLU before lhpool4's 4 x 4 pooling and Linear (DGL's heads start with a convolution)",
 }
 
 
@@ -104,15 +115,15 @@ def parse_variant(name: str) -> dict:
                   "lrcos": False, "chain": False, "hold": 0, "ramp": 0, "trustdrift": 0.0, "center": False,
                   "norm": False, "hid1": False, "cls": False, "clsonly": False, "clsce": False, "aux": 0.0,
                   "auxgate": False, "auxfit": False, "local": False, "cls_hidden": 0, "wd": 0.0, "tokmix": False,
-                  "local_head": "",
+                  "tokattn": False, "fpos": False, "narrow": False, "local_head": "",
                   "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
     if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
         if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm", "hid1", "cls",
-                   "clsonly", "clsce", "auxgate", "auxfit", "local", "tokmix"):
+                   "narrow", "clsonly", "clsce", "auxgate", "auxfit", "local", "tokmix", "tokattn", "fpos"):
             opts[tok] = True
-        elif tok in ("lhmlp", "lhpool4", "lhmean"):
+        elif tok in ("lhmlp", "lhpool4", "lhmean", "lhconv"):
             opts["local_head"] = tok
         elif tok in ("sgd", "sgdlow"):
             opts["opt"] = tok
@@ -227,9 +238,45 @@ class MeanTokenMix(nn.Module):
         return self.synth(h, context) + self.mix(h.mean(1, keepdim=True))  # [B, N, D] + [B, 1, D]
 
 
+class PositionGain(nn.Module):
+    """fpos: the wrapped synthesizer's output times a learned gain (from 1) plus a bias (from 0) per element of
+    the activation's per-example shape, e.g. [C, H, W]."""
+
+    def __init__(self, synth: nn.Module, shape: tuple[int, ...]):
+        super().__init__()
+        self.synth = synth
+        self.gain, self.bias = nn.Parameter(torch.ones(shape)), nn.Parameter(torch.zeros(shape))
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.synth(h, context) * self.gain + self.bias  # [B, C, H, W] * [C, H, W] + [C, H, W]
+
+
+class AttentionTokenMix(nn.Module):
+    """tokattn: the wrapped token synthesizer plus M A h for every token, A = softmax(q k^T / sqrt(d)) [B, N, N]
+    over the layer-normed tokens (M [D, D] from zero; q, k drawn from a generator of their own)."""
+
+    def __init__(self, synth: nn.Module, dim: int, seed: int = 0):
+        super().__init__()
+        self.synth, self.d = synth, min(dim, 32)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.query, self.key = nn.Linear(dim, self.d, bias=False), nn.Linear(dim, self.d, bias=False)
+        self.mix = nn.Linear(dim, dim, bias=False)
+        nn.init.zeros_(self.mix.weight)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = F.layer_norm(h, h.shape[-1:])
+        scores = self.query(x) @ self.key(x).transpose(1, 2) / math.sqrt(self.d)  # [B, N, N]
+        return self.synth(h, context) + self.mix(scores.softmax(-1) @ h)  # [B, N, D] + [B, N, D]
+
+
 def candidate_head(kind: str, shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A local-loss head other than localloss.auxiliary_head's (lhmlp, lhmean)."""
-    if len(shape) == 3:
+    """A local-loss head other than localloss.auxiliary_head's (lhmlp, lhmean, lhconv)."""
+    if len(shape) == 3 and kind == "lhconv":
+        trunk = nn.Sequential(nn.Conv2d(shape[0], shape[0], 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                              nn.Flatten())
+        features = 16 * shape[0]
+    elif len(shape) == 3:
         trunk: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
         features = 4 * shape[0]
     elif len(shape) == 2 and kind == "lhmean":
@@ -244,7 +291,7 @@ def candidate_head(kind: str, shape: tuple[int, ...], num_classes: int) -> nn.Mo
 class CandidateHeadInterface(sg.BackwardInterface):
     """local (+ lh*): the library's local loss with the head the tokens say: DGL's 2 x 2 one for `local` alone
     (what the screens before LOCAL_POOL = 4 ran), LocalLoss(pool=4) for lhpool4, a candidate head (seeded
-    apart from the run's stream, as the library's) for lhmlp and lhmean."""
+    apart from the run's stream, as the library's) for lhmlp, lhmean and lhconv."""
 
     def __init__(self, *args: object, head_kind: str, **kw: object):
         super().__init__(*args, **kw)
@@ -254,7 +301,7 @@ class CandidateHeadInterface(sg.BackwardInterface):
         if self.local is None and context is not None and self.local_loss:
             pool = 4 if self.head_kind == "lhpool4" else 2
             local = LocalLoss(tuple(h.shape[1:]), context.shape[1], decay=self.trust_decay, like=h, pool=pool)
-            if self.head_kind in ("lhmlp", "lhmean"):
+            if self.head_kind in ("lhmlp", "lhmean", "lhconv"):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(local.seed)
                     local.head = candidate_head(self.head_kind, local.shape, local.num_classes).to(h.device, h.dtype)
@@ -287,10 +334,14 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
 
     def synthesizer(shape: tuple[int, ...]) -> nn.Module:
         width = ({1: 256, 2: 64, 3: 16}[len(shape)] if o["hid1"] else None) if len(shape) <= 3 else None
+        if o["narrow"]:
+            width = shape[0] if len(shape) == 3 else shape[-1]
         if o["pos"] and len(shape) == 2:
             synth = sg.TokenSynthesizer(shape[1], hidden, width or 256, ctx, positions=shape[0])
         else:
             synth = sg.make_synthesizer(shape, hidden, width, ctx)
+        if o["fpos"] and len(shape) == 3:  # inside the classifier term, as pos is for tokens
+            synth = PositionGain(synth, shape)
         if o["cls"] or o["clsonly"]:
             term = LocalClassifierGradient if o["clsce"] else sg.ClassifierGradient
             synth = term(LearnedBias(shape) if o["clsonly"] else synth, shape, num_classes)
@@ -299,6 +350,8 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
                 synth.logits = nn.Sequential(nn.Linear(math.prod(shape), w), nn.ReLU(), nn.Linear(w, num_classes))
         if o["tokmix"] and len(shape) == 2:
             synth = MeanTokenMix(synth, shape[1])
+        if o["tokattn"] and len(shape) == 2:
+            synth = AttentionTokenMix(synth, shape[1], seed=math.prod(shape))
         return NormalizedInput(synth) if o["norm"] else synth
 
     def interface(shape: tuple[int, ...]) -> sg.BackwardInterface:
