@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from synthgrad import DNI, Backprop, StepRule
-from synthgrad.defaults import DefaultInterfaces, default_interface
+from synthgrad.defaults import default_interface
 from synthgrad.models import build_stages
 from synthgrad.rules import activation_shapes
 
@@ -29,7 +29,6 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 # (label, method, synth_hidden, synth_width[, DNI.build arguments]); width None = the default (1024 vector,
 # 64 conv channels);
-# synth_hidden "narrow": DNI's two hidden layers as wide as each activation's features (D, or C channels);
 # synth_hidden "default": the interfaces of defaults.default_interface (linear synthesizers, centred; issue 17).
 # cDNI's synthesizers carry the classifier term by default (since 2026-11-30, evening; cost.md predates it), and
 # its stages mix in a local loss (since the seventh session; cost-classifier.md predates it).
@@ -48,7 +47,6 @@ VARIANTS = [
     ("dni 1x256", "dni", 1, 256),
     ("dni 2x256", "dni", 2, 256),
     ("dni 2x1024 (paper)", "dni", 2, 1024),
-    ("dni 2 x D (narrow)", "dni", "narrow", None),
 ]
 CONV_VARIANTS = [
     ("backprop", "backprop", None, None),
@@ -60,7 +58,6 @@ CONV_VARIANTS = [
     ("dni linear (one 5x5 conv)", "dni", 0, None),
     ("dni 1x16ch", "dni", 1, 16),
     ("dni 2x64ch", "dni", 2, 64),
-    ("dni 2 x C ch (narrow)", "dni", "narrow", None),
 ]
 
 TOKEN_VARIANTS = [  # token activations [N, D]: the mean-token term is cDNI's default since the eighth session
@@ -69,7 +66,6 @@ TOKEN_VARIANTS = [  # token activations [N, D]: the mean-token term is cDNI's de
     ("cdni linear, no mean-token term", "cdni", 0, None, {"synth_mean_token": False}),
     ("cdni linear, no local loss", "cdni", 0, None, {"synth_local": False}),
     ("dni 2x256", "dni", 2, 256),
-    ("dni 2 x D (narrow)", "dni", "narrow", None),
 ]
 
 
@@ -78,10 +74,6 @@ def make(model: str, method: str, hidden: int | str | None, width: int | None, x
     stages = build_stages(model, (1, 28, 28), 10)
     if method == "backprop":
         return Backprop(stages)
-    if hidden == "narrow":  # zoo_variants' narrow: two hidden layers as wide as the activation's features
-        shapes = activation_shapes(stages, x[:2])[:-1]
-        return DNI(stages, [DefaultInterfaces(width=s[0] if len(s) == 3 else s[-1])(k, s)
-                            for k, s in enumerate(shapes)])
     if hidden == "default":
         shapes = activation_shapes(stages, x[:2])[:-1]
         return DNI(stages, [default_interface(s, method == "cdni", 10) for s in shapes],
