@@ -38,8 +38,7 @@ class Health:
     every: sample every this many steps (0: never, unless a step asks with diagnose=True).
     window: samples that make a sustained judgement. runaway: RMS growth that counts as running away, over
     the first sample's RMS or `unit_rms`, whichever is larger.
-    warmup: steps before any judgement (a fresh synthesizer predicts zero: no better than nothing, yet); the
-        samples of the warm-up do not count towards a judgement's window either.
+    warmup: steps before any judgement (a fresh synthesizer predicts zero: no better than nothing, yet).
     """
 
     every: int = 100
@@ -70,9 +69,7 @@ class Health:
                     self.first_rms[k] = act_rms[k]
                 base = self.first_rms[k]
                 drift[k] = act_rms[k] / base if base else None
-            # The window holds samples from the warm-up's end on: a fresh synthesizer predicts zero (relative
-            # error 1 exactly), and five such samples in a window of ten tip a borderline median to >= 1.
-            if rel_error[k] is not None and step >= self.warmup:
+            if rel_error[k] is not None:
                 self.rel_errors[k] = (self.rel_errors[k] + [rel_error[k]])[-self.window:]
         if step >= self.warmup:
             # Growth over max(first, unit): from a small initialisation up to the unit scale is learning.
