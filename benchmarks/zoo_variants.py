@@ -273,11 +273,11 @@ class AttentionTokenMix(nn.Module):
 def candidate_head(kind: str, shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A local-loss head other than localloss.auxiliary_head's (lhmlp, lhmean, lhconv)."""
     if len(shape) == 3 and kind == "lhconv":
-        trunk = nn.Sequential(nn.Conv2d(shape[0], shape[0], 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
-                              nn.Flatten())
+        conv = nn.Conv2d(shape[0], shape[0], 3, padding=1)  # DGL's heads start with a convolution
+        trunk: nn.Module = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten())
         features = 16 * shape[0]
     elif len(shape) == 3:
-        trunk: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        trunk = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
         features = 4 * shape[0]
     elif len(shape) == 2 and kind == "lhmean":
         trunk, features = nn.Sequential(nn.LayerNorm(shape[1]), zoo.MeanTokens()), shape[1]  # the ViT's readout
