@@ -81,6 +81,8 @@ def run(name: str, method: str, stages_n: int, epochs: int, seed: int) -> dict:
     prediction_judge = QuietHealth()  # the same schedule, fed the prediction's error instead of the applied one's
     pred_err: list[list[float]] = [[] for _ in stages[:-1]]
     applied_err: list[list[float]] = [[] for _ in stages[:-1]]
+    param_cos: list[list[float]] = [[] for _ in stages[:-1]]
+    param_err: list[list[float]] = [[] for _ in stages[:-1]]
 
     def sample(stats: dict) -> None:
         if "grad_rel_error" not in stats:
@@ -88,6 +90,9 @@ def run(name: str, method: str, stages_n: int, epochs: int, seed: int) -> dict:
         for k in range(len(pred_err)):
             pred_err[k].append(stats["grad_rel_error"][k])
             applied_err[k].append(stats["applied_rel_error"][k])
+            if stats["param_cosine"][k] is not None:
+                param_cos[k].append(stats["param_cosine"][k])
+                param_err[k].append(stats["param_rel_error"][k])
         prediction_judge.observe(rule.steps - 1, stats["grad_rel_error"], stats["act_rms"], conditioned)
 
     with warnings.catch_warnings(record=True) as caught:
@@ -99,6 +104,9 @@ def run(name: str, method: str, stages_n: int, epochs: int, seed: int) -> dict:
     growth = [end / first for end, first in zip(boundary_rms(stages, ds.train_x[:512]), start, strict=True)]
     return {"acc": acc, "pred": [statistics.median(e[-10:]) for e in pred_err if e],
             "applied": [statistics.median(e[-10:]) for e in applied_err if e], "growth": growth,
+            "param_cos": [statistics.median(e[-10:]) for e in param_cos if e],
+            "param_cos_all": [statistics.median(e[5:]) for e in param_cos if len(e) > 5],
+            "param_err": [statistics.median(e[-10:]) for e in param_err if e],
             "useless": useless, "runaway": runaway,
             "useless_by_prediction": sorted(int(w.split("-")[1]) + 1 for w in prediction_judge.warned
                                             if w.startswith("useless"))}
@@ -133,7 +141,8 @@ def main() -> None:
     for (name, m), r in zip(cells, results, strict=True):
         rows.append(f"| {name} | {m} | {r['acc']:.2f} | {fmt(r['pred'])} | {fmt(r['applied'])} | "
                     f"{stages(r['useless'])} | {stages(r['useless_by_prediction'])} | {stages(r['runaway'])} | "
-                    f"{fmt(r['growth'])} |")
+                    f"{fmt(r['growth'])} | {fmt(r['param_cos'])} | {fmt(r['param_cos_all'])} | "
+                    f"{fmt(r['param_err'])} |")
         print(rows[-1], flush=True)
     lines = ["# Health warnings on unseen user models: what the stage applies, against what the synthesizer predicts",
              "", f"- command: `python benchmarks/health_check.py {shlex.join(sys.argv[1:])}`",
@@ -148,9 +157,13 @@ def main() -> None:
              "- warned: the stages named by the run's \"no better than nothing\" warnings (they judge the applied "
              "gradient); by prediction: those a judge of the prediction alone would have named; runaway: the "
              "boundaries named by activation-growth warnings; boundary RMS: on the first 512 training images, the "
-             "stages in eval mode, after training over before (backprop: for scale)", "",
+             "stages in eval mode, after training over before (backprop: for scale)",
+             "- parameter cosine: of the stage's parameter gradient under the gradient it applied against under the "
+             "true one (what its update followed), median of the last 10 samples, and of every sample from step 500; "
+             "parameter error: the relative error of that parameter gradient, median of the last 10 samples", "",
              "| model | method | test accuracy (%) | prediction's error | applied error | warned | by prediction "
-             "| runaway | boundary RMS, end / start |", "|---|---|---|---|---|---|---|---|---|", *rows]
+             "| runaway | boundary RMS, end / start | parameter cosine, last 10 | parameter cosine, from step 500 "
+             "| parameter error |", "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows]
     (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -207,7 +207,8 @@ def train(run: Run, diagnose_every: int, probe_detail: bool, data_dir: str | Non
                     entry["cosine"], entry["synth_loss"] = stats["grad_cosine"], stats["synth_loss"]
                     entry["trust"] = [float(i.trust_factor) for i in rule.interfaces]
                     entry["agreement"] = [float(i.agreement) for i in rule.interfaces]
-                    for key in ("applied_cosine", "mix_synthetic", "mix_local"):  # since the eighth session
+                    for key in ("applied_cosine", "mix_synthetic", "mix_local",  # since the eighth session
+                                "param_cosine", "param_rel_error", "applied_rel_error"):  # since the tenth
                         entry[key] = stats.get(key)
                 if probe_detail:  # each stage's step relative to its parameters' norm
                     entry["rel_step"] = [None if b is None else

@@ -117,6 +117,8 @@ def test_a_true_gradient_synthesizer_is_healthy_and_sampled_on_schedule() -> Non
     assert stats["grad_cosine"][0] == pytest.approx(1.0, abs=1e-5) and stats["act_rms"][0] > 0
     # DNI's defaults apply the prediction as it is: the applied gradient is the prediction.
     assert stats["applied_cosine"] == stats["grad_cosine"] and stats["applied_rel_error"] == stats["grad_rel_error"]
+    # What the stage's update followed: the true parameter gradient.
+    assert stats["param_cosine"][0] == pytest.approx(1.0, abs=1e-5) and stats["param_rel_error"][0] < 1e-4
     assert stats["act_rms_drift"][0] == pytest.approx(stats["act_rms"][0] / dni.health.first_rms[0])
 
 
@@ -155,7 +157,8 @@ def test_the_trainer_logs_health_and_plots_it(fake_data_dir: Path, tmp_path: Pat
     t.fit()
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "step"]
     assert all(len(r["act_rms"]) == 2 and r["act_rms"][0] > 0 and r["diagnosed_step"] == r["step"] - 3
-               and len(r["applied_cosine"]) == 2 for r in steps[1:])
+               and len(r["applied_cosine"]) == 2 and len(r["param_cosine"]) == 2 for r in steps[1:])
     from synthgrad.plots import plot_runs
 
-    assert tmp_path / "run" / "act_rms.png" in plot_runs([tmp_path / "run"], tmp_path / "run")
+    written = plot_runs([tmp_path / "run"], tmp_path / "run")
+    assert tmp_path / "run" / "act_rms.png" in written and tmp_path / "run" / "param_cosine.png" in written

@@ -62,3 +62,31 @@ def gradient_agreement(prediction: torch.Tensor, true_grad: torch.Tensor) -> tup
     cos = F.cosine_similarity(p, t, dim=0).item()
     rel = ((p - t).norm() / t.norm().clamp_min(1e-30)).item()
     return cos, rel
+
+
+def parameter_agreement(stage: nn.Module, inp: torch.Tensor, applied: torch.Tensor,
+                        true_grad: torch.Tensor) -> tuple[float, float] | None:
+    """(cosine, relative error) of the stage's parameter gradient under `applied` against under `true_grad`,
+    both gradients at the stage's output (batch-mean units, [B, ...]); None for a stage with nothing to train.
+
+    The stage's update follows J^T g summed over the batch, where per-example errors of a synthetic gradient that
+    are uncorrelated with the truth cancel: a stage can learn from a gradient that lies no nearer the true one
+    than zero does example by example (activation-space relative error about 1), and this says whether it does.
+    One more forward pass of the stage on `inp` (h_(k-1), its input), BN statistics left alone, and two
+    backward passes through it.
+    """
+    params = [p for p in stage.parameters() if p.requires_grad]
+    if not params:
+        return None
+    with frozen_batchnorm_stats([stage]), torch.enable_grad():
+        out = stage(inp.detach())
+        ga = torch.autograd.grad(out, params, applied.detach().to(out.dtype), retain_graph=True, allow_unused=True)
+        gt = torch.autograd.grad(out, params, true_grad.detach().to(out.dtype), allow_unused=True)
+    pairs = [(a, t) for a, t in zip(ga, gt, strict=True) if a is not None and t is not None]
+    if not pairs:
+        return None
+    a = torch.cat([a.flatten() for a, _ in pairs]).double()
+    t = torch.cat([t.flatten() for _, t in pairs]).double()
+    cos = F.cosine_similarity(a, t, dim=0).item()
+    rel = ((a - t).norm() / t.norm().clamp_min(1e-30)).item()
+    return cos, rel

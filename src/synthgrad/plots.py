@@ -77,7 +77,8 @@ def finish_figure(fig: plt.Figure, ax: plt.Axes, path: Path, *, title: str, ylab
 
 
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """Write loss.png, accuracy.png and, for DNI runs, synth_loss.png, grad_cosine.png and act_rms.png."""
+    """Write loss.png, accuracy.png and, for DNI runs, synth_loss.png, grad_cosine.png, param_cosine.png and
+    act_rms.png."""
     runs = [(Path(d), _load(Path(d))) for d in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +112,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         ("synth_loss", "synth_loss.png", "Synthesizer loss per interface", "MSE to target", True, None),
         ("grad_cosine", "grad_cosine.png", "Synthetic vs true gradient (dashed: as the stage applied it)",
          "cosine similarity", False, "applied_cosine"),
+        ("param_cosine", "param_cosine.png", "Stage update under the synthetic vs the true gradient",
+         "cosine of parameter gradients", False, None),
         ("input_loss", "input_loss.png", "Synthetic input loss per stage (complete unlock)",
          "MSE to the real activation", True, None),
         ("act_rms_drift", "act_rms.png", "Activation RMS per boundary, over its first sample",

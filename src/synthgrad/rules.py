@@ -17,7 +17,7 @@ from torch import nn
 
 from synthgrad.cutting import uncut
 from synthgrad.defaults import DNI_SYNTH_LR, DefaultForwardInterfaces, DefaultInterfaces
-from synthgrad.diagnostics import check_finite, gradient_agreement, true_gradient
+from synthgrad.diagnostics import check_finite, gradient_agreement, parameter_agreement, true_gradient
 from synthgrad.errors import ConfigError
 from synthgrad.health import Health, rms
 from synthgrad.interfaces import (
@@ -287,7 +287,9 @@ class DNI(StepRule):
             "input_loss": [...] (complete unlock); on a diagnosed step also "grad_cosine",
             "grad_rel_error" (the synthesizer's prediction against the true gradient), "applied_cosine" and
             "applied_rel_error" (what the stage below applied against it: the prediction centred, scaled and
-            mixed with a local loss's gradient; the health warnings judge this one), "act_rms" and
+            mixed with a local loss's gradient; the health warnings judge this one), "param_cosine" and
+            "param_rel_error" (the stage's parameter gradient under what it applied against under the true
+            gradient: what its update followed), "act_rms" and
             "act_rms_drift" (RMS over its first sample), and "mix_synthetic" and "mix_local", the (a, b) of a
             stage's local-loss mix (None without one): [per interface]}.
         """
@@ -302,10 +304,13 @@ class DNI(StepRule):
         rel_error: list[float | None] = [None] * last
         applied_cos: list[float | None] = [None] * last
         applied_rel: list[float | None] = [None] * last
+        param_cos: list[float | None] = [None] * last
+        param_rel: list[float | None] = [None] * last
         act_rms: list[float | None] = [None] * last
         true_below: torch.Tensor | None = None  # dL/dh_(k-1), for "backprop" targets
         h, real, loss = x, x, None  # real: the real activation, under the complete unlock
         for k, rule in enumerate(rules):
+            inp = real if complete else h  # the stage's real input, h_(k-1) (diagnosis only)
             res = rule.step(h, y, t, context=ctx, network_input=x, input_grad=k > 0)
             if k > 0:  # the interface below regresses onto what reached this stage's input
                 target = true_below if self.target == "backprop" else res.input_grad
@@ -322,6 +327,11 @@ class DNI(StepRule):
                     applied = rule.interface.stage_gradient(pending.prediction, t, conditioned=ctx is not None,
                                                             local=pending.local)  # [B, ...], batch-mean units
                     applied_cos[k], applied_rel[k] = gradient_agreement(applied * applied.shape[0], true_below)
+                    # What the stage's update followed: the parameter gradients under both (the stage has just
+                    # taken this step's update; one step's change in its Jacobian is left out).
+                    agreement = parameter_agreement(rule.stage, inp, applied, true_below)
+                    if agreement is not None:
+                        param_cos[k], param_rel[k] = agreement
             if diagnose and k < last:
                 act_rms[k] = rms(res.output)
             h, loss = res.output, res.loss
@@ -338,6 +348,7 @@ class DNI(StepRule):
         if diagnose:
             stats["grad_cosine"], stats["grad_rel_error"] = cosine, rel_error
             stats["applied_cosine"], stats["applied_rel_error"] = applied_cos, applied_rel
+            stats["param_cosine"], stats["param_rel_error"] = param_cos, param_rel
             # How each stage mixes its local loss in, a c + b l (localloss.py); None where it has none.
             mixes = [None if getattr(i, "local", None) is None else i.local.coefficients() for i in self.interfaces]
             stats["mix_synthetic"] = [None if m is None else m[0] for m in mixes]

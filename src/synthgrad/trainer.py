@@ -27,7 +27,7 @@ __all__ = ["CONFIG", "METRICS", "KIND", "Progress", "RunResult", "Trainer", "bui
 
 KIND = "classifier"  # the kind of run in this trainer's checkpoints
 HEALTH_KEYS = ("grad_cosine", "grad_rel_error", "applied_cosine", "applied_rel_error",  # a diagnosed step's stats
-               "act_rms", "act_rms_drift", "mix_synthetic", "mix_local")
+               "param_cosine", "param_rel_error", "act_rms", "act_rms_drift", "mix_synthetic", "mix_local")
 
 
 def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> StepRule:
