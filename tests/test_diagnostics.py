@@ -47,3 +47,14 @@ def test_a_stage_without_parameters_to_train_has_no_agreement_and_batchnorm_stat
     before = stage[1].running_mean.clone()
     cos, _ = parameter_agreement(stage, x, t, t)
     assert cos == pytest.approx(1.0) and torch.equal(stage[1].running_mean, before)
+
+
+def test_measuring_leaves_the_random_stream_alone() -> None:
+    # A stage with dropout draws on the forward pass; a diagnosed step must train as an undiagnosed one does.
+    _, x, t = _stage_and_batch()
+    stage = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5))
+    torch.manual_seed(3)
+    expected = torch.rand(5)
+    torch.manual_seed(3)
+    parameter_agreement(stage, x, t, t)
+    assert torch.equal(torch.rand(5), expected)

@@ -72,13 +72,14 @@ def parameter_agreement(stage: nn.Module, inp: torch.Tensor, applied: torch.Tens
     The stage's update follows J^T g summed over the batch, where per-example errors of a synthetic gradient that
     are uncorrelated with the truth cancel: a stage can learn from a gradient that lies no nearer the true one
     than zero does example by example (activation-space relative error about 1), and this says whether it does.
-    One more forward pass of the stage on `inp` (h_(k-1), its input), BN statistics left alone, and two
-    backward passes through it.
+    One more forward pass of the stage on `inp` (h_(k-1), its input), BN statistics and the random stream left
+    alone, and two backward passes through it.
     """
     params = [p for p in stage.parameters() if p.requires_grad]
     if not params:
         return None
-    with frozen_batchnorm_stats([stage]), torch.enable_grad():
+    # Its own random stream (dropout): diagnosing a step leaves the run's draws, and so its training, alone.
+    with frozen_batchnorm_stats([stage]), torch.enable_grad(), torch.random.fork_rng(devices=[]):
         out = stage(inp.detach())
         ga = torch.autograd.grad(out, params, applied.detach().to(out.dtype), retain_graph=True, allow_unused=True)
         gt = torch.autograd.grad(out, params, true_grad.detach().to(out.dtype), allow_unused=True)
