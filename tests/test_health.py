@@ -96,6 +96,21 @@ def test_a_stage_that_its_local_loss_carries_is_judged_by_what_it_applies() -> N
     assert stats["mix_synthetic"][0] < 1e-3 < stats["mix_local"][0]
 
 
+def test_the_warning_says_how_far_the_stage_updates_still_follow_the_true_ones() -> None:
+    # DNI's stages learn early, while the gradient is predictable, and then follow noise (zoo-notes, section 13):
+    # the message gives the parameter-space cosine of the judged window, and a restored judge keeps it.
+    health = Health(every=1, window=3, warmup=0)
+    health.observe(0, [1.2], [1.0], param_cosine=[0.6])
+    restored = Health(every=1, window=3, warmup=0)
+    restored.load_state_dict(copy.deepcopy(health.state_dict()))
+    restored.observe(1, [1.1], [1.0], param_cosine=[0.02])
+    with pytest.warns(HealthWarning, match=r"median relative error 1.10; the stage's parameter updates follow the "
+                      r"true ones at a median cosine of 0.03 over the same samples\)"):
+        restored.observe(2, [1.0], [1.0], param_cosine=[0.03])
+    old_state = {k: v for k, v in health.state_dict().items() if k != "param_cosines"}  # a checkpoint from before
+    Health().load_state_dict(old_state)
+
+
 def test_a_useless_mix_names_the_local_loss() -> None:
     health = Health(every=1, window=2, warmup=0)
     with pytest.warns(HealthWarning, match=r"its synthesizer's prediction mixed with its local loss's gradient"):

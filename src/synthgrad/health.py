@@ -47,6 +47,7 @@ class Health:
     warmup: int = 500
     unit_rms: float = 1.0
     rel_errors: list[list[float]] = field(default_factory=list)  # per interface, the recent samples
+    param_cosines: list[list[float]] = field(default_factory=list)  # per interface, the recent samples
     first_rms: list[float | None] = field(default_factory=list)
     warned: set[str] = field(default_factory=set)
 
@@ -54,14 +55,22 @@ class Health:
         return self.every > 0 and step % self.every == 0
 
     def observe(self, step: int, rel_error: list[float | None], act_rms: list[float | None],
-                conditioned: bool = False, local: list[bool] | None = None) -> dict:
+                conditioned: bool = False, local: list[bool] | None = None,
+                param_cosine: list[float | None] | None = None) -> dict:
         """Take one sample (per interface); returns the figures for the step's stats, and warns if it must.
         rel_error: of the gradient each stage applied, against the true one. conditioned: the synthesizers
         see the label (cDNI), so the advice leaves out what is on already. local: per interface, whether its
-        stage mixes in a local loss (the message says so)."""
+        stage mixes in a local loss (the message says so). param_cosine: per interface, the cosine of the
+        stage's parameter gradient under what it applied to that under the true gradient (the message gives
+        its median: what the stage's updates still follow)."""
         n = len(act_rms)
         if not self.first_rms:
             self.first_rms, self.rel_errors = [None] * n, [[] for _ in range(n)]
+        if len(self.param_cosines) != n:  # a fresh judge, or one restored from a state without them
+            self.param_cosines = [[] for _ in range(n)]
+        for k, c in enumerate(param_cosine or []):
+            if c is not None:
+                self.param_cosines[k] = (self.param_cosines[k] + [c])[-self.window:]
         drift: list[float | None] = [None] * n
         for k in range(n):
             if act_rms[k] is not None:
@@ -88,11 +97,14 @@ class Health:
                          "local loss unless local_loss=False),")
                 what = ("its synthesizer's prediction mixed with its local loss's gradient" if local[k] else
                         "its synthesizer's prediction")
+                cosines = self.param_cosines[k] if k < len(self.param_cosines) else []
+                update = (f"; the stage's parameter updates follow the true ones at a median cosine of "
+                          f"{statistics.median(cosines):.2f} over the same samples" if cosines else "")
                 self._warn(f"useless-{k}", (
                     f"step {step}: the gradient that stage {k + 1} learns from ({what}, as applied) has been no "
                     f"better than nothing for the last {self.window} samples (it lies farther from the true "
-                    f"gradient than zero: median relative error {statistics.median(errors):.2f}). The stage learns "
-                    "little or drifts. "
+                    f"gradient than zero: median relative error {statistics.median(errors):.2f}{update}). The stage "
+                    "learns little or drifts. "
                     f"{first} a faster synthesizer (synth_lr=1e-3, cDNI's default, so that it keeps up with its "
                     "stage), stages that move at their rate times their interface's trust "
                     "(sg.BackwardInterface(..., trust=True), --synth-trust), SGD stages (optimizer=sg.sgd(...)), "
@@ -114,8 +126,10 @@ class Health:
             warnings.warn(message, HealthWarning, stacklevel=5)  # _warn, _judge, observe, DNI.step: its caller
 
     def state_dict(self) -> dict:
-        return {"rel_errors": self.rel_errors, "first_rms": self.first_rms, "warned": sorted(self.warned)}
+        return {"rel_errors": self.rel_errors, "first_rms": self.first_rms, "warned": sorted(self.warned),
+                "param_cosines": self.param_cosines}
 
     def load_state_dict(self, state: dict) -> None:
         self.rel_errors, self.first_rms = state["rel_errors"], state["first_rms"]
+        self.param_cosines = state.get("param_cosines", [])  # absent from checkpoints before the tenth session
         self.warned = set(state["warned"])

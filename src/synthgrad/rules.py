@@ -354,7 +354,7 @@ class DNI(StepRule):
             stats["mix_synthetic"] = [None if m is None else m[0] for m in mixes]
             stats["mix_local"] = [None if m is None else m[1] for m in mixes]
             stats.update(self.health.observe(t, applied_rel, act_rms, self.conditioned,
-                                             local=[m is not None for m in mixes]))
+                                             local=[m is not None for m in mixes], param_cosine=param_cos))
         return stats
 
     def state_dict(self) -> dict:
