@@ -40,3 +40,23 @@ def test_the_held_out_models_are_four_blocks_that_compose_to_class_scores() -> N
         for block in blocks:
             x = block(x)
         assert len(blocks) == 4 and x.shape == (3, 10), name
+
+
+def test_update_agreement_reports_the_early_and_late_median_cosines_of_a_run(tmp_path: Path) -> None:
+    import json
+
+    update_agreement = benchscripts.load("update_agreement")
+    # Two interfaces; cosines high before step 500 and near zero after (what DNI does on the zoo).
+    diagnostics = [{"step": s, "param_cosine": [0.6, 0.5] if s < 500 else [0.01 * (s // 100), -0.1]}
+                   for s in range(0, 2000, 100)]
+    record = {"dataset": "mnist", "model": "m", "stages": 3, "method": "dni", "seed": 0, "epochs": 1,
+              "final": 90.0, "diagnostics": diagnostics}
+    (tmp_path / "library").mkdir()
+    (tmp_path / "library" / "mnist-m-k3-dni-s0-e1.json").write_text(json.dumps(record))
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "mnist-m-k3-frozen-s0-e1.json").write_text(json.dumps({"final": 80.0}))
+    update_agreement.main(["--runs-root", str(tmp_path), "--report", str(tmp_path / "r.md")])
+    row = (tmp_path / "r.md").read_text().splitlines()[-1]
+    # From step 500: 0.05 ... 0.19, median 0.12; the last 10: 0.10 ... 0.19, median 0.145, printed 0.15
+    # (0.14 + 0.15 in floats is just above 0.29).
+    assert row == "| mnist | m | 3 | dni | 1 | - | 80.00 | 90.00 | 0.60, 0.50 | 0.12, -0.10 | 0.15, -0.10 |"
