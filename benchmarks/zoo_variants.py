@@ -54,6 +54,8 @@ TOKENS = {
     "lrtrust": "Adam stages; each stage's learning rate times its interface's trust factor (needs trust)",
     "lrcos": "Adam stages; each stage's learning rate times its interface's agreement (pooled cosine to targets)",
     "chain": "with lrtrust/lrcos: stage k's factor is the product of the factors of interfaces k and above",
+    "lrpeak": "Adam stages; every lower stage's learning rate times the top interface's agreement (to the true "
+              "gradient) over its highest value so far: full rate until the label-free signal fades",
     "slr<x>": "synthesizer learning rate x (default 1e-4)",
     "sgdlr<x>": "the SGD stages' learning rate x (default 0.01)",
     "lowlr<x>": "stages below an interface Adam with learning rate x, the last stage Adam 1e-3",
@@ -112,16 +114,16 @@ NUMBERED = (("hold", "hold", int), ("ramp", "ramp", int), ("trustdrift", "trustd
 def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
-                  "lrcos": False, "chain": False, "hold": 0, "ramp": 0, "trustdrift": 0.0, "center": False,
-                  "norm": False, "hid1": False, "cls": False, "clsonly": False, "clsce": False, "aux": 0.0,
-                  "auxgate": False, "auxfit": False, "local": False, "cls_hidden": 0, "wd": 0.0, "tokmix": False,
-                  "tokattn": False, "fpos": False, "narrow": False, "local_head": "",
+                  "lrcos": False, "chain": False, "lrpeak": False, "hold": 0, "ramp": 0, "trustdrift": 0.0,
+                  "center": False, "norm": False, "hid1": False, "cls": False, "clsonly": False, "clsce": False,
+                  "aux": 0.0, "auxgate": False, "auxfit": False, "local": False, "cls_hidden": 0, "wd": 0.0,
+                  "tokmix": False, "tokattn": False, "fpos": False, "narrow": False, "local_head": "",
                   "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
     if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
-        if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "pos", "chain", "center", "norm", "hid1", "cls",
-                   "narrow", "clsonly", "clsce", "auxgate", "auxfit", "local", "tokmix", "tokattn", "fpos"):
+        if tok in ("lin", "trust", "proj", "lrtrust", "lrcos", "lrpeak", "pos", "chain", "center", "norm", "hid1",
+                   "cls", "narrow", "clsonly", "clsce", "auxgate", "auxfit", "local", "tokmix", "tokattn", "fpos"):
             opts[tok] = True
         elif tok in ("lhmlp", "lhpool4", "lhmean", "lhconv"):
             opts["local_head"] = tok
@@ -378,6 +380,8 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
     hook = None
     if o["trustdrift"]:
         return rule, drift_gated_trust(rule, o["trustdrift"])
+    if o["lrpeak"]:
+        return rule, faded_signal_gate(rule)
     if o["lrtrust"] or o["lrcos"] or o["hold"] or o["ramp"]:
         def hook() -> None:  # after set_lr_factor: lower stage k's lr times interface k's trust or agreement
             if o["lrtrust"] or o["lrcos"]:
@@ -423,4 +427,20 @@ def drift_gated_trust(rule: sg.DNI, threshold: float) -> Callable[[], None]:
                 factor = float(i.fit_scale)  # trust's alpha, which the interface (trust off) does not apply itself
                 for group in opt_k.param_groups:
                     group["lr"] *= factor
+    return hook
+
+
+def faded_signal_gate(rule: sg.DNI) -> Callable[[], None]:
+    """The hook for lrpeak: every stage below an interface moves at its rate times a / max(a so far), a the top
+    interface's agreement with its targets (the true gradient there): the signal a label-free synthesizer has left
+    (zoo-notes section 13), relative to what it had while the stages learned."""
+    peak = [0.0]
+
+    def hook() -> None:  # after set_lr_factor
+        a = float(rule.interfaces[-1].agreement)
+        peak[0] = max(peak[0], a)
+        factor = a / peak[0] if peak[0] > 0 else 1.0
+        for opt_k in rule.optimizers[:-1]:
+            for group in opt_k.param_groups:
+                group["lr"] *= factor
     return hook
