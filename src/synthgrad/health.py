@@ -97,6 +97,11 @@ class Health:
                          "local loss unless local_loss=False),")
                 what = ("its synthesizer's prediction mixed with its local loss's gradient" if local[k] else
                         "its synthesizer's prediction")
+                # Without the label a synthesizer can at best predict E[dL/dh | h], which vanishes once the stages
+                # above fit the labels: DNI's stages learn early and then follow noise (zoo-notes, section 13).
+                why = ("" if conditioned else "Without the label this is expected once the stages above fit the "
+                       "training labels: a synthesizer then has little of the gradient left to predict, and DNI's "
+                       "stages learn mostly in their first few hundred steps. ")
                 cosines = self.param_cosines[k] if k < len(self.param_cosines) else []
                 update = (f"; the stage's parameter updates follow the true ones at a median cosine of "
                           f"{statistics.median(cosines):.2f} over the same samples" if cosines else "")
@@ -104,9 +109,8 @@ class Health:
                     f"step {step}: the gradient that stage {k + 1} learns from ({what}, as applied) has been no "
                     f"better than nothing for the last {self.window} samples (it lies farther from the true "
                     f"gradient than zero: median relative error {statistics.median(errors):.2f}{update}). The stage "
-                    "learns little or drifts. "
-                    f"{first} a faster synthesizer (synth_lr=1e-3, cDNI's default, so that it keeps up with its "
-                    "stage), stages that move at their rate times their interface's trust "
+                    f"learns little or drifts. {why}{first} a faster synthesizer (synth_lr=1e-3, cDNI's default, so "
+                    "that it keeps up with its stage), stages that move at their rate times their interface's trust "
                     "(sg.BackwardInterface(..., trust=True), --synth-trust), SGD stages (optimizer=sg.sgd(...)), "
                     "a lower stage learning rate, or fewer stages"))
         for k, (d, g) in enumerate(zip(drift, growth, strict=True)):
