@@ -47,7 +47,7 @@ import synthgrad as sg
 from synthgrad import zoo
 from synthgrad.config import lr_factor
 from synthgrad.data import batches, epoch_order, load
-from synthgrad.diagnostics import frozen_batchnorm_stats
+from synthgrad.diagnostics import parameter_agreement
 from synthgrad.errors import DivergenceError
 from synthgrad.models import build_layers
 from synthgrad.trainer import evaluate
@@ -129,16 +129,10 @@ class Probe:
     def _param_cosine(self, k: int, p: torch.Tensor, g: torch.Tensor) -> float | None:
         """Cosine of stage k's parameter gradients under the synthetic and the true gradient at its output:
         what its update follows, where per-example noise that the batch sum cancels no longer counts."""
-        stage = self.rule.stages[k]
-        params = [q for q in stage.parameters() if q.requires_grad]
-        if k not in self.inputs or not params:
+        if k not in self.inputs:
             return None
-        with frozen_batchnorm_stats([stage]):
-            out = stage(self.inputs[k])
-            gp = torch.autograd.grad(out, params, p, retain_graph=True)
-            gt = torch.autograd.grad(out, params, g)
-        a, b = torch.cat([x.flatten() for x in gp]).double(), torch.cat([x.flatten() for x in gt]).double()
-        return F.cosine_similarity(a, b, dim=0).item()
+        agreement = parameter_agreement(self.rule.stages[k], self.inputs[k], p, g)
+        return None if agreement is None else agreement[0]
 
     def _update(self, k: int, update: Callable) -> Callable:
         def wrapped(prediction: torch.Tensor, target_grad: torch.Tensor) -> float:
