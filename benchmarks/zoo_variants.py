@@ -396,9 +396,14 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
                 for k in range(len(factors) - 2, -1, -1):
                     factors[k] *= factors[k + 1]
             for opt_k, factor in zip(rule.optimizers[:-1], factors, strict=True):
-                for group in opt_k.param_groups:
-                    group["lr"] *= factor
+                scale_lr(opt_k, factor)
     return rule, hook
+
+
+def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every learning rate of `optimizer` times `factor`, on top of what the schedule set this step."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
 
 
 def drift_gated_trust(rule: sg.DNI, threshold: float) -> Callable[[], None]:
@@ -424,9 +429,7 @@ def drift_gated_trust(rule: sg.DNI, threshold: float) -> Callable[[], None]:
         for k, (opt_k, i) in enumerate(zip(rule.optimizers[:-1], rule.interfaces, strict=True)):
             engaged[k] = engaged[k] or (first[k] is not None and now[k] > threshold * first[k])
             if engaged[k]:
-                factor = float(i.fit_scale)  # trust's alpha, which the interface (trust off) does not apply itself
-                for group in opt_k.param_groups:
-                    group["lr"] *= factor
+                scale_lr(opt_k, float(i.fit_scale))  # trust's alpha, which the interface (trust off) does not apply
     return hook
 
 
@@ -439,8 +442,6 @@ def faded_signal_gate(rule: sg.DNI) -> Callable[[], None]:
     def hook() -> None:  # after set_lr_factor
         a = float(rule.interfaces[-1].agreement)
         peak[0] = max(peak[0], a)
-        factor = a / peak[0] if peak[0] > 0 else 1.0
         for opt_k in rule.optimizers[:-1]:
-            for group in opt_k.param_groups:
-                group["lr"] *= factor
+            scale_lr(opt_k, a / peak[0] if peak[0] > 0 else 1.0)
     return hook
