@@ -20,6 +20,9 @@ import sys
 from datetime import date
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo import Run  # noqa: E402  (a sibling benchmark: its runs' keys)
+
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 EARLY, LATE = (100, 400), 500  # the steps of the first window, and where the second starts
 
@@ -39,9 +42,8 @@ def medians(record: dict) -> list[tuple[float | None, float | None, float | None
 
 def other(root: Path, record: dict, method: str) -> float | None:
     """The final accuracy of the same cell's backprop or frozen run in the runs root, if it is there."""
-    k = "kall" if method == "backprop" else f"k{record['stages']}"
-    name = f"{record['dataset']}-{record['model']}-{k}-{method}-s{record['seed']}-e{record['epochs']}.json"
-    path = root / "base" / name
+    run = Run(record["model"], record["dataset"], record["stages"], method, record["seed"], record["epochs"])
+    path = root / f"{run.key}.json"
     return json.loads(path.read_text())["final"] if path.exists() else None
 
 
