@@ -102,7 +102,7 @@ class Health:
                 why = ("" if conditioned else "Without the label this is expected once the stages above fit the "
                        "training labels: a synthesizer then has little of the gradient left to predict, and DNI's "
                        "stages learn mostly in their first few hundred steps. ")
-                cosines = self.param_cosines[k] if k < len(self.param_cosines) else []
+                cosines = self.param_cosines[k]  # observe keeps one window per interface
                 update = (f"; the stage's parameter updates follow the true ones at a median cosine of "
                           f"{statistics.median(cosines):.2f} over the same samples" if cosines else "")
                 self._warn(f"useless-{k}", (
