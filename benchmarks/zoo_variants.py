@@ -60,6 +60,8 @@ TOKENS = {
     "sgdlr<x>": "the SGD stages' learning rate x (default 0.01)",
     "lowlr<x>": "stages below an interface Adam with learning rate x, the last stage Adam 1e-3",
     "hold<n>": "stages below an interface do not move for the first n steps (learning rate 0)",
+    "stop<n>": "stages below an interface stop moving (learning rate 0) from step n on: what a label-free stage "
+               "learned early is kept, and its later steps along noise are not taken",
     "ramp<n>": "stages below an interface ramp their learning rate linearly from 0 to full over the first n steps",
     "trustdrift<x>": "each stage below an interface moves at its full rate until its output's RMS has grown x times "
                      "its first step's; from then on at its rate times its interface's trust factor (as trust)",
@@ -106,7 +108,8 @@ TOKENS = {
 
 
 # Tokens that carry a number: (prefix, option, type), tried in this order after the exact tokens.
-NUMBERED = (("hold", "hold", int), ("ramp", "ramp", int), ("trustdrift", "trustdrift", float), ("aux", "aux", float),
+NUMBERED = (("hold", "hold", int), ("stop", "stop", int), ("ramp", "ramp", int),
+            ("trustdrift", "trustdrift", float), ("aux", "aux", float),
             ("clsh", "cls_hidden", int), ("sgdlr", "sgd_lr", float), ("slr", "synth_lr", float),
             ("decay", "decay", float))
 
@@ -114,7 +117,7 @@ NUMBERED = (("hold", "hold", int), ("ramp", "ramp", int), ("trustdrift", "trustd
 def parse_variant(name: str) -> dict:
     """The options a variant name stands for; ValueError naming the unknown token."""
     opts: dict = {"lin": False, "trust": False, "proj": False, "pos": False, "opt": "adam", "lrtrust": False,
-                  "lrcos": False, "chain": False, "lrpeak": False, "hold": 0, "ramp": 0, "trustdrift": 0.0,
+                  "lrcos": False, "chain": False, "lrpeak": False, "hold": 0, "stop": 0, "ramp": 0, "trustdrift": 0.0,
                   "center": False, "norm": False, "hid1": False, "cls": False, "clsonly": False, "clsce": False,
                   "aux": 0.0, "auxgate": False, "auxfit": False, "local": False, "cls_hidden": 0, "wd": 0.0,
                   "tokmix": False, "tokattn": False, "fpos": False, "narrow": False, "local_head": "",
@@ -382,13 +385,13 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
         return rule, drift_gated_trust(rule, o["trustdrift"])
     if o["lrpeak"]:
         return rule, faded_signal_gate(rule)
-    if o["lrtrust"] or o["lrcos"] or o["hold"] or o["ramp"]:
+    if o["lrtrust"] or o["lrcos"] or o["hold"] or o["ramp"] or o["stop"]:
         def hook() -> None:  # after set_lr_factor: lower stage k's lr times interface k's trust or agreement
             if o["lrtrust"] or o["lrcos"]:
                 factors = [float(i.trust_factor if o["lrtrust"] else i.agreement) for i in rule.interfaces]
             else:
                 factors = [1.0] * len(rule.interfaces)
-            if rule.steps < o["hold"]:
+            if rule.steps < o["hold"] or (o["stop"] and rule.steps >= o["stop"]):
                 factors = [0.0] * len(factors)
             if o["ramp"]:
                 factors = [f * min(1.0, (rule.steps + 1) / o["ramp"]) for f in factors]
