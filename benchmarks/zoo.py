@@ -313,10 +313,12 @@ def report(records: dict[Run, dict], runs: list[Run], name: str, argv: list[str]
 def ablation(records: dict[Run, dict], runs: list[Run], name: str, argv: list[str], variants: list[str]) -> None:
     """One row per (dataset, model, K, method), one column per variant: accuracy and gap to backprop; the
     floor and backprop beside them; '<' marks a mean at or below the frozen floor."""
-    def accs(**kw: object) -> list[float]:
-        found = {r.key: records[r]["final"] for r in runs
-                 if r in records and all(getattr(r, k) == v for k, v in kw.items())}
-        return list(found.values())  # one per run file: backprop's is shared by every K
+    def accs(field: str = "final", **kw: object) -> list[float]:
+        """`field` of every recorded run matching kw: "final" (test accuracy) or "train" (training accuracy,
+        recorded since the eleventh session; runs without it are left out)."""
+        found = {r.key: (records[r]["final"] if field == "final" else records[r].get("train_accuracy", [None])[-1])
+                 for r in runs if r in records and all(getattr(r, k) == v for k, v in kw.items())}
+        return [x for x in found.values() if x is not None]  # one per run file: backprop's is shared by every K
 
     def drift(**kw: object) -> str:  # the largest activation RMS over the run, relative to its value at step 0
         out = []
@@ -386,6 +388,20 @@ def ablation(records: dict[Run, dict], runs: list[Run], name: str, argv: list[st
             full = len(gaps) == len(cols)
             lines.append(f"| {v} | " + " | ".join(out) + f" | {statistics.mean(gaps):+.2f} |" if full else
                          f"| {v} | " + " | ".join(out) + " | - |")
+        # Training accuracy beside it: a gap that is there on the training set too is one of fitting, not of
+        # generalising.
+        train = {label: [accs("train", dataset=ds, model=m, **({"stages": k} if label != "backprop" else {}), **kw)
+                         for ds, m, k, _ in cols] for label, kw in baselines[:2]}
+        train.update({v: [accs("train", dataset=ds, model=m, stages=k, method=method, variant=v)
+                          for ds, m, k, _ in cols] for v in variants})
+        if any(x for vals in train.values() for x in vals):
+            lines += ["", f"{method}: training accuracy after the last epoch ({TRAIN_EVAL:,} training examples, eval "
+                      "mode), mean over seeds; '-' where the runs predate its recording", "",
+                      "| variant | " + " | ".join(f"{m} K={k}" + ("" if ds == "mnist" else f" ({ds})")
+                                              for ds, m, k, _ in cols) + " |",
+                      "|---|" + "---|" * len(cols)]
+            lines += [f"| {label} | " + " | ".join(f"{statistics.mean(x):.2f}" if x else "-" for x in vals) + " |"
+                      for label, vals in train.items()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     summary = {"command": argv, "variants": variants, "date": date.today().isoformat(), "rows": js}
