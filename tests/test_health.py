@@ -99,7 +99,7 @@ def test_a_stage_that_its_local_loss_carries_is_judged_by_what_it_applies() -> N
 
 
 def test_the_warning_says_how_far_the_stage_updates_still_follow_the_true_ones() -> None:
-    # DNI's stages learn early, while the gradient is predictable, and then follow noise (zoo-notes, section 13):
+    # DNI's stages' per-step updates follow the true ones closely early and barely later (zoo-notes, section 13):
     # the message gives the parameter-space cosine of the judged window, and a restored judge keeps it.
     health = Health(every=1, window=3, warmup=0)
     health.observe(0, [1.2], [1.0], param_cosine=[0.6])
