@@ -359,9 +359,9 @@ def ablation(records: dict[Run, dict], runs: list[Run], name: str, argv: list[st
     # The same, one row per variant: reads better with many variants. '*' marks the best in a column.
     for method in sorted({c[3] for c in cells}):
         cols = [c for c in cells if c[3] == method]
+        names = " | ".join(f"{m} K={k}" + ("" if ds == "mnist" else f" ({ds})") for ds, m, k, _ in cols)
         lines += ["", f"### {method}: one row per variant", "",
-                  "| variant | " + " | ".join(f"{m} K={k}" + ("" if ds == "mnist" else f" ({ds})")
-                                          for ds, m, k, _ in cols) + " | mean gap |",
+                  f"| variant | {names} | mean gap |",
                   "|---|" + "---|" * (len(cols) + 1)]
         baselines = [("backprop", {"method": "backprop"}), ("frozen floor", {"method": "frozen"})]
         if any(r.method == "dgl" for r in runs):
@@ -397,9 +397,7 @@ def ablation(records: dict[Run, dict], runs: list[Run], name: str, argv: list[st
         if any(x for vals in train.values() for x in vals):
             lines += ["", f"{method}: training accuracy after the last epoch ({TRAIN_EVAL:,} training examples, eval "
                       "mode), mean over seeds; '-' where the runs predate its recording", "",
-                      "| variant | " + " | ".join(f"{m} K={k}" + ("" if ds == "mnist" else f" ({ds})")
-                                              for ds, m, k, _ in cols) + " |",
-                      "|---|" + "---|" * len(cols)]
+                      f"| variant | {names} |", "|---|" + "---|" * len(cols)]
             lines += [f"| {label} | " + " | ".join(f"{statistics.mean(x):.2f}" if x else "-" for x in vals) + " |"
                       for label, vals in train.items()]
     RESULTS.mkdir(parents=True, exist_ok=True)
