@@ -68,10 +68,13 @@ class Run:
     seed: int
     epochs: int
     variant: str = "library"
+    backprop_lr: float = 1e-3  # backprop runs' Adam learning rate (--backprop-lr); no other method reads it
 
     @property
     def key(self) -> str:
         variant = "base" if self.method in SHARED else self.variant
+        if self.method == "backprop" and self.backprop_lr != 1e-3:  # the default keeps the keys runs were saved by
+            variant = f"base-lr{self.backprop_lr:g}"
         k = "kall" if self.method == "backprop" else f"k{self.stages}"  # backprop is the same network for any K
         return f"{variant}/{self.dataset}-{self.model}-{k}-{self.method}-s{self.seed}-e{self.epochs}"
 
@@ -163,7 +166,7 @@ TRAIN_EVAL = 6000  # training examples evaluated after every epoch (eval mode, a
 def build_rule(run: Run, stages: list[nn.Module], sample: torch.Tensor,
                num_classes: int) -> tuple[sg.StepRule, StepHook | None]:
     if run.method == "backprop":
-        return sg.Backprop(stages), None
+        return sg.Backprop(stages, lr=run.backprop_lr), None
     if run.method == "dgl":
         return sg.DGL.build(stages, sample, num_classes), None
     if run.method == "frozen":
@@ -463,6 +466,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="library (DNI.build), default (defaults.default_interface), or '+'-joined tokens: "
                    + "; ".join(f"{k}: {v}" for k, v in TOKENS.items())
                    + ". Several: an ablation table, one column per variant")
+    p.add_argument("--backprop-lr", type=float, default=1e-3,
+                   help="backprop's Adam learning rate: is a gain from a higher rate for the lower stages one that "
+                        "backprop would get too?")
     p.add_argument("--diagnose-every", type=int, default=100)
     p.add_argument("--probe", action="store_true", help="also record the synthetic gradient's geometry and step sizes")
     p.add_argument("--jobs", type=int, default=1, choices=[1, 2])
@@ -480,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         p.error(str(e))
     root = Path(a.runs_root)
-    runs = [Run(m, d, k, meth, s, a.epochs, v) for v in a.variant for d in a.datasets for m in a.models
+    runs = [Run(m, d, k, meth, s, a.epochs, v, a.backprop_lr) for v in a.variant for d in a.datasets for m in a.models
             for k in a.stages for meth in a.methods for s in a.seeds]
     unique = list({r.key: r for r in runs}.values())
     todo = [r for r in unique if not (root / f"{r.key}.json").exists()]

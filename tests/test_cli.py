@@ -109,10 +109,21 @@ def test_sgd_optimizer_has_its_own_default_lr_and_reaches_the_checkpoint(fake_da
     assert groups[0]["momentum"] == 0.9 and groups[0]["nesterov"]
 
 
+def test_lower_lr_reaches_the_lower_stages_and_the_checkpoint(fake_data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--method", "cdni", "--model", "fcn-3", "--width", "16", "--lr", "1e-3", "--lower-lr", "2e-3",
+                 "--max-steps", "3", "--quiet", "--no-plots", "--run-dir", str(run), "--data-dir",
+                 str(fake_data_dir), "--no-verify-md5", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert json.loads((run / "config.json").read_text())["lower_lr"] == 2e-3
+    rules = checkpoint.load(run / checkpoint.LATEST)["payload"]["rule"]["stage_rules"]
+    rates = [r["optimizer"]["param_groups"][0]["initial_lr"] for r in rules]
+    assert rates == [2e-3] * (len(rules) - 1) + [1e-3]
+
+
 FLAGS = ["--model", "--dataset", "--method", "--target", "--epochs", "--batch-size", "--lr", "--width",
          "--stages", "--update-prob", "--seed", "--synth-lr", "--synth-hidden", "--synth-width",
          "--synth-scale", "--synth-warmup", "--device", "--threads", "--max-steps", "--log-every",
-         "--checkpoint-every", "--resume", "--data-dir", "--optimizer"]
+         "--checkpoint-every", "--resume", "--data-dir", "--optimizer", "--lower-lr"]
 VALUES = ["-1", "0", "nan", "inf", "1e999", "abc", "", "fcn-0", "cnn", "2", "0.5", "999999999999", "cuda:x",
           "--", "/nonexistent", "mnist", "bootstrap", "-0.0", "1.5"]
 

@@ -17,6 +17,7 @@ from synthgrad.batching import batches, epoch_order
 from synthgrad.engine.launch import free_port
 from synthgrad.engine.packets import ALIGN, DATA, NONE, BackwardLayout, ForwardLayout, StatsLayout
 from synthgrad.errors import ConfigError, DivergenceError
+from synthgrad.interfaces import OptimizerFactory
 from synthgrad.rules import activation_shapes
 
 TESTS = Path(__file__).parent
@@ -46,7 +47,8 @@ def _equal(a: object, b: object, where: str = "") -> list[str]:
 
 
 def _single_process(num_stages: int, method: str, update_prob: float, unlock: str, x: torch.Tensor,
-                    y: torch.Tensor, epochs: int, batch: int, seed: int, total: int, trust: bool = False) -> sg.DNI:
+                    y: torch.Tensor, epochs: int, batch: int, seed: int, total: int, trust: bool = False,
+                    lower: OptimizerFactory | None = None) -> sg.DNI:
     factory = um.stage2 if num_stages == 2 else um.stage3
     stages = [factory(k) for k in range(num_stages)]
     shapes = activation_shapes(stages, x[:2])
@@ -55,27 +57,35 @@ def _single_process(num_stages: int, method: str, update_prob: float, unlock: st
     forward = ([um.forward_interface(k + 1, tuple(x.shape[1:]), shapes[k]) for k in range(num_stages - 1)]
                if unlock == "complete" else None)
     dni = sg.DNI(stages, interfaces, conditioned=method == "cdni", num_classes=um.NUM_CLASSES,
-                 update_prob=update_prob, seed=seed, forward_interfaces=forward, schedule=sg.cosine_schedule(total))
+                 update_prob=update_prob, seed=seed, forward_interfaces=forward, schedule=sg.cosine_schedule(total),
+                 lower_optimizer=lower)
     for epoch in range(epochs):
         for xb, yb in batches(x, y, batch, epoch_order(len(x), seed, epoch)):
             dni.step(xb, yb)
     return dni
 
 
-@pytest.mark.parametrize("num_stages,method,update_prob,unlock,trust", [
-    (2, "dni", 1.0, "update", False), (3, "cdni", 1.0, "update", False), (3, "dni", 0.5, "update", False),
-    (2, "cdni", 1.0, "complete", False), (3, "dni", 1.0, "complete", False), (3, "cdni", 1.0, "update", True)])
+@pytest.mark.parametrize("num_stages,method,update_prob,unlock,trust,lower", [
+    (2, "dni", 1.0, "update", False, False), (3, "cdni", 1.0, "update", False, False),
+    (3, "dni", 0.5, "update", False, False), (2, "cdni", 1.0, "complete", False, False),
+    (3, "dni", 1.0, "complete", False, False), (3, "cdni", 1.0, "update", True, False),
+    (3, "cdni", 1.0, "update", False, True)])
 def test_lockstep_pipeline_equals_dni_step_bit_for_bit(num_stages: int, method: str, update_prob: float,
-                                                       unlock: str, trust: bool, one_thread: None) -> None:
+                                                       unlock: str, trust: bool, lower: bool,
+                                                       one_thread: None) -> None:
     x, y = um.data()
     epochs, batch, seed = 2, 32, 3
     total = epochs * len(x) // batch
     pipe = sg.Pipeline(um.stage2 if num_stages == 2 else um.stage3, num_stages, method=method,
                        num_classes=um.NUM_CLASSES, interface=um.Interfaces(method == "cdni", trust),
                        forward_interface=um.forward_interface, unlock=unlock, update_prob=update_prob,
-                       lr=1e-3, lockstep=True, threads=1, seed=seed, schedule=sg.cosine_schedule(total))
+                       lr=1e-3, lockstep=True, threads=1, seed=seed, schedule=sg.cosine_schedule(total),
+                       lower_optimizer=sg.adam(3e-3) if lower else None)
     piped = pipe.fit((x, y), epochs=epochs, batch_size=batch)
-    plain = _single_process(num_stages, method, update_prob, unlock, x, y, epochs, batch, seed, total, trust)
+    plain = _single_process(num_stages, method, update_prob, unlock, x, y, epochs, batch, seed, total, trust,
+                            sg.adam(3e-3) if lower else None)
+    if lower:  # the lower stages' initial rate, in the optimizer states compared below
+        assert [r.optimizer.param_groups[0]["initial_lr"] for r in plain.stage_rules] == [3e-3, 3e-3, 1e-3]
     moved = _equal(piped.states[0]["stage"], um.stages(num_stages)[0].state_dict())
     assert moved, "the comparison would be vacuous: training did not move the first stage"
     if method == "cdni":  # its default local loss is mixed in, and its state is among what is compared below

@@ -307,3 +307,11 @@ def test_stages_bring_the_pipelines_synthesizer_defaults_and_flags_win() -> None
     assert not any(isinstance(i.synthesizer, LowRankSynthesizer) for i in rule.interfaces)  # 0: full linear
     rule = build_rule(piped, (1, 28, 28), 10)
     assert all(isinstance(i.synthesizer, LowRankSynthesizer) and i.centers(conditioned=True) for i in rule.interfaces)
+
+
+def test_lower_lr_reaches_every_stage_process_but_the_last(fake_data_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(method="cdni", stages=3, max_steps=4, lr=1e-3, lower_lr=2e-3)
+    run = tmp_path / "run"
+    run_pipeline(cfg, _dataset(fake_data_dir, tmp_path), run, quiet=True)
+    rules = checkpoint.load(run / checkpoint.LATEST)["payload"]["rule"]["stage_rules"]
+    assert [r["optimizer"]["param_groups"][0]["initial_lr"] for r in rules] == [2e-3, 2e-3, 1e-3]

@@ -11,7 +11,7 @@ from torch import nn
 
 from synthgrad import DNI, Backprop, BackwardInterface, adam, true_gradient
 from synthgrad.diagnostics import check_finite
-from synthgrad.errors import DivergenceError
+from synthgrad.errors import ConfigError, DivergenceError
 from synthgrad.interfaces import OPTIMIZERS, OptimizerFactory
 from synthgrad.models import build_stages
 
@@ -336,3 +336,40 @@ def test_a_stage_that_returns_a_tuple_is_a_config_error_that_says_what_to_keep()
     dni = DNI(stages, [BackwardInterface(make_synthesizer((5, 8), 0, None, 0), adam(1e-3))])
     with pytest.raises(ConfigError, match="stage 1 returned a tuple"):
         dni.step(x, y)
+
+
+def test_lower_optimizer_with_true_gradient_synthesizers_gives_backprops_update_at_the_same_rates() -> None:
+    x, y = _batch()
+    torch.manual_seed(0)
+    stages = build_stages("fcn-3", (1, 28, 28), 10)
+    bp = Backprop(copy.deepcopy(stages), lr=1e-3, lower_optimizer=adam(3e-3))
+    interfaces = []
+    for k in range(len(stages) - 1):
+        synth = OracleSynthesizer(stages[k + 1:])
+        synth.labels = y
+        interfaces.append(BackwardInterface(synth, adam(1e-3)))
+    dni = DNI(stages, interfaces, lr=1e-3, lower_optimizer=adam(3e-3))
+    assert [o.param_groups[0]["lr"] for o in dni.optimizers] == [3e-3] * (len(stages) - 1) + [1e-3]
+    for _ in range(3):
+        bp.step(x, y)
+        dni.step(x, y)
+    for p_bp, p_dni in zip(bp.stages.parameters(), dni.stages.parameters(), strict=True):
+        torch.testing.assert_close(p_dni, p_bp, rtol=1e-5, atol=1e-6)
+
+
+def test_build_lower_lr_sets_the_lower_stages_rate_and_the_schedule_scales_it() -> None:
+    x, _ = _batch()
+    stages = build_stages("fcn-3", (1, 28, 28), 10)
+    dni = DNI.build(stages, x[:2], conditioned=True, num_classes=10, lr=1e-3, lower_lr=2e-3)
+    assert [o.param_groups[0]["lr"] for o in dni.optimizers] == [2e-3] * (len(stages) - 1) + [1e-3]
+    dni.set_lr_factor(0.5)
+    assert [o.param_groups[0]["lr"] for o in dni.optimizers] == [1e-3] * (len(stages) - 1) + [5e-4]
+    default = DNI.build(build_stages("fcn-3", (1, 28, 28), 10), x[:2], lr=1e-3)
+    assert all(o.param_groups[0]["lr"] == 1e-3 for o in default.optimizers)
+
+
+@pytest.mark.parametrize("bad", [{"lower_lr": 0.0}, {"lower_lr": 1e-3, "optimizer": adam(1e-3)}])
+def test_build_lower_lr_refuses_what_it_cannot_honour(bad: dict) -> None:
+    x, _ = _batch()
+    with pytest.raises(ConfigError, match="lower_lr"):
+        DNI.build(build_stages("mlp", (1, 28, 28), 10), x[:2], **bad)

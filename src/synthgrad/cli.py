@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=_float(0, 10, lo_open=True), default=None,
                    help="learning rate of the stages; default: 0.01 with sgd; with adam 3e-4 for dni, "
                         "else the model's; with --task 3e-3")
+    o.add_argument("--lower-lr", type=_float(0, 10, lo_open=True), default=None,
+                   help="learning rate of every stage but the last (under dni and cdni the stages that follow "
+                        "synthetic gradients), with the same optimizer; default: --lr")
     o.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="learning-rate schedule of stages and synthesizers: cosine decay to 0 over the run, or "
                         "constant (default: cosine; with --task: constant for the copy tasks, whose curriculum "
@@ -221,8 +224,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
                           "or drop them to train a classifier")
     return TrainConfig(
         model=a.model, dataset=data.dataset_id(a.dataset), method=a.method, target=a.target, epochs=a.epochs,
-        batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, width=a.width, synth_lr=a.synth_lr,
-        synth_hidden=a.synth_hidden, synth_width=a.synth_width,
+        batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, lower_lr=a.lower_lr, width=a.width,
+        synth_lr=a.synth_lr, synth_hidden=a.synth_hidden, synth_width=a.synth_width,
         synth_scale=1.0 if a.synth_scale is None else a.synth_scale, synth_rank=a.synth_rank,
         synth_every=a.synth_every, synth_center=a.synth_center, synth_classifier=a.synth_classifier,
         synth_trust=a.synth_trust, synth_local=a.synth_local, synth_mean_token=a.synth_mean_token,

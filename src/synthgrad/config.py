@@ -108,8 +108,8 @@ class CommonConfig(JSONConfig):
         need = require
         need(self.batch_size is not None and self.batch_size >= 2,
              f"--batch-size must be >= 2 (BatchNorm needs two examples), got {self.batch_size}")
-        for key in ("lr", "synth_lr"):
-            v = getattr(self, key)
+        for key in ("lr", "synth_lr", "lower_lr"):
+            v = getattr(self, key, None)
             need(v is None or 0 < v <= 10, f"--{key.replace('_', '-')} must be in (0, 10], got {v}")
         need(self.synth_hidden is None or 0 <= self.synth_hidden <= 16,
              f"--synth-hidden must be in 0..16, got {self.synth_hidden}")
@@ -147,6 +147,7 @@ class TrainConfig(CommonConfig):
     epochs: int | None = None
     width: int | None = None  # hidden width (FCN/MLP) or base channels (CNN)
     optimizer: str = "adam"  # the stages' optimizer: adam or sgd (synthesizers always use Adam)
+    lower_lr: float | None = None  # the stages below an interface's rate (same optimizer); None: lr
     synth_rank: int | None = None  # low-rank linear synthesizers of this rank (vector activations), label embedded
     synth_every: int = 1  # each synthesizer regresses onto every this-many-th target
     synth_center: bool | None = None  # stages apply the synthetic gradient minus its batch mean; None: default

@@ -99,7 +99,8 @@ def spec_from_config(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes
         model.stage, cfg.stages, cfg.method, num_classes, OPTIMIZERS[cfg.optimizer](cfg.lr), model.interface,
         model.forward_interface, cfg.unlock, update_prob=cfg.update_prob, seed=cfg.seed,
         schedule=None if cfg.schedule == "constant" else ConfigSchedule(cfg.schedule, cfg.total_steps(num_train)),
-        max_inflight=max_inflight, threads=cfg.threads, device=cfg.device, fault=fault, slow=slow)
+        max_inflight=max_inflight, threads=cfg.threads, device=cfg.device, fault=fault, slow=slow,
+        lower_optimizer=None if cfg.lower_lr is None else OPTIMIZERS[cfg.optimizer](cfg.lower_lr))
 
 
 class RunHooks(Hooks):

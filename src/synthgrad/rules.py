@@ -44,6 +44,8 @@ class StepRule:
     schedule: optional; before each step every learning rate is set to schedule(step) x its
         initial value (e.g. `sg.cosine_schedule(total_steps)`). Call `set_lr_factor` yourself instead
         if you prefer.
+    lower_optimizer: optional; the factory for every stage but the last (under DNI the stages that follow
+        synthetic gradients), which then no longer use `optimizer`.
     """
 
     method = "backprop"
@@ -51,7 +53,8 @@ class StepRule:
     def __init__(self, stages: Sequence[nn.Module], lr: float = 1e-3, optimizer: OptimizerFactory | None = None,
                  loss_fn: LossFn = F.cross_entropy, update_prob: float = 1.0, seed: int = 0,
                  interfaces: Sequence[BackwardInterface | None] | None = None,
-                 forward_interfaces: Sequence[ForwardInterface] | None = None, schedule: Schedule | None = None):
+                 forward_interfaces: Sequence[ForwardInterface] | None = None, schedule: Schedule | None = None,
+                 lower_optimizer: OptimizerFactory | None = None):
         if not 0.0 <= update_prob <= 1.0:
             raise ConfigError(f"update_prob must lie in [0, 1], got {update_prob}")
         if not stages:
@@ -60,8 +63,9 @@ class StepRule:
         n = len(stages)
         above = list(interfaces or [None] * (n - 1)) + [None]  # the last stage has the loss above it
         front = [None, *(forward_interfaces or [None] * (n - 1))]  # nothing in front of the first stage
-        self.stage_rules = [StageRule(k, s, stage_optimizer(make, s, k), interface=above[k], forward_interface=front[k],
-                                      loss_fn=loss_fn, update_prob=update_prob, seed=seed)
+        makes = [lower_optimizer or make] * (n - 1) + [make]  # the last stage learns from the loss itself
+        self.stage_rules = [StageRule(k, s, stage_optimizer(makes[k], s, k), interface=above[k],
+                                      forward_interface=front[k], loss_fn=loss_fn, update_prob=update_prob, seed=seed)
                             for k, s in enumerate(stages)]
         self.stages = nn.ModuleList(stages)
         self.loss_fn, self.update_prob, self.schedule = loss_fn, update_prob, schedule
@@ -206,7 +210,7 @@ class DNI(StepRule):
                  num_classes: int | None = None, target: str = "bootstrap",
                  update_prob: float = 1.0, seed: int = 0,
                  forward_interfaces: Sequence[ForwardInterface] | None = None, schedule: Schedule | None = None,
-                 health: Health | None = None):
+                 health: Health | None = None, lower_optimizer: OptimizerFactory | None = None):
         if len(interfaces) != len(stages) - 1:
             raise ConfigError(f"{len(stages)} stages need {len(stages) - 1} interfaces, got {len(interfaces)}")
         if forward_interfaces and len(forward_interfaces) != len(stages) - 1:
@@ -216,7 +220,8 @@ class DNI(StepRule):
             raise ConfigError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
         if conditioned and not num_classes:
             raise ConfigError("cDNI (conditioned=True) needs num_classes to build the one-hot context")
-        super().__init__(stages, lr, optimizer, loss_fn, update_prob, seed, interfaces, forward_interfaces, schedule)
+        super().__init__(stages, lr, optimizer, loss_fn, update_prob, seed, interfaces, forward_interfaces, schedule,
+                         lower_optimizer)
         self.conditioned, self.num_classes, self.target = conditioned, num_classes, target
         self.health = health if health is not None else Health()
         if conditioned:
@@ -229,7 +234,7 @@ class DNI(StepRule):
               synth_scale: float = 1.0, synth_warmup: int = 0, synth_rank: int | None = None,
               synth_every: int = 1, synth_center: bool | None = None, synth_classifier: bool | None = None,
               synth_trust: bool = False, synth_local: bool | None = None, synth_mean_token: bool | None = None,
-              unlock: str = "update", input_hidden: int = 1, input_width: int = 1024,
+              lower_lr: float | None = None, unlock: str = "update", input_hidden: int = 1, input_width: int = 1024,
               **kwargs) -> DNI:
         """DNI over `stages` with a default synthesizer at every boundary.
 
@@ -249,12 +254,21 @@ class DNI(StepRule):
             (TokenSynthesizer(mean_token=...)); default on for cDNI, off for DNI.
         synth_trust: each stage below an interface moves at its learning rate times the interface's trust
             factor (BackwardInterface); off by default.
+        lower_lr: the Adam learning rate of every stage below an interface (those that follow synthetic
+            gradients); the last stage keeps `lr`. Default: `lr`. Not with `optimizer` (give lower_optimizer).
         unlock: "update" (synthetic gradients) or "complete" (also synthetic inputs, with
             input synthesizers of `input_hidden` layers of `input_width`, trained at synth_lr, default 1e-4).
-        kwargs: passed on to DNI (optimizer, target, update_prob, seed, loss_fn, schedule).
+        kwargs: passed on to DNI (optimizer, lower_optimizer, target, update_prob, seed, loss_fn, schedule, health).
         """
         if unlock not in UNLOCKS:
             raise ConfigError(f"unknown unlock {unlock!r}; choose one of: {', '.join(UNLOCKS)}")
+        if lower_lr is not None:
+            if kwargs.get("optimizer") is not None or kwargs.get("lower_optimizer") is not None:
+                raise ConfigError("lower_lr sets the lower stages' Adam rate; with an optimizer factory of your own, "
+                                  "pass lower_optimizer=sg.adam(...) or sg.sgd(...) instead of lower_lr")
+            if not lower_lr > 0:
+                raise ConfigError(f"lower_lr must be positive, got {lower_lr}")
+            kwargs["lower_optimizer"] = adam(lower_lr)
         specs = activation_specs(stages, sample)
         shapes = [shape for shape, _ in specs]
         make = DefaultInterfaces(conditioned, num_classes, synth_hidden, synth_width, synth_lr, synth_scale,

@@ -192,6 +192,7 @@ def config_from_args(a: argparse.Namespace) -> SequenceConfig:
     for flag, value, default in (("--stages", a.stages, None), ("--epochs", a.epochs, None),
                                  ("--target", a.target, "bootstrap"), ("--update-prob", a.update_prob, 1.0),
                                  ("--optimizer", getattr(a, "optimizer", "adam"), "adam"),
+                                 ("--lower-lr", getattr(a, "lower_lr", None), None),
                                  ("--synth-rank", getattr(a, "synth_rank", None), None),
                                  ("--synth-every", getattr(a, "synth_every", 1), 1),
                                  ("--synth-center", getattr(a, "synth_center", None), None),

@@ -35,13 +35,14 @@ def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int)
     torch.manual_seed(cfg.seed)
     stages = models.build_stages(cfg.model, input_shape, num_classes, cfg.stages, cfg.width)
     optimizer = OPTIMIZERS[cfg.optimizer](cfg.lr)
+    lower = None if cfg.lower_lr is None else OPTIMIZERS[cfg.optimizer](cfg.lower_lr)
     sample = torch.zeros(2, *input_shape)
     if cfg.method in ("backprop", "ddg"):  # ddg: the pipeline delays backprop's gradients (synthgrad.delayed)
-        return Backprop(stages, optimizer=optimizer, update_prob=cfg.update_prob, seed=cfg.seed)
+        return Backprop(stages, optimizer=optimizer, update_prob=cfg.update_prob, seed=cfg.seed, lower_optimizer=lower)
     if cfg.method == "dgl":
         return DGL.build(stages, sample, num_classes, optimizer=optimizer, aux_lr=cfg.synth_lr, seed=cfg.seed)
     return DNI.build(stages, sample, conditioned=cfg.method == "cdni", num_classes=num_classes,
-                     optimizer=optimizer, synth_lr=cfg.synth_lr, synth_hidden=cfg.synth_hidden,
+                     optimizer=optimizer, lower_optimizer=lower, synth_lr=cfg.synth_lr, synth_hidden=cfg.synth_hidden,
                      synth_width=cfg.synth_width, synth_scale=cfg.synth_scale,
                      synth_warmup=cfg.synth_warmup, synth_rank=cfg.synth_rank, synth_every=cfg.synth_every,
                      synth_center=cfg.synth_center, synth_classifier=cfg.synth_classifier,

@@ -74,6 +74,8 @@ class Pipeline:
     optimizer: the stages' optimizer factory (`sg.adam(lr)`, `sg.sgd(lr)`); default Adam at `lr`, whose
         default is 3e-4 for dni and cdni (stages driven by late, noisy targets move more safely) and 1e-3
         otherwise.
+    lower_optimizer: the factory for every stage but the last (those that follow synthetic gradients), as
+        `sg.DNI`'s; default: `optimizer`.
     unlock, forward_interface: "complete" also removes the forward lock (synthetic inputs; needs the
         data as tensors); forward_interface: (k, input shape, shape of h_(k-1)) -> ForwardInterface.
     lockstep: each stage takes step t+1 only after its target for step t arrived: slower, and equal
@@ -91,12 +93,13 @@ class Pipeline:
                  lr: float | None = None, loss_fn: LossFn = F.cross_entropy, unlock: str = "update",
                  forward_interface: ForwardInterfaceFactory | None = None, update_prob: float = 1.0,
                  seed: int = 0, schedule: Callable[[int], float] | None = None, lockstep: bool = False,
-                 max_inflight: int = 2, threads: int | None = None, device: str = "cpu"):
+                 max_inflight: int = 2, threads: int | None = None, device: str = "cpu",
+                 lower_optimizer: OptimizerFactory | None = None):
         if lr is None:
             lr = PIPELINE_STAGE_LR if method in ("dni", "cdni") else 1e-3
         self.spec = PipelineSpec(stage, num_stages, method, num_classes, optimizer or adam(lr), interface,
                                  forward_interface, unlock, loss_fn, update_prob, seed, schedule, lockstep,
-                                 max_inflight, threads, device)
+                                 max_inflight, threads, device, lower_optimizer=lower_optimizer)
         self.spec.validate()
 
     @classmethod

@@ -67,7 +67,8 @@ def build_rule(spec: PipelineSpec, rank: int, world: int, input_shape: tuple[int
         torch.manual_seed(spec.seed * 7919 + 5003 + rank)
         forward = make_input(rank, input_shape, in_shape)
     kind = DelayedStageRule if spec.method == "ddg" and rank < world - 1 else StageRule
-    rule = kind(rank, stage, stage_optimizer(spec.optimizer, stage, rank), interface=interface,
+    factory = spec.lower_optimizer if spec.lower_optimizer is not None and rank < world - 1 else spec.optimizer
+    rule = kind(rank, stage, stage_optimizer(factory, stage, rank), interface=interface,
                      forward_interface=forward, loss_fn=spec.loss_fn, update_prob=spec.update_prob, seed=spec.seed,
                      keep=2 * spec.max_inflight + 8)
     return rule, out_shape

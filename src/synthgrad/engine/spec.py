@@ -61,6 +61,7 @@ class PipelineSpec:
     device: str = "cpu"
     fault: tuple[int, int] | None = None  # test hook: (rank, step) at which that rank raises
     slow: tuple[int, float] | None = None  # test hook: (rank, seconds) that rank sleeps in each step
+    lower_optimizer: OptimizerFactory | None = None  # every stage but the last (as sg.DNI's); None: optimizer
 
     def validate(self) -> None:
         """Refuse what cannot work, before any process starts."""
