@@ -58,7 +58,10 @@ TOKENS = {
               "gradient) over its highest value so far: full rate until the label-free signal fades",
     "slr<x>": "synthesizer learning rate x (default 1e-4)",
     "sgdlr<x>": "the SGD stages' learning rate x (default 0.01)",
-    "lowlr<x>": "stages below an interface Adam with learning rate x, the last stage Adam 1e-3",
+    "lowlr<x>": "stages below an interface Adam with learning rate x, the last stage Adam 1e-3 (or stagelr's)",
+    "stagelr<x>": "every stage Adam with learning rate x instead of 1e-3 (with lowlr, the last stage only): is a "
+                  "gain of lowlr the lower stages' rate relative to the top's, or a higher rate that backprop gets "
+                  "too (zoo.py --backprop-lr)?",
     "hold<n>": "stages below an interface do not move for the first n steps (learning rate 0)",
     "stop<n>": "stages below an interface stop moving (learning rate 0) from step n on: what a label-free stage "
                "learned early is kept, and its later steps along noise are not taken",
@@ -111,6 +114,7 @@ TOKENS = {
 NUMBERED = (("hold", "hold", int), ("stop", "stop", int), ("ramp", "ramp", int),
             ("trustdrift", "trustdrift", float), ("aux", "aux", float),
             ("clsh", "cls_hidden", int), ("sgdlr", "sgd_lr", float), ("slr", "synth_lr", float),
+            ("stagelr", "stage_lr", float),
             ("decay", "decay", float))
 
 
@@ -121,7 +125,7 @@ def parse_variant(name: str) -> dict:
                   "center": False, "norm": False, "hid1": False, "cls": False, "clsonly": False, "clsce": False,
                   "aux": 0.0, "auxgate": False, "auxfit": False, "local": False, "cls_hidden": 0, "wd": 0.0,
                   "tokmix": False, "tokattn": False, "fpos": False, "narrow": False, "local_head": "",
-                  "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01}
+                  "synth_lr": 1e-4, "decay": 0.99, "sgd_lr": 0.01, "stage_lr": 1e-3}
     if name in ("library", "default"):
         return opts
     for tok in name.split("+"):
@@ -373,13 +377,13 @@ def build_variant(name: str, stages: list[nn.Module], sample: torch.Tensor, cond
         return kind(synthesizer(shape), sg.adam(o["synth_lr"]), **kw)
 
     interfaces = [interface(shape) for shape in activation_shapes(stages, sample)[:-1]]
-    opt = sgd(o["sgd_lr"]) if o["opt"] == "sgd" else sg.adam(1e-3)
-    rule = sg.DNI(stages, interfaces, optimizer=opt, conditioned=conditioned, num_classes=num_classes)
-    if o["opt"] in ("lowlr", "sgdlow", "wd"):  # the stages below an interface get their own optimizer; the last: Adam
+    opt = sgd(o["sgd_lr"]) if o["opt"] == "sgd" else sg.adam(o["stage_lr"])
+    low = None  # the stages below an interface get their own optimizer; the last: Adam
+    if o["opt"] in ("lowlr", "sgdlow", "wd"):
         low = (sg.adam(o["low_lr"]) if o["opt"] == "lowlr" else sgd(o["sgd_lr"]) if o["opt"] == "sgdlow"
                else functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=o["wd"], fused=True))
-        for stage_rule in rule.stage_rules[:-1]:
-            stage_rule.optimizer = low(stage_rule.stage.parameters())
+    rule = sg.DNI(stages, interfaces, optimizer=opt, lower_optimizer=low, conditioned=conditioned,
+                  num_classes=num_classes)
     hook = None
     if o["trustdrift"]:
         return rule, drift_gated_trust(rule, o["trustdrift"])

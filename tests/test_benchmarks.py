@@ -60,3 +60,18 @@ def test_update_agreement_reports_the_early_and_late_median_cosines_of_a_run(tmp
     # From step 500: 0.05 ... 0.19, median 0.12; the last 10: 0.10 ... 0.19, median 0.145, printed 0.15
     # (0.14 + 0.15 in floats is just above 0.29).
     assert row == "| mnist | m | 3 | dni | 1 | - | 80.00 | 90.00 | 0.60, 0.50 | 0.12, -0.10 | 0.15, -0.10 |"
+
+
+@pytest.mark.parametrize("variant,rates", [("lin+lowlr2e-3", [2e-3, 2e-3, 1e-3]),
+                                           ("lin+stagelr2e-3", [2e-3, 2e-3, 2e-3]),
+                                           ("lin+stagelr2e-3+lowlr4e-3", [4e-3, 4e-3, 2e-3])])
+def test_zoo_variants_give_each_stage_the_rate_their_tokens_name(variant: str, rates: list[float]) -> None:
+    import torch
+
+    from synthgrad.models import build_layers
+    from synthgrad.zoo import group_blocks
+
+    variants = benchscripts.load("zoo_variants")
+    stages = group_blocks(build_layers("resmlp", (1, 28, 28), 10), 3)
+    rule, _ = variants.build_variant(variant, stages, torch.zeros(2, 1, 28, 28), True, 10)
+    assert [o.param_groups[0]["lr"] for o in rule.optimizers] == rates
