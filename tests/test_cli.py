@@ -109,9 +109,10 @@ def test_sgd_optimizer_has_its_own_default_lr_and_reaches_the_checkpoint(fake_da
     assert groups[0]["momentum"] == 0.9 and groups[0]["nesterov"]
 
 
-def test_lower_lr_reaches_the_lower_stages_and_the_checkpoint(fake_data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["cdni", "dgl", "backprop"])
+def test_lower_lr_reaches_the_lower_stages_and_the_checkpoint(fake_data_dir: Path, tmp_path: Path, method: str) -> None:
     run = tmp_path / "run"
-    assert main(["train", "--method", "cdni", "--model", "fcn-3", "--width", "16", "--lr", "1e-3", "--lower-lr", "2e-3",
+    assert main(["train", "--method", method, "--model", "fcn-3", "--width", "16", "--lr", "1e-3", "--lower-lr", "2e-3",
                  "--max-steps", "3", "--quiet", "--no-plots", "--run-dir", str(run), "--data-dir",
                  str(fake_data_dir), "--no-verify-md5", "--cache-dir", str(tmp_path / "c")]) == 0
     assert json.loads((run / "config.json").read_text())["lower_lr"] == 2e-3

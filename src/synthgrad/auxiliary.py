@@ -66,10 +66,10 @@ class DGL(StepRule):
 
     def __init__(self, stages: Sequence[nn.Module], heads: Sequence[BackwardInterface], num_classes: int,
                  lr: float = 1e-3, optimizer: OptimizerFactory | None = None, loss_fn: LossFn = F.cross_entropy,
-                 seed: int = 0, schedule: Schedule | None = None):
+                 seed: int = 0, schedule: Schedule | None = None, lower_optimizer: OptimizerFactory | None = None):
         if len(heads) != len(stages) - 1:
             raise ConfigError(f"{len(stages)} stages need {len(stages) - 1} auxiliary classifiers, got {len(heads)}")
-        super().__init__(stages, lr, optimizer, loss_fn, 1.0, seed, heads, None, schedule)
+        super().__init__(stages, lr, optimizer, loss_fn, 1.0, seed, heads, None, schedule, lower_optimizer)
         self.num_classes = num_classes
 
     @classmethod

@@ -40,7 +40,8 @@ def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int)
     if cfg.method in ("backprop", "ddg"):  # ddg: the pipeline delays backprop's gradients (synthgrad.delayed)
         return Backprop(stages, optimizer=optimizer, update_prob=cfg.update_prob, seed=cfg.seed, lower_optimizer=lower)
     if cfg.method == "dgl":
-        return DGL.build(stages, sample, num_classes, optimizer=optimizer, aux_lr=cfg.synth_lr, seed=cfg.seed)
+        return DGL.build(stages, sample, num_classes, optimizer=optimizer, lower_optimizer=lower, aux_lr=cfg.synth_lr,
+                         seed=cfg.seed)
     return DNI.build(stages, sample, conditioned=cfg.method == "cdni", num_classes=num_classes,
                      optimizer=optimizer, lower_optimizer=lower, synth_lr=cfg.synth_lr, synth_hidden=cfg.synth_hidden,
                      synth_width=cfg.synth_width, synth_scale=cfg.synth_scale,
