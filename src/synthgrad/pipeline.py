@@ -35,12 +35,12 @@ from synthgrad.engine.rank import Job
 from synthgrad.engine.snapshots import Snapshot
 from synthgrad.engine.spec import PipelineSpec
 from synthgrad.errors import ConfigError, StageFailure, SynthgradError, require
-from synthgrad.interfaces import OPTIMIZERS, BackwardInterface, ForwardInterface
+from synthgrad.interfaces import BackwardInterface, ForwardInterface
 from synthgrad.metrics import read_metrics
 from synthgrad.rules import StepRule
 from synthgrad.rundir import METRICS, Checkpoint, RunDir
 from synthgrad.schedules import lr_factor
-from synthgrad.trainer import RunResult, build_rule, evaluate
+from synthgrad.trainer import RunResult, build_rule, evaluate, stage_optimizers
 
 KIND = "pipeline"  # the run directory's kind of run
 
@@ -95,12 +95,13 @@ def spec_from_config(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes
     """The engine's spec of a CLI run: the registry model cut into cfg.stages, the default interfaces."""
     assert cfg.stages is not None
     model = RegistryModel(cfg, input_shape, num_classes)
+    optimizer, lower = stage_optimizers(cfg)
     return PipelineSpec(
-        model.stage, cfg.stages, cfg.method, num_classes, OPTIMIZERS[cfg.optimizer](cfg.lr), model.interface,
+        model.stage, cfg.stages, cfg.method, num_classes, optimizer, model.interface,
         model.forward_interface, cfg.unlock, update_prob=cfg.update_prob, seed=cfg.seed,
         schedule=None if cfg.schedule == "constant" else ConfigSchedule(cfg.schedule, cfg.total_steps(num_train)),
         max_inflight=max_inflight, threads=cfg.threads, device=cfg.device, fault=fault, slow=slow,
-        lower_optimizer=None if cfg.lower_lr is None else OPTIMIZERS[cfg.optimizer](cfg.lower_lr))
+        lower_optimizer=lower)
 
 
 class RunHooks(Hooks):

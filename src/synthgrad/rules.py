@@ -28,7 +28,7 @@ from synthgrad.interfaces import (
     adam,
     optimizer_to,
 )
-from synthgrad.stage import LossFn, StageRule, check_output, stage_optimizer
+from synthgrad.stage import LossFn, StageRule, check_output, stage_factory, stage_optimizer
 
 METHODS = ("backprop", "dni", "cdni")
 TARGETS = ("bootstrap", "backprop")
@@ -63,8 +63,8 @@ class StepRule:
         n = len(stages)
         above = list(interfaces or [None] * (n - 1)) + [None]  # the last stage has the loss above it
         front = [None, *(forward_interfaces or [None] * (n - 1))]  # nothing in front of the first stage
-        makes = [lower_optimizer or make] * (n - 1) + [make]  # the last stage learns from the loss itself
-        self.stage_rules = [StageRule(k, s, stage_optimizer(makes[k], s, k), interface=above[k],
+        self.stage_rules = [StageRule(k, s, stage_optimizer(stage_factory(make, lower_optimizer, k, n), s, k),
+                                      interface=above[k],
                                       forward_interface=front[k], loss_fn=loss_fn, update_prob=update_prob, seed=seed)
                             for k, s in enumerate(stages)]
         self.stages = nn.ModuleList(stages)

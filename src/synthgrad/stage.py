@@ -94,6 +94,13 @@ def check_output(out: object, index: int) -> torch.Tensor:
     return out
 
 
+def stage_factory(optimizer: OptimizerFactory, lower_optimizer: OptimizerFactory | None, index: int,
+                  num_stages: int) -> OptimizerFactory:
+    """Stage `index`'s optimizer factory: `lower_optimizer`, where given, for every stage but the last (the stages
+    that follow synthetic gradients under DNI; the last learns from the loss itself), else `optimizer`."""
+    return lower_optimizer if lower_optimizer is not None and index < num_stages - 1 else optimizer
+
+
 def stage_optimizer(make: OptimizerFactory, stage: nn.Module, index: int) -> torch.optim.Optimizer:
     """Stage `index`'s optimizer (0-based; messages count from 1, as check_output's), from the factory;
     ConfigError for a stage with no parameters to train."""

@@ -16,7 +16,7 @@ from torch import nn
 from synthgrad import checkpoint, data, models
 from synthgrad.auxiliary import DGL
 from synthgrad.config import TrainConfig
-from synthgrad.interfaces import OPTIMIZERS
+from synthgrad.interfaces import OPTIMIZERS, OptimizerFactory
 from synthgrad.metrics import MetricsLog, RunningMeans
 from synthgrad.rules import DNI, Backprop, StepRule
 from synthgrad.rundir import CONFIG, METRICS, RunDir, read_model
@@ -30,12 +30,17 @@ HEALTH_KEYS = ("grad_cosine", "grad_rel_error", "applied_cosine", "applied_rel_e
                "param_cosine", "param_rel_error", "act_rms", "act_rms_drift", "mix_synthetic", "mix_local")
 
 
+def stage_optimizers(cfg: TrainConfig) -> tuple[OptimizerFactory, OptimizerFactory | None]:
+    """The run's optimizer factory at --lr, and at --lower-lr for every stage but the last (None: not given)."""
+    make = OPTIMIZERS[cfg.optimizer]
+    return make(cfg.lr), None if cfg.lower_lr is None else make(cfg.lower_lr)
+
+
 def build_rule(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> StepRule:
     """The model's stages and the method's step rule, initialised from cfg.seed."""
     torch.manual_seed(cfg.seed)
     stages = models.build_stages(cfg.model, input_shape, num_classes, cfg.stages, cfg.width)
-    optimizer = OPTIMIZERS[cfg.optimizer](cfg.lr)
-    lower = None if cfg.lower_lr is None else OPTIMIZERS[cfg.optimizer](cfg.lower_lr)
+    optimizer, lower = stage_optimizers(cfg)
     sample = torch.zeros(2, *input_shape)
     if cfg.method in ("backprop", "ddg"):  # ddg: the pipeline delays backprop's gradients (synthgrad.delayed)
         return Backprop(stages, optimizer=optimizer, update_prob=cfg.update_prob, seed=cfg.seed, lower_optimizer=lower)

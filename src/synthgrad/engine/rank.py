@@ -33,7 +33,7 @@ from synthgrad.engine.worker import StageWorker
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import optimizer_to
 from synthgrad.rules import activation_shapes
-from synthgrad.stage import StageRule, stage_optimizer
+from synthgrad.stage import StageRule, stage_factory, stage_optimizer
 
 
 @dataclass
@@ -67,7 +67,7 @@ def build_rule(spec: PipelineSpec, rank: int, world: int, input_shape: tuple[int
         torch.manual_seed(spec.seed * 7919 + 5003 + rank)
         forward = make_input(rank, input_shape, in_shape)
     kind = DelayedStageRule if spec.method == "ddg" and rank < world - 1 else StageRule
-    factory = spec.lower_optimizer if spec.lower_optimizer is not None and rank < world - 1 else spec.optimizer
+    factory = stage_factory(spec.optimizer, spec.lower_optimizer, rank, world)
     rule = kind(rank, stage, stage_optimizer(factory, stage, rank), interface=interface,
                      forward_interface=forward, loss_fn=spec.loss_fn, update_prob=spec.update_prob, seed=spec.seed,
                      keep=2 * spec.max_inflight + 8)
