@@ -11,7 +11,9 @@ MNIST (`sg.load_dataset`) from the same initialisation and prints its test accur
 - the same with `local_loss=False` (the behaviour before the local loss, seventh session);
 - the same with `classifier=False, local_loss=False` (the behaviour from 2026-11-30 to 2026-12-01);
 - the same with `center=False, classifier=False, local_loss=False` (the behaviour before 2026-11-30);
-- the defaults with `trust=True`: each stage moves at its learning rate times its interface's trust factor.
+- the defaults with `trust=True`: each stage moves at its learning rate times its interface's trust factor;
+- the defaults with `sg.DNI(..., lower_optimizer=sg.adam(2e-3))`: the stages below an interface at twice the last
+  stage's rate (zoo-notes.md, section 15).
 
     python benchmarks/custom_synth.py --stages 4 --epochs 3     # writes benchmarks/results/custom-synth.md
 """
@@ -61,7 +63,8 @@ VARIANTS: dict[str, dict] = {"cdni, the defaults": {}, "cdni, local_loss=False":
                              "cdni, classifier=False": {"classifier": False, "local_loss": False},
                              "cdni, center=False, classifier=False": {"center": False, "classifier": False,
                                                                       "local_loss": False},
-                             "cdni, trust=True": {"trust": True}}
+                             "cdni, trust=True": {"trust": True}, "cdni, lower_optimizer=adam(2e-3)": {}}
+LOWER = {"cdni, lower_optimizer=adam(2e-3)": sg.adam(2e-3)}  # variant -> the lower stages' optimizer factory
 
 
 def train(variant: str, ds: sg.Dataset, stages_n: int, epochs: int, seed: int) -> float:
@@ -74,7 +77,7 @@ def train(variant: str, ds: sg.Dataset, stages_n: int, epochs: int, seed: int) -
         interfaces = [sg.BackwardInterface(MySynthesizer(256, ds.num_classes), sg.adam(1e-3), **VARIANTS[variant])
                       for _ in range(stages_n - 1)]
         rule = sg.DNI(stages, interfaces, conditioned=True, num_classes=ds.num_classes,
-                      schedule=sg.cosine_schedule(steps))
+                      schedule=sg.cosine_schedule(steps), lower_optimizer=LOWER.get(variant))
     return fit(rule, ds, epochs, seed)
 
 
