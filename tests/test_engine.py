@@ -16,6 +16,7 @@ import synthgrad as sg
 from synthgrad.batching import batches, epoch_order
 from synthgrad.engine.launch import free_port
 from synthgrad.engine.packets import ALIGN, DATA, NONE, BackwardLayout, ForwardLayout, StatsLayout
+from synthgrad.engine.spec import StageFactory
 from synthgrad.errors import ConfigError, DivergenceError
 from synthgrad.interfaces import OptimizerFactory
 from synthgrad.rules import activation_shapes
@@ -48,8 +49,8 @@ def _equal(a: object, b: object, where: str = "") -> list[str]:
 
 def _single_process(num_stages: int, method: str, update_prob: float, unlock: str, x: torch.Tensor,
                     y: torch.Tensor, epochs: int, batch: int, seed: int, total: int, trust: bool = False,
-                    lower: OptimizerFactory | None = None) -> sg.DNI:
-    factory = um.stage2 if num_stages == 2 else um.stage3
+                    lower: OptimizerFactory | None = None, factory: StageFactory | None = None) -> sg.DNI:
+    factory = factory or (um.stage2 if num_stages == 2 else um.stage3)
     stages = [factory(k) for k in range(num_stages)]
     shapes = activation_shapes(stages, x[:2])
     make = um.Interfaces(method == "cdni", trust)
@@ -96,6 +97,33 @@ def test_lockstep_pipeline_equals_dni_step_bit_for_bit(num_stages: int, method: 
     for k, rule in enumerate(plain.stage_rules):
         assert _equal(piped.states[k], rule.state_dict(), f"stage {k + 1}") == []
     assert len(piped.network) == num_stages and not piped.network.training
+
+
+@pytest.mark.parametrize("unlock", ["update", "complete"])
+def test_lockstep_pipeline_reads_token_indices_as_dni_step_does(unlock: str, one_thread: None) -> None:
+    # The data's dtype reaches rank 0's stage: an nn.Embedding reads int64 token indices, not floats.
+    x, y = um.token_data()
+    assert x.dtype == torch.int64
+    epochs, batch, seed = 2, 32, 3
+    total = epochs * len(x) // batch
+    pipe = sg.Pipeline(um.token_stage, 2, method="cdni", num_classes=um.NUM_CLASSES, interface=um.Interfaces(True),
+                       forward_interface=um.forward_interface, unlock=unlock, lr=1e-3, lockstep=True, threads=1,
+                       seed=seed, schedule=sg.cosine_schedule(total))
+    piped = pipe.fit((x, y), epochs=epochs, batch_size=batch)
+    plain = _single_process(2, "cdni", 1.0, unlock, x, y, epochs, batch, seed, total, factory=um.token_stage)
+    assert _equal(piped.states[0]["stage"], um.token_stage(0).state_dict()), "training did not move stage 1"
+    for k, rule in enumerate(plain.stage_rules):
+        assert _equal(piped.states[k], rule.state_dict(), f"stage {k + 1}") == []
+
+
+def _double_stage(k: int) -> torch.nn.Module:
+    return um.stage2(k).double()
+
+
+def test_a_pipeline_refuses_float64_activations_with_what_to_do() -> None:
+    x, y = um.data()
+    with pytest.raises(ConfigError, match="stage 1 of 2: its output is float64.*keep the stages in float32"):
+        sg.Pipeline(_double_stage, 2, method="dni").fit((x.double(), y), epochs=1, batch_size=32)
 
 
 @pytest.mark.parametrize("num_stages", [2, 3])

@@ -55,6 +55,27 @@ def flatten_first(k: int) -> nn.Module:
     return nn.Flatten() if k == 0 else nn.Sequential(*stages(2))
 
 
+def token_data(n: int = 512, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices [n, 12] in 0..49 (int64), the class how many of the first two are below 25."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50, (n, 12), generator=g)
+    return x, (x[:, 0] < 25).long() + (x[:, 1] < 25).long()
+
+
+class MeanToken(nn.Module):
+    """[B, N, D] -> [B, D]: the mean over positions."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.mean(1)
+
+
+def token_stage(k: int) -> nn.Module:
+    """A text classifier on token indices, cut into 2 stages: an nn.Embedding reads the int64 input."""
+    torch.manual_seed(20)
+    embed = nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 32), nn.GELU(), MeanToken(), nn.LayerNorm(32))
+    return [embed, nn.Linear(32, NUM_CLASSES)][k]
+
+
 class LowRankSynthesizer(nn.Module):
     """A custom synthesizer: h -> U V h (+ a per-class bias for cDNI), the last factor zero."""
 

@@ -28,6 +28,7 @@ from synthgrad.interfaces import (
     adam,
     optimizer_to,
 )
+from synthgrad.labels import one_hot
 from synthgrad.stage import LossFn, StageRule, check_output, stage_factory, stage_optimizer
 
 METHODS = ("backprop", "dni", "cdni")
@@ -288,7 +289,7 @@ class DNI(StepRule):
 
     def context(self, y: torch.Tensor) -> torch.Tensor | None:
         """The synthesizers' context: the one-hot label [B, num_classes] for cDNI, else None."""
-        return F.one_hot(y, self.num_classes).float() if self.conditioned else None
+        return one_hot(y, self.num_classes) if self.conditioned else None
 
     def step(self, x: torch.Tensor, y: torch.Tensor, diagnose: bool | None = None) -> dict:
         """One DNI step on the batch (x [B, ...], y [B]): every stage updates with its synthetic gradient

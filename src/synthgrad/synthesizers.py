@@ -208,7 +208,7 @@ class InputSynthesizer(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        flat = x.flatten(1)  # [B, prod(input_shape)]
+        flat = x.flatten(1).to(self.net[0].weight.dtype)  # [B, prod(input_shape)]; token indices become numbers
         if self.context_dim:
             if context is None:
                 raise ValueError("this input synthesizer was built for cDNI and needs the context (one-hot labels)")

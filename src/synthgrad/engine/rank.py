@@ -32,7 +32,7 @@ from synthgrad.engine.spec import PipelineSpec
 from synthgrad.engine.worker import StageWorker
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import optimizer_to
-from synthgrad.rules import activation_shapes
+from synthgrad.rules import activation_specs
 from synthgrad.stage import StageRule, stage_factory, stage_optimizer
 
 
@@ -50,11 +50,19 @@ class Job:
 
 
 def build_rule(spec: PipelineSpec, rank: int, world: int, input_shape: tuple[int, ...],
-               in_shape: tuple[int, ...]) -> tuple[StageRule, tuple[int, ...]]:
-    """This rank's StageRule (on the CPU) and the per-example shape of its output."""
+               in_shape: tuple[int, ...], in_dtype: torch.dtype = torch.float32) -> tuple[StageRule, tuple[int, ...]]:
+    """This rank's StageRule (on the CPU) and the per-example shape of its output.
+
+    in_dtype: what the stage reads: the data's dtype for rank 0 (token indices for an nn.Embedding, say),
+    float32 above it, which is what the wire carries (`packets`).
+    """
     torch.manual_seed(spec.seed + rank)  # a factory that draws its initialisation gets the same one every run
     stage = spec.stage(rank)
-    (out_shape,) = activation_shapes([stage], torch.zeros(2, *in_shape))
+    ((out_shape, out_dtype),) = activation_specs([stage], torch.zeros(2, *in_shape, dtype=in_dtype))
+    if rank < world - 1 and out_dtype != torch.float32:
+        raise ConfigError(f"its output is {str(out_dtype).removeprefix('torch.')}, but the pipeline "
+                          "carries activations between processes as float32: keep the stages in float32 (sg.DNI "
+                          "in one process takes any dtype)")
     interface = forward = None
     if spec.method in ("dni", "cdni", "dgl") and rank < world - 1:
         default = (DefaultAuxiliaryClassifiers(spec.num_classes or 0) if spec.method == "dgl"
@@ -82,7 +90,7 @@ def _meta(job: Job, spec: PipelineSpec) -> dict:
     if spec.complete and tensors is None:
         raise ConfigError("the complete unlock needs the training data as (x, y) tensors: every stage walks the "
                           "same batches itself; pass tensors instead of a loader, or use unlock='update'")
-    return {"input_shape": tuple(x0.shape[1:]), "batch": len(y0), "plan": job.plan,
+    return {"input_shape": tuple(x0.shape[1:]), "input_dtype": x0.dtype, "batch": len(y0), "plan": job.plan,
             "num_train": None if tensors is None else len(tensors[1]), "order_seed": job.feed.seed,
             "resumed": job.resume is not None}
 
@@ -90,7 +98,7 @@ def _meta(job: Job, spec: PipelineSpec) -> dict:
 def _broadcast_training_set(spec: PipelineSpec, rank: int, meta: dict, job: Job,
                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     n = meta["num_train"]
-    tx = torch.empty(n, *meta["input_shape"], device=device)
+    tx = torch.empty(n, *meta["input_shape"], dtype=meta["input_dtype"], device=device)
     ty = torch.empty(n, dtype=torch.int64, device=device)
     if rank == 0:
         assert job.feed is not None and job.feed.tensors is not None
@@ -117,7 +125,8 @@ def run_rank(spec: PipelineSpec, job: Job, rank: int, world: int, local_rank: in
         box: list = [None]
         dist.recv_object_list(box, src=rank - 1)
         in_shape = box[0]
-    rule, out_shape = build_rule(spec, rank, world, input_shape, in_shape)
+    rule, out_shape = build_rule(spec, rank, world, input_shape, in_shape,
+                                 meta["input_dtype"] if rank == 0 else torch.float32)
     if rank < world - 1:
         dist.send_object_list([out_shape], dst=rank + 1)
     rule.stage.to(device)

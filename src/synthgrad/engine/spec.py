@@ -11,6 +11,7 @@ from torch import nn
 
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import BackwardInterface, ForwardInterface, OptimizerFactory, adam
+from synthgrad.labels import one_hot
 from synthgrad.stage import LossFn
 
 METHODS = ("backprop", "dni", "cdni", "ddg", "dgl")
@@ -91,4 +92,4 @@ class PipelineSpec:
 
     def context(self, y: torch.Tensor) -> torch.Tensor | None:
         """The interfaces' context: the one-hot label for cDNI and DGL, else None (as `DNI.context`)."""
-        return F.one_hot(y, self.num_classes).float() if self.method in ("cdni", "dgl") else None
+        return one_hot(y, self.num_classes) if self.method in ("cdni", "dgl") else None
