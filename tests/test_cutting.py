@@ -144,6 +144,7 @@ class _Transpose(nn.Module):
     (lambda m: sg.cut(m, 2, balance="flops"), "balance must be one of cost, count"),
     (lambda m: sg.cut([], 1), "cannot cut an empty model"),
     (lambda m: sg.cut([nn.Linear(2, 2), "relu"], 1), "must be an nn.Module; got str"),
+    (lambda m: sg.cut(_Transpose(), 1), "cannot see inside _Transpose: its order of layers is in its forward()"),
 ])
 def test_errors_speak_of_arguments(call, message: str) -> None:
     with pytest.raises(ConfigError) as e:

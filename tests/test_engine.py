@@ -116,6 +116,34 @@ def test_lockstep_pipeline_reads_token_indices_as_dni_step_does(unlock: str, one
         assert _equal(piped.states[k], rule.state_dict(), f"stage {k + 1}") == []
 
 
+@pytest.mark.parametrize("method", ["cdni", "dni"])
+def test_a_frozen_first_stage_is_run_forward_only_and_lockstep_still_equals_dni_step(method: str,
+                                                                                     one_thread: None) -> None:
+    # A pretrained backbone as stage 1, its parameters frozen: nothing below h_1 trains, so no backward pass there.
+    x, y = um.data()
+    epochs, batch, seed = 1, 32, 3
+    total = epochs * len(x) // batch
+    pipe = sg.Pipeline(um.frozen_first, 2, method=method, num_classes=um.NUM_CLASSES,
+                       interface=um.Interfaces(method == "cdni"), lr=1e-3, lockstep=True, threads=1, seed=seed,
+                       schedule=sg.cosine_schedule(total))
+    piped = pipe.fit((x, y), epochs=epochs, batch_size=batch)
+    plain = _single_process(2, method, 1.0, "update", x, y, epochs, batch, seed, total, factory=um.frozen_first)
+    start = um.frozen_first(0).state_dict()
+    weights = [k for k in start if k.endswith(("weight", "bias"))]
+    assert all(torch.equal(piped.states[0]["stage"][k], start[k]) for k in weights)  # frozen: never moved
+    assert _equal(piped.states[1]["stage"], um.frozen_first(1).state_dict()), "the stage above did not train"
+    for k, rule in enumerate(plain.stage_rules):
+        assert _equal(piped.states[k], rule.state_dict(), f"stage {k + 1}") == []
+
+
+def test_a_frozen_first_stage_runs_under_every_pipeline_method() -> None:
+    x, y = um.data()
+    for method in ("backprop", "ddg", "dgl"):
+        res = sg.Pipeline(um.frozen_first, 2, method=method, num_classes=um.NUM_CLASSES, threads=1,
+                          interface=um.auxiliary if method == "dgl" else None).fit((x, y), epochs=1, batch_size=64)
+        assert [r["epoch"] for r in res.metrics if r["kind"] == "epoch"] == [0], method
+
+
 def _double_stage(k: int) -> torch.nn.Module:
     return um.stage2(k).double()
 
@@ -152,6 +180,16 @@ def test_a_dataloader_factory_feeds_rank_0_with_a_short_last_batch() -> None:
     epochs = [r for r in res.metrics if r["kind"] == "epoch"]
     assert [r["step"] for r in epochs] == [16, 32]  # 15 batches of 32 and one of 20, per epoch
     assert epochs[-1]["test_accuracy"] > 0.4
+
+
+def _dict_batches(epoch: int) -> list[dict]:
+    x, y = um.data(64)
+    return [{"x": x[:32], "y": y[:32]}, {"x": x[32:], "y": y[32:]}]
+
+
+def test_a_loader_of_dicts_is_refused_with_how_to_adapt_it() -> None:
+    with pytest.raises(ConfigError, match=r"each batch must be \(x, y\).*a dict with keys \['x', 'y'\]. Adapt"):
+        sg.Pipeline(um.stage2, 2, method="dni", threads=1).fit(_dict_batches, epochs=1)
 
 
 def _assert_backprop_epoch(states: list[dict], x: torch.Tensor, y: torch.Tensor) -> None:

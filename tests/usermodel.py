@@ -50,6 +50,14 @@ def stage3(k: int) -> nn.Module:
     return stages(3)[k]
 
 
+def frozen_first(k: int) -> nn.Module:
+    """stage2 with the first stage's parameters frozen (requires_grad=False), as a pretrained backbone would be."""
+    stage = stage2(k)
+    if k == 0:
+        stage.requires_grad_(False)
+    return stage
+
+
 def flatten_first(k: int) -> nn.Module:
     """A 2-stage cut whose first stage has nothing to train (a Flatten), then the whole model."""
     return nn.Flatten() if k == 0 else nn.Sequential(*stages(2))

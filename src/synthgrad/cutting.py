@@ -179,6 +179,11 @@ def cut(model: nn.Sequential | Sequence[nn.Module], num_stages: int, sample: tor
     The stages share their modules (and so their parameters) with `model`: nothing is copied.
     Pass the result to ``DNI.build`` or ``Backprop``.
     """
+    if isinstance(model, nn.Module) and not isinstance(model, nn.Sequential | nn.ModuleList):
+        raise ConfigError(f"sg.cut cannot see inside {type(model).__name__}: its order of layers is in its forward(). "
+                          "Give an nn.Sequential or a list of the layers in the order they run (for example "
+                          "[model.features, nn.Flatten(), model.head]), or write the stages yourself: any list of "
+                          "nn.Modules that chain")
     layers = list(model)
     if not layers:
         raise ConfigError("cannot cut an empty model: give an nn.Sequential or a list of at least one layer")

@@ -66,7 +66,8 @@ class DelayedStageRule(StageRule):
         with torch.random.fork_rng(devices=[]), frozen_batchnorm_stats([self.stage]):
             torch.set_rng_state(s.rng)  # the same dropout masks as the first pass
             out = self.stage(inp)
-        out.backward(grad)
+        if out.requires_grad:  # False when nothing below h_k trains: frozen parameters, an input without gradient
+            out.backward(grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return inp.grad if input_grad else None

@@ -78,7 +78,9 @@ def stage_step(stage: nn.Module, optimizer: torch.optim.Optimizer, inp: torch.Te
         check_finite(loss, "loss", index, step)
         loss.backward()
     else:
-        out.backward(output_grad(out))
+        grad = output_grad(out)
+        if out.requires_grad:  # False when nothing below h_k trains: frozen parameters, an input without gradient
+            out.backward(grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StageResult(out.detach(), inp.grad if input_grad else None, None if loss is None else loss.detach())

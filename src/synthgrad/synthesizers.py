@@ -148,7 +148,9 @@ class TokenSynthesizer(nn.Module):
         out = self.token(h.reshape(b * n, d), context).view(b, n, d)
         if self.gain is not None:
             if n != self.positions:
-                raise ValueError(f"this synthesizer was built for {self.positions} positions, got {n}")
+                raise ValueError(f"this synthesizer was built for {self.positions} positions, got {n}: for sequences "
+                                 "whose length varies, give the interfaces yourself with TokenSynthesizer(dim) (no "
+                                 "positions) and BackwardInterface(..., classifier=False, local_loss=False)")
             out = out * self.gain + self.bias  # [B, N, D] * [N, D] + [N, D]
         if self.mean_map is not None:
             out = out + h.mean(1, keepdim=True) @ self.mean_map.T  # [B, N, D] + [B, 1, D]

@@ -54,8 +54,7 @@ class Feed:
             source = self.iterable
         for i, item in enumerate(source):  # type: ignore[arg-type]
             if i >= start:
-                x, y = item[0], item[1]
-                yield x, y
+                yield batch_pair(item)
 
     def batches_per_epoch(self) -> int | None:
         """Known for tensors only: the number of batches in one epoch."""
@@ -68,3 +67,13 @@ class Feed:
         for x, y in self.epoch(0):
             return x, y
         raise ConfigError("data yields no batch: nothing to train on")
+
+
+def batch_pair(item: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of one batch that a loader gave; ConfigError that says how to adapt any other form."""
+    if isinstance(item, list | tuple) and len(item) >= 2 and all(isinstance(t, torch.Tensor) for t in item[:2]):
+        return item[0], item[1]
+    got = (f"a dict with keys {sorted(map(str, item))}" if isinstance(item, dict)
+           else f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, list | tuple) else ""))
+    raise ConfigError(f"each batch must be (x, y), two tensors; the data gave {got}. Adapt it with a module-level "
+                      "factory, for example def data(epoch): return ((b['x'], b['y']) for b in make_loader(epoch))")
