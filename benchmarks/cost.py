@@ -50,8 +50,9 @@ VARIANTS = [
 ]
 CONV_VARIANTS = [
     ("backprop", "backprop", None, None),
-    ("cdni default", "cdni", "default", None),
-    ("dni default", "dni", "default", None),
+    ("cdni default_interface", "cdni", "default", None),
+    ("dni default_interface (linear, centred)", "dni", "default", None),
+    ("dni, DNI.build's default", "dni", None, None),
     ("cdni linear (one 5x5 conv)", "cdni", 0, None),
     ("cdni linear (one 5x5 conv), no classifier term", "cdni", 0, None, {"synth_classifier": False}),
     ("cdni linear (one 5x5 conv), no local loss", "cdni", 0, None, {"synth_local": False}),
@@ -69,9 +70,10 @@ TOKEN_VARIANTS = [  # token activations [N, D]: the mean-token term is cDNI's de
 ]
 
 
-def make(model: str, method: str, hidden: int | str | None, width: int | None, x: torch.Tensor, **kw) -> StepRule:
+def make(model: str, method: str, hidden: int | str | None, width: int | None, x: torch.Tensor,
+         num_stages: int | None = None, **kw) -> StepRule:
     torch.manual_seed(0)
-    stages = build_stages(model, (1, 28, 28), 10)
+    stages = build_stages(model, (1, 28, 28), 10, num_stages)
     if method == "backprop":
         return Backprop(stages)
     if hidden == "default":
@@ -82,12 +84,13 @@ def make(model: str, method: str, hidden: int | str | None, width: int | None, x
                      synth_width=width, **kw)
 
 
-def measure(model: str, batch: int, steps: int, rounds: int) -> list[tuple[str, float, float]]:
+def measure(model: str, batch: int, steps: int, rounds: int,
+            num_stages: int | None = None) -> list[tuple[str, float, float]]:
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     torch.manual_seed(0)
     rank = len(activation_shapes(build_stages(model, (1, 28, 28), 10), x[:2])[0])  # 3: feature maps; 2: tokens
     variants = CONV_VARIANTS if rank == 3 else TOKEN_VARIANTS if rank == 2 else VARIANTS
-    rules = [(v[0], make(model, *v[1:4], x, **(v[4] if len(v) > 4 else {}))) for v in variants]
+    rules = [(v[0], make(model, *v[1:4], x, num_stages, **(v[4] if len(v) > 4 else {}))) for v in variants]
     times: dict[str, list[float]] = {label: [] for label, _ in rules}
     for rule in (r for _, r in rules):  # warm-up
         for _ in range(3):
@@ -110,6 +113,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stages", type=int, default=None, help="cut each model into this many stages (by cost); "
+                   "default: one stage per layer of the registry (the zoo's models: one per block, 4)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     lines = [
@@ -117,14 +122,14 @@ def main() -> None:
         f"- command: `python benchmarks/cost.py {' '.join(sys.argv[1:])}`",
         f"- date: {date.today().isoformat()}",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{a.threads} thread(s), batch {a.batch_size}",
+        f"{a.threads} thread(s), batch {a.batch_size}, stages {a.stages or 'one per layer'}",
         f"- median over {a.rounds} interleaved rounds of {a.steps} steps; ratio = step time / backprop step time",
         "",
         "| model | variant | ms/step | × backprop |",
         "|---|---|---|---|",
     ]
     for model in a.models:
-        for label, ms, ratio in measure(model, a.batch_size, a.steps, a.rounds):
+        for label, ms, ratio in measure(model, a.batch_size, a.steps, a.rounds, a.stages):
             lines.append(f"| {model} | {label} | {ms:.1f} | {ratio:.2f} |")
             print(lines[-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)

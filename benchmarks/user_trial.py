@@ -15,7 +15,8 @@ schedule: backprop; the lower stages frozen at initialisation (the floor: only t
 cDNI at `DNI.build`'s defaults; the same with `synth_trust=True`; and the same with `synth_local=False` (without the
 local loss that cDNI mixes in by default since the seventh session). On request (--methods): cDNI with its lower
 stages at Adam 2e-3 (`DNI.build(lower_lr=2e-3)`), and backprop at 2e-3, which tells whether a gain of the first is
-one that backprop gets from the higher rate too.
+one that backprop gets from the higher rate too; DNI (no label) at `DNI.build`'s defaults, or with every synthesizer
+of 2 hidden layers x 64 (the paper's size on feature maps) or 1 x 16 (`synth_hidden`, `synth_width`).
 
     python benchmarks/user_trial.py --epochs 2      # writes benchmarks/results/user-trial.md (about 25 min a seed)
     python benchmarks/user_trial.py --methods cdni  # one method (the runs of the others do not change with cDNI's)
@@ -43,7 +44,7 @@ from custom_synth import fit  # noqa: E402  (a sibling benchmark: the same train
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 METHODS = ("backprop", "frozen", "cdni", "cdni, trust", "cdni, no local loss", "cdni, lower lr 2e-3",
-           "backprop, lr 2e-3")
+           "backprop, lr 2e-3", "dni", "dni, synth 2x64", "dni, synth 1x16")
 
 
 class Patches(nn.Module):
@@ -124,6 +125,10 @@ def train(name: str, method: str, ds: sg.Dataset | None, stages_n: int, epochs: 
                 p.requires_grad_(False)
         rule: sg.StepRule = sg.Backprop(stages, lr=2e-3 if method == "backprop, lr 2e-3" else 1e-3,
                                         schedule=schedule)
+    elif method.startswith("dni"):  # DNI's default synthesizers, or these hidden layers x width for every one
+        size = {"dni, synth 2x64": (2, 64), "dni, synth 1x16": (1, 16)}.get(method, (None, None))
+        rule = sg.DNI.build(stages, sample=ds.train_x[:2], synth_hidden=size[0], synth_width=size[1],
+                            schedule=schedule)
     else:
         rule = sg.DNI.build(stages, sample=ds.train_x[:2], conditioned=True, num_classes=ds.num_classes,
                             synth_trust=method == "cdni, trust", synth_local=False if "no local" in method else None,
