@@ -46,7 +46,8 @@ X8 = np.zeros((20, 8, 8), np.uint8)
 
 @pytest.mark.parametrize("arrays,message", [
     ({"test_y": None}, r"missing test_y \(it has train_x, train_y, test_x\)"),
-    ({"train_x": np.zeros((20, 64), np.uint8)}, r"train_x has shape \[20, 64\]; images must be"),
+    ({"train_x": np.zeros((20, 1, 1, 8, 8), np.uint8)}, r"train_x has shape \[20, 1, 1, 8, 8\]; give images"),
+    ({"train_x": np.zeros((20, 64), np.float32)}, r"train images are \[64\] but test images \[1, 8, 8\]"),
     ({"train_x": np.zeros((20, 32, 32, 3), np.uint8)}, "looks channels-last.*transpose"),
     ({"train_x": np.zeros((20, 8, 8), np.int16)}, "train_x is int16; images must be uint8"),
     ({"train_x": np.full((20, 8, 8), np.nan, np.float32)}, "train_x holds 1280 NaN or infinite values"),
@@ -106,6 +107,28 @@ def test_cli_models_train_on_another_shape(shape: tuple, classes: int, model: st
 
     net, _ = load_network(run / "final.pt")  # rebuilt from config.json alone
     assert net(torch.zeros(2, *shape)).shape == (2, classes)
+
+
+def test_feature_vectors_train_the_mlps_and_an_image_model_says_what_to_choose(tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    # Tabular data: [N, D] float features, standardised feature by feature with the training split's numbers.
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((300, 20)) * 3 + 5).astype(np.float32)
+    y = (x[:, 0] > 5).astype(np.int64) + (x[:, 1] > 5)
+    f = tmp_path / "tab.npz"
+    np.savez(f, train_x=x[:240], train_y=y[:240], test_x=x[240:], test_y=y[240:])
+    ds = data.load_dataset(f)
+    assert ds.input_shape == (20,) and ds.num_classes == 3
+    torch.testing.assert_close(ds.train_x.mean(0), torch.zeros(20), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ds.train_x.std(0), torch.ones(20), atol=1e-5, rtol=0)
+    for model in ("mlp", "resmlp"):
+        run = tmp_path / model
+        assert main(_train(f, model, run, "--method", "cdni")) == 0, capsys.readouterr().err
+        assert json.loads((run / "config.json").read_text())["input_shape"] == [20]
+    capsys.readouterr()
+    assert main(_train(f, "vit-mini", tmp_path / "vit")) == 2
+    assert "vit-mini needs image inputs [C, H, W], got shape (20,); for feature vectors [D] choose mlp" in (
+        capsys.readouterr().err)
 
 
 def test_resume_with_other_data_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -2,8 +2,8 @@
 
 Layout (``numpy.savez(path, train_x=..., train_y=..., test_x=..., test_y=..., classes=...)``):
 
-- ``train_x``, ``test_x``: images [N, C, H, W], or [N, H, W] for one channel; uint8 (0..255, scaled
-  to [0, 1]) or float (taken as they are); finite;
+- ``train_x``, ``test_x``: images [N, C, H, W], or [N, H, W] for one channel, or feature vectors [N, D]
+  (tabular data: the MLPs take them); uint8 (0..255, scaled to [0, 1]) or float (taken as they are); finite;
 - ``train_y``, ``test_y``: integer labels [N] in 0..K-1;
 - ``classes`` (optional): K class names, a string array; without it K = the largest label + 1.
 
@@ -22,16 +22,17 @@ from synthgrad.arrays import Arrays
 from synthgrad.errors import DataError
 
 REQUIRED = ("train_x", "train_y", "test_x", "test_y")
-LAYOUT = ("train_x/test_x: images [N, C, H, W] or [N, H, W], uint8 0..255 or float; "
+LAYOUT = ("train_x/test_x: images [N, C, H, W] or [N, H, W], or feature vectors [N, D], uint8 0..255 or float; "
           "train_y/test_y: integer labels [N] in 0..K-1; optional classes: K names")
 
 
 def _images(x: np.ndarray, key: str, where: str) -> np.ndarray:
     if x.ndim == 3:
         x = x[:, None]  # [N, H, W] -> [N, 1, H, W]
-    if x.ndim != 4:
-        raise DataError(f"{where}: {key} has shape {list(x.shape)}; images must be [N, C, H, W] or [N, H, W]")
-    if x.shape[3] in (1, 3, 4) and x.shape[1] > 4:
+    if x.ndim not in (2, 4):
+        raise DataError(f"{where}: {key} has shape {list(x.shape)}; give images [N, C, H, W] or [N, H, W], or "
+                        "feature vectors [N, D]")
+    if x.ndim == 4 and x.shape[3] in (1, 3, 4) and x.shape[1] > 4:
         raise DataError(f"{where}: {key} has shape {list(x.shape)}, which looks channels-last [N, H, W, C]; "
                         f"the layout is [N, C, H, W]: save {key}.transpose(0, 3, 1, 2)")
     if x.dtype == np.uint8:
