@@ -27,8 +27,9 @@ NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10}
 class Dataset:
     """A whole dataset as tensors, as ``load_dataset`` returns it.
 
-    train_x, test_x: float32 images [N, C, H, W], each channel standardised with the training
-    images' mean and std (uint8 pixels are first scaled to [0, 1]); train_y, test_y: int64 labels [N]
+    train_x, test_x: float32 images [N, C, H, W] (or an .npz's feature vectors [N, D]), each channel (feature)
+    standardised with the training split's mean and std (uint8 pixels are first scaled to [0, 1]); train_y, test_y:
+    int64 labels [N]
     in 0..num_classes-1; classes: the class names; source: where the data came from.
     """
 
@@ -47,7 +48,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """The shape of one example, [C, H, W]."""
+        """The shape of one example, [C, H, W] (or [D] for feature vectors)."""
         return tuple(self.train_x.shape[1:])
 
     def to(self, device: torch.device | str) -> Dataset:
