@@ -142,6 +142,9 @@ def test_a_frozen_first_stage_runs_under_every_pipeline_method() -> None:
         res = sg.Pipeline(um.frozen_first, 2, method=method, num_classes=um.NUM_CLASSES, threads=1,
                           interface=um.auxiliary if method == "dgl" else None).fit((x, y), epochs=1, batch_size=64)
         assert [r["epoch"] for r in res.metrics if r["kind"] == "epoch"] == [0], method
+        start = um.frozen_first(0).state_dict()
+        assert all(torch.equal(res.states[0]["stage"][k], v) for k, v in start.items()
+                   if k.endswith(("weight", "bias"))), method  # frozen: never moved
 
 
 def _double_stage(k: int) -> torch.nn.Module:

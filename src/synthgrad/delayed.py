@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from synthgrad.diagnostics import check_finite, frozen_batchnorm_stats
-from synthgrad.stage import GradientFn, StageResult, StageRule
+from synthgrad.stage import GradientFn, StageResult, StageRule, backward_from_output
 
 
 @dataclass
@@ -66,8 +66,7 @@ class DelayedStageRule(StageRule):
         with torch.random.fork_rng(devices=[]), frozen_batchnorm_stats([self.stage]):
             torch.set_rng_state(s.rng)  # the same dropout masks as the first pass
             out = self.stage(inp)
-        if out.requires_grad:  # False when nothing below h_k trains: frozen parameters, an input without gradient
-            out.backward(grad)
+        backward_from_output(out, grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return inp.grad if input_grad else None

@@ -78,12 +78,17 @@ def stage_step(stage: nn.Module, optimizer: torch.optim.Optimizer, inp: torch.Te
         check_finite(loss, "loss", index, step)
         loss.backward()
     else:
-        grad = output_grad(out)
-        if out.requires_grad:  # False when nothing below h_k trains: frozen parameters, an input without gradient
-            out.backward(grad)
+        backward_from_output(out, output_grad(out))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StageResult(out.detach(), inp.grad if input_grad else None, None if loss is None else loss.detach())
+
+
+def backward_from_output(out: torch.Tensor, grad: torch.Tensor) -> None:
+    """Backpropagate dL/dh_k (`grad`) from the stage output `out` into the stage and its input; nothing when `out`
+    has no graph, because nothing below h_k trains (frozen parameters, an input that needs no gradient)."""
+    if out.requires_grad:
+        out.backward(grad)
 
 
 def check_output(out: object, index: int) -> torch.Tensor:
