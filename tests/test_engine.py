@@ -116,6 +116,23 @@ def test_lockstep_pipeline_reads_token_indices_as_dni_step_does(unlock: str, one
         assert _equal(piped.states[k], rule.state_dict(), f"stage {k + 1}") == []
 
 
+@pytest.mark.parametrize("unlock", ["update", "complete"])
+def test_lockstep_pipeline_carries_soft_labels_as_dni_step_reads_them(unlock: str, one_thread: None) -> None:
+    # Mixup's soft labels [B, 3] travel up the chain (and, for the complete unlock, to every rank) as they are.
+    x, y = um.mixup_data()
+    assert y.shape == (len(x), um.NUM_CLASSES) and y.dtype == torch.float32
+    epochs, batch, seed = 2, 32, 3
+    total = epochs * len(x) // batch
+    pipe = sg.Pipeline(um.stage3, 3, method="cdni", num_classes=um.NUM_CLASSES, interface=um.Interfaces(True),
+                       forward_interface=um.forward_interface, unlock=unlock, lr=1e-3, lockstep=True, threads=1,
+                       seed=seed, schedule=sg.cosine_schedule(total))
+    piped = pipe.fit((x, y), epochs=epochs, batch_size=batch)
+    plain = _single_process(3, "cdni", 1.0, unlock, x, y, epochs, batch, seed, total)
+    assert _equal(piped.states[0]["stage"], um.stage3(0).state_dict()), "training did not move stage 1"
+    for k, rule in enumerate(plain.stage_rules):
+        assert _equal(piped.states[k], rule.state_dict(), f"stage {k + 1}") == []
+
+
 @pytest.mark.parametrize("method", ["cdni", "dni"])
 def test_a_frozen_first_stage_is_run_forward_only_and_lockstep_still_equals_dni_step(method: str,
                                                                                      one_thread: None) -> None:
@@ -266,6 +283,11 @@ def test_packets_round_trip_with_aligned_blocks() -> None:
     f = fwd.unpack(fwd.pack(DATA, 7, 1, 4, 0, s, labels, h))
     assert (f.kind, f.step, f.epoch, f.batch, f.rows) == (DATA, 7, 1, 4, 6)
     assert torch.equal(f.h, h) and torch.equal(f.labels, labels) and torch.equal(f.stats[2:], torch.tensor([2.0, 0.5]))
+    soft = ForwardLayout(batch=8, shape=(3, 5), stats=stats, label_width=4)  # soft labels [B, 4]
+    assert soft.h_at % ALIGN == 0 and soft.h_at >= soft.labels_at + 8 * 4
+    probs = torch.softmax(torch.randn(6, 4), 1)
+    f = soft.unpack(soft.pack(DATA, 7, 1, 4, 0, s, probs, h))
+    assert torch.equal(f.h, h) and torch.equal(f.labels, probs)
     bwd = BackwardLayout(batch=8, shape=(3, 5))
     assert bwd.HEAD % ALIGN == 0
     kind, step, grad = bwd.unpack(bwd.pack(DATA, 3, h))

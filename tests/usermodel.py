@@ -63,6 +63,16 @@ def flatten_first(k: int) -> nn.Module:
     return nn.Flatten() if k == 0 else nn.Sequential(*stages(2))
 
 
+def mixup_data(n: int = 512, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """data() mixed up (Zhang et al. 2018): x = a x_i + (1 - a) x_j with soft labels y [n, 3] mixed alike."""
+    x, y = data(n, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    a = torch.rand(n, 1, generator=g)  # [n, 1] the mixing weights
+    j = torch.randperm(n, generator=g)
+    onehot = torch.eye(NUM_CLASSES)[y]  # [n, 3]
+    return a * x + (1 - a) * x[j], a * onehot + (1 - a) * onehot[j]
+
+
 def token_data(n: int = 512, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Token indices [n, 12] in 0..49 (int64), the class how many of the first two are below 25."""
     g = torch.Generator().manual_seed(seed)

@@ -18,7 +18,7 @@ from torch import nn
 
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import BackwardInterface, OptimizerFactory, adam
-from synthgrad.labels import one_hot
+from synthgrad.labels import context
 from synthgrad.localloss import auxiliary_head, local_gradient
 from synthgrad.rules import Schedule, StepRule, activation_shapes
 from synthgrad.stage import LossFn
@@ -84,7 +84,7 @@ class DGL(StepRule):
     def step(self, x: torch.Tensor, y: torch.Tensor, diagnose: bool | None = None) -> dict:
         """One DGL step; returns {"train_loss": the last stage's loss, "synth_loss": [each local classifier's loss]}."""
         self._begin_step()
-        ctx = one_hot(y, self.num_classes)
+        ctx = context(y, self.num_classes)
         h, local = x, []
         for rule in self.stage_rules:
             res = rule.step(h, y, self.steps, context=ctx, input_grad=False)

@@ -1,4 +1,4 @@
-"""The label as the synthesizers' context: class indices [B] -> one-hot [B, K], checked where it is cheap."""
+"""The label as the synthesizers' context [B, K]: one-hot from class indices [B], or soft labels [B, K] as given."""
 
 from __future__ import annotations
 
@@ -7,19 +7,51 @@ import torch.nn.functional as F
 
 from synthgrad.errors import ConfigError
 
+SUM_TOLERANCE = 1e-3  # how far a soft label's row may sum from 1 (float32 mixup weights sum to 1 within 1e-6)
+
+
+def is_soft(y: torch.Tensor) -> bool:
+    """Whether y holds soft labels: floating point [B, K] (mixup, a teacher's probabilities, label smoothing)."""
+    return y.dim() == 2 and y.dtype.is_floating_point
+
+
+def context(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The label as context, float32 [B, num_classes]: one-hot for class indices y [B], the distribution itself
+    for soft labels y [B, num_classes]. ConfigError, saying what to pass, for anything else (see one_hot, soft)."""
+    return soft(y, num_classes) if is_soft(y) else one_hot(y, num_classes)
+
+
+def soft(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Soft labels y [B, num_classes] (rows of non-negative weights summing to 1) as float32.
+
+    ConfigError for the wrong number of classes and, on the CPU, for rows that are not distributions: a
+    cDNI synthesizer and the default cross-entropy read them as probabilities. On a GPU the rows go unchecked:
+    reading them back would stall every step.
+    """
+    if y.shape[1] != num_classes:
+        raise ConfigError(f"soft labels must be [B, num_classes] = [B, {num_classes}], got {list(y.shape)}: pass "
+                          "the number of classes the model predicts")
+    if y.device.type == "cpu" and len(y):
+        low, sums = float(y.min()), y.sum(1)
+        if low < 0 or float((sums - 1).abs().max()) > SUM_TOLERANCE:
+            raise ConfigError(f"soft labels must be distributions over the classes: rows of non-negative weights "
+                              f"summing to 1; this batch holds weights from {low:.3g} and rows summing to "
+                              f"{float(sums.min()):.4g}..{float(sums.max()):.4g}. Normalise them, for example "
+                              "y / y.sum(1, keepdim=True), or y.softmax(1) for logits")
+    return y.float()
+
 
 def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """y [B] of class indices (any integer dtype) -> the one-hot [B, num_classes], float32.
 
-    ConfigError for labels that are not indices (soft or one-hot labels [B, K], floats) and, on the CPU,
-    for indices outside 0..num_classes-1. On a GPU the range goes unchecked: reading it back would stall
-    every step.
+    ConfigError for labels that are neither indices nor soft labels [B, K] (other shapes, bool, complex,
+    float indices [B]) and, on the CPU, for indices outside 0..num_classes-1. On a GPU the range goes
+    unchecked: reading it back would stall every step.
     """
     if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise ConfigError(f"the label must be class indices, an integer tensor [B]; got {str(y.dtype)} "
-                          f"{list(y.shape)}. cDNI's synthesizers and DGL's classifiers see it one-hot, built from "
-                          "the indices: for one-hot labels pass y.argmax(1); soft labels (mixup, label "
-                          "smoothing in the data) are not supported, put label smoothing in loss_fn instead")
+        raise ConfigError(f"the label must be class indices, an integer tensor [B], or soft labels, a float tensor "
+                          f"[B, {num_classes}] whose rows sum to 1; got {str(y.dtype)} {list(y.shape)}. For float "
+                          "indices pass y.long()")
     if y.device.type == "cpu" and len(y):
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= num_classes:

@@ -28,7 +28,7 @@ from synthgrad.interfaces import (
     adam,
     optimizer_to,
 )
-from synthgrad.labels import one_hot
+from synthgrad.labels import context
 from synthgrad.stage import LossFn, StageRule, check_output, stage_factory, stage_optimizer
 
 METHODS = ("backprop", "dni", "cdni")
@@ -104,7 +104,7 @@ class StepRule:
 
     # -- a step ----------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, diagnose: bool = False) -> dict:
-        """One training step on the batch (x [B, ...], y [B]); returns its statistics (see the subclass)."""
+        """One training step on the batch (x [B, ...], y [B] or soft [B, K]); its statistics (see the subclass)."""
         raise NotImplementedError
 
     def _begin_step(self) -> None:
@@ -288,8 +288,9 @@ class DNI(StepRule):
                    forward_interfaces=forward, **kwargs)
 
     def context(self, y: torch.Tensor) -> torch.Tensor | None:
-        """The synthesizers' context: the one-hot label [B, num_classes] for cDNI, else None."""
-        return one_hot(y, self.num_classes) if self.conditioned else None
+        """The synthesizers' context: the label [B, num_classes] for cDNI (one-hot, or the soft labels given),
+        else None."""
+        return context(y, self.num_classes) if self.conditioned else None
 
     def step(self, x: torch.Tensor, y: torch.Tensor, diagnose: bool | None = None) -> dict:
         """One DNI step on the batch (x [B, ...], y [B]): every stage updates with its synthetic gradient

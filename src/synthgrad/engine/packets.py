@@ -3,15 +3,15 @@
 A message is one flat float32 tensor: a header, then blocks whose sizes are fixed for the whole
 run, so that a receiver can post a buffer of the right size before the message arrives.
 
-    forward (stage k -> k+1):  [kind, step, epoch, batch, rows, flag | stats | labels [B] | h_k [B * D]]
+    forward (stage k -> k+1):  [kind, step, epoch, batch, rows, flag | stats | labels [B (* K)] | h_k [B * D]]
     backward (stage k+1 -> k): [kind, step, rows | dL/dh_k [B * D]]
 
 B is the largest batch of the run (a batch of `rows` < B rows is padded), D the number of
 features of one example's activation. Every block starts on a 64-byte boundary (`ALIGN` floats):
 the payloads are used in place, and a matrix product reads unaligned data in a different order,
-so a pipeline would differ from one process in the last bits. Labels travel as float32 (exact
-below 2^24). `stats` carries the lower stages' latest statistics up to the last stage, which logs
-them (`StatsLayout`).
+so a pipeline would differ from one process in the last bits. Labels travel as float32: class
+indices (exact below 2^24), or soft labels [B, K] as they are. `stats` carries the lower stages'
+latest statistics up to the last stage, which logs them (`StatsLayout`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Forward:
     rows: int
     flag: int
     stats: torch.Tensor  # [stats numel]
-    labels: torch.Tensor | None  # [rows] int64; None unless DATA
+    labels: torch.Tensor | None  # [rows] int64, or soft labels [rows, K]; None unless DATA
     h: torch.Tensor | None  # [rows, *shape]; None unless DATA
 
 
@@ -85,6 +85,7 @@ class ForwardLayout:
     batch: int  # B, the largest batch
     shape: tuple[int, ...]
     stats: StatsLayout
+    label_width: int = 0  # 0: class indices [B]; K: soft labels [B, K]
     HEAD = 6
 
     @property
@@ -93,7 +94,7 @@ class ForwardLayout:
 
     @property
     def h_at(self) -> int:
-        return self.labels_at + _aligned(self.batch)
+        return self.labels_at + _aligned(self.batch * max(1, self.label_width))
 
     @property
     def numel(self) -> int:
@@ -107,7 +108,7 @@ class ForwardLayout:
         msg[:self.HEAD] = torch.tensor([kind, step, epoch, batch, rows, flag], dtype=torch.float32)
         msg[self.HEAD:self.HEAD + self.stats.numel] = self.stats.empty(device) if stats is None else stats
         if labels is not None and h is not None:
-            msg[self.labels_at:self.labels_at + rows] = labels
+            msg[self.labels_at:self.labels_at + labels.numel()] = labels.reshape(-1)
             msg[self.h_at:self.h_at + h.numel()] = h.reshape(-1)
         return msg
 
@@ -117,7 +118,10 @@ class ForwardLayout:
         stats = msg[self.HEAD:self.HEAD + self.stats.numel]
         labels = h = None
         if kind == DATA:
-            labels = msg[self.labels_at:self.labels_at + rows].long()
+            if self.label_width:
+                labels = msg[self.labels_at:self.labels_at + rows * self.label_width].view(rows, self.label_width)
+            else:
+                labels = msg[self.labels_at:self.labels_at + rows].long()
             h = msg[self.h_at:self.h_at + rows * math.prod(self.shape)].view(rows, *self.shape)
         return Forward(kind, step, epoch, batch, rows, flag, stats, labels, h)
 

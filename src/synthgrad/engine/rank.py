@@ -32,6 +32,7 @@ from synthgrad.engine.spec import PipelineSpec
 from synthgrad.engine.worker import StageWorker
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import optimizer_to
+from synthgrad.labels import is_soft
 from synthgrad.rules import activation_specs
 from synthgrad.stage import StageRule, stage_factory, stage_optimizer
 
@@ -90,7 +91,10 @@ def _meta(job: Job, spec: PipelineSpec) -> dict:
     if spec.complete and tensors is None:
         raise ConfigError("the complete unlock needs the training data as (x, y) tensors: every stage walks the "
                           "same batches itself; pass tensors instead of a loader, or use unlock='update'")
+    if is_soft(y0) and y0.dtype != torch.float32:
+        raise ConfigError(f"soft labels travel between stages as float32; the data gave {y0.dtype}: pass y.float()")
     return {"input_shape": tuple(x0.shape[1:]), "input_dtype": x0.dtype, "batch": len(y0), "plan": job.plan,
+            "label_width": y0.shape[1] if is_soft(y0) else 0,
             "num_train": None if tensors is None else len(tensors[1]), "order_seed": job.feed.seed,
             "resumed": job.resume is not None}
 
@@ -99,7 +103,8 @@ def _broadcast_training_set(spec: PipelineSpec, rank: int, meta: dict, job: Job,
                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     n = meta["num_train"]
     tx = torch.empty(n, *meta["input_shape"], dtype=meta["input_dtype"], device=device)
-    ty = torch.empty(n, dtype=torch.int64, device=device)
+    width = meta["label_width"]  # soft labels [n, K], or class indices [n]
+    ty = (torch.empty(n, width, device=device) if width else torch.empty(n, dtype=torch.int64, device=device))
     if rank == 0:
         assert job.feed is not None and job.feed.tensors is not None
         tx.copy_(job.feed.tensors[0])
@@ -135,7 +140,7 @@ def run_rank(spec: PipelineSpec, job: Job, rank: int, world: int, local_rank: in
         if i is not None:
             i.to(device)
     torch.manual_seed(spec.seed + 1_000_003 * rank)  # rank-local randomness (dropout, ...)
-    w = StageWorker(spec, rank, world, rule, device, batch, in_shape, out_shape)
+    w = StageWorker(spec, rank, world, rule, device, batch, in_shape, out_shape, meta["label_width"])
     saved = _scatter_resume(job, rank, world) if meta["resumed"] else None
     elapsed = 0.0
     if saved is not None:

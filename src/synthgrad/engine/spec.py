@@ -11,7 +11,7 @@ from torch import nn
 
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import BackwardInterface, ForwardInterface, OptimizerFactory, adam
-from synthgrad.labels import one_hot
+from synthgrad.labels import context
 from synthgrad.stage import LossFn
 
 METHODS = ("backprop", "dni", "cdni", "ddg", "dgl")
@@ -91,5 +91,6 @@ class PipelineSpec:
         return self.unlock == "complete" and self.method != "backprop"
 
     def context(self, y: torch.Tensor) -> torch.Tensor | None:
-        """The interfaces' context: the one-hot label for cDNI and DGL, else None (as `DNI.context`)."""
-        return one_hot(y, self.num_classes) if self.method in ("cdni", "dgl") else None
+        """The interfaces' context: the label [B, K] for cDNI and DGL (one-hot, or the soft labels given), else
+        None (as `DNI.context`)."""
+        return context(y, self.num_classes) if self.method in ("cdni", "dgl") else None

@@ -24,7 +24,7 @@ class StageWorker:
     """Rank `rank` of `world`: its StageRule, the links to its neighbours and its counters."""
 
     def __init__(self, spec: PipelineSpec, rank: int, world: int, rule: StageRule, device: torch.device,
-                 batch: int, in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
+                 batch: int, in_shape: tuple[int, ...], out_shape: tuple[int, ...], label_width: int = 0):
         self.spec, self.rank, self.world, self.rule, self.device = spec, rank, world, rule, device
         self.last = rank == world - 1
         self.locked = spec.method == "backprop"  # waits for the true gradient of each step
@@ -34,8 +34,8 @@ class StageWorker:
         self.draining = False  # inside drain_targets (DDG sends gradients down from there: no re-entry)
         self.in_shape, self.out_shape, self.batch = in_shape, out_shape, batch
         self.stats = StatsLayout(world - 1, world - 1 if self.complete else 0)
-        self.fwd_in_layout = ForwardLayout(batch, in_shape, self.stats)
-        self.fwd_out_layout = ForwardLayout(batch, out_shape, self.stats)
+        self.fwd_in_layout = ForwardLayout(batch, in_shape, self.stats, label_width)  # label_width: K, or 0
+        self.fwd_out_layout = ForwardLayout(batch, out_shape, self.stats, label_width)  # for class indices
         self.bwd_in_layout = BackwardLayout(batch, out_shape)  # gradients at this stage's output
         self.bwd_out_layout = BackwardLayout(batch, in_shape)  # gradients at its input, sent below
         self.fwd_in: Inbox | None = None
