@@ -99,36 +99,25 @@ def test_lockstep_pipeline_equals_dni_step_bit_for_bit(num_stages: int, method: 
     assert len(piped.network) == num_stages and not piped.network.training
 
 
+@pytest.mark.parametrize("data", ["tokens", "mixup"])
 @pytest.mark.parametrize("unlock", ["update", "complete"])
-def test_lockstep_pipeline_reads_token_indices_as_dni_step_does(unlock: str, one_thread: None) -> None:
-    # The data's dtype reaches rank 0's stage: an nn.Embedding reads int64 token indices, not floats.
-    x, y = um.token_data()
-    assert x.dtype == torch.int64
+def test_lockstep_pipeline_takes_the_data_as_dni_step_reads_it(data: str, unlock: str, one_thread: None) -> None:
+    # tokens: the data's dtype reaches rank 0's stage, so an nn.Embedding reads int64 token indices, not floats.
+    # mixup: soft labels [B, 3] travel up the chain (and, for the complete unlock, to every rank) as they are.
+    if data == "tokens":
+        (x, y), factory, num_stages = um.token_data(), um.token_stage, 2
+        assert x.dtype == torch.int64
+    else:
+        (x, y), factory, num_stages = um.mixup_data(), um.stage3, 3
+        assert y.shape == (len(x), um.NUM_CLASSES) and y.dtype == torch.float32
     epochs, batch, seed = 2, 32, 3
     total = epochs * len(x) // batch
-    pipe = sg.Pipeline(um.token_stage, 2, method="cdni", num_classes=um.NUM_CLASSES, interface=um.Interfaces(True),
+    pipe = sg.Pipeline(factory, num_stages, method="cdni", num_classes=um.NUM_CLASSES, interface=um.Interfaces(True),
                        forward_interface=um.forward_interface, unlock=unlock, lr=1e-3, lockstep=True, threads=1,
                        seed=seed, schedule=sg.cosine_schedule(total))
     piped = pipe.fit((x, y), epochs=epochs, batch_size=batch)
-    plain = _single_process(2, "cdni", 1.0, unlock, x, y, epochs, batch, seed, total, factory=um.token_stage)
-    assert _equal(piped.states[0]["stage"], um.token_stage(0).state_dict()), "training did not move stage 1"
-    for k, rule in enumerate(plain.stage_rules):
-        assert _equal(piped.states[k], rule.state_dict(), f"stage {k + 1}") == []
-
-
-@pytest.mark.parametrize("unlock", ["update", "complete"])
-def test_lockstep_pipeline_carries_soft_labels_as_dni_step_reads_them(unlock: str, one_thread: None) -> None:
-    # Mixup's soft labels [B, 3] travel up the chain (and, for the complete unlock, to every rank) as they are.
-    x, y = um.mixup_data()
-    assert y.shape == (len(x), um.NUM_CLASSES) and y.dtype == torch.float32
-    epochs, batch, seed = 2, 32, 3
-    total = epochs * len(x) // batch
-    pipe = sg.Pipeline(um.stage3, 3, method="cdni", num_classes=um.NUM_CLASSES, interface=um.Interfaces(True),
-                       forward_interface=um.forward_interface, unlock=unlock, lr=1e-3, lockstep=True, threads=1,
-                       seed=seed, schedule=sg.cosine_schedule(total))
-    piped = pipe.fit((x, y), epochs=epochs, batch_size=batch)
-    plain = _single_process(3, "cdni", 1.0, unlock, x, y, epochs, batch, seed, total)
-    assert _equal(piped.states[0]["stage"], um.stage3(0).state_dict()), "training did not move stage 1"
+    plain = _single_process(num_stages, "cdni", 1.0, unlock, x, y, epochs, batch, seed, total, factory=factory)
+    assert _equal(piped.states[0]["stage"], factory(0).state_dict()), "training did not move stage 1"
     for k, rule in enumerate(plain.stage_rules):
         assert _equal(piped.states[k], rule.state_dict(), f"stage {k + 1}") == []
 
