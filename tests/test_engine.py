@@ -163,6 +163,12 @@ def test_a_pipeline_refuses_float64_activations_with_what_to_do() -> None:
         sg.Pipeline(_double_stage, 2, method="dni").fit((x.double(), y), epochs=1, batch_size=32)
 
 
+def test_an_upper_stage_refusing_its_build_is_the_error_not_the_stages_stopped_after_it() -> None:
+    # Stage 2 raises while stage 1 waits for it; the launcher then stops stage 1 with SIGTERM, which is not the cause.
+    with pytest.raises(ConfigError, match=r"stage 2 of 2: num_classes=5, but the model's last stage outputs 3 logits"):
+        sg.Pipeline(um.stage2, 2, method="cdni", num_classes=5).fit(um.data(), batch_size=32)
+
+
 @pytest.mark.parametrize("num_stages", [2, 3])
 def test_async_pipeline_trains_a_user_model_with_custom_synthesizers(num_stages: int) -> None:
     x, y = um.data(2048)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import usermodel as um
 from torch import nn
 
@@ -108,3 +109,16 @@ def test_cdni_and_dgl_learn_from_mixup_labels_as_backprop_does() -> None:
     # Backprop reaches 0.83 (the majority class is 0.5); cDNI and DGL reach 0.85 and 0.87.
     assert accuracy["Backprop"] > 0.75, accuracy
     assert accuracy["DNI"] > accuracy["Backprop"] - 0.05 and accuracy["DGL"] > accuracy["Backprop"] - 0.05, accuracy
+
+
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_num_classes_that_the_model_does_not_output_is_refused_at_build(num_classes: int) -> None:
+    x = torch.randn(4, 6)
+    for build in (lambda: sg.DNI.build(_stages(), sample=x, conditioned=True, num_classes=num_classes),
+                  lambda: sg.DGL.build(_stages(), sample=x, num_classes=num_classes)):
+        with pytest.raises(ConfigError, match=rf"num_classes={num_classes}, but the model's last stage outputs 3 "
+                                              r"logits per example: pass num_classes=3"):
+            build()
+    # A loss of the user's own may read the outputs otherwise: the check is the default cross-entropy's.
+    sg.DNI.build(_stages(), sample=x, conditioned=True, num_classes=num_classes,
+                 loss_fn=lambda out, y: F.cross_entropy(out[:, :2], y.clamp(max=1)))

@@ -18,7 +18,7 @@ from torch import nn
 
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import BackwardInterface, OptimizerFactory, adam
-from synthgrad.labels import context
+from synthgrad.labels import check_num_classes, context
 from synthgrad.localloss import auxiliary_head, local_gradient
 from synthgrad.rules import Schedule, StepRule, activation_shapes
 from synthgrad.stage import LossFn
@@ -78,7 +78,9 @@ class DGL(StepRule):
               aux_lr: float = 1e-3, **kwargs) -> DGL:
         """DGL over `stages` with the default auxiliary classifier above every stage but the last."""
         make = DefaultAuxiliaryClassifiers(num_classes, aux_lr)
-        heads = [make(k, shape) for k, shape in enumerate(activation_shapes(stages, sample)[:-1])]
+        shapes = activation_shapes(stages, sample)
+        check_num_classes(shapes[-1], num_classes, kwargs.get("loss_fn", F.cross_entropy))
+        heads = [make(k, shape) for k, shape in enumerate(shapes[:-1])]
         return cls(stages, heads, num_classes, lr=lr, **kwargs)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, diagnose: bool | None = None) -> dict:

@@ -58,3 +58,14 @@ def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
             raise ConfigError(f"labels must lie in 0..{num_classes - 1} for num_classes={num_classes}, but this "
                               f"batch holds {low}..{high}: pass the number of classes the model predicts")
     return F.one_hot(y.long(), num_classes).float()
+
+
+def check_num_classes(output_shape: tuple[int, ...], num_classes: int | None, loss_fn: object) -> None:
+    """ConfigError when the model's output [B, C] (per-example shape `output_shape`) has C != num_classes under the
+    default cross-entropy: the labels' one-hot would not match the logits it is read against."""
+    if num_classes is None or loss_fn is not F.cross_entropy or len(output_shape) != 1:
+        return  # a loss of the user's own may read its outputs otherwise
+    if output_shape[0] != num_classes:
+        raise ConfigError(f"num_classes={num_classes}, but the model's last stage outputs {output_shape[0]} "
+                          f"logits per example: pass num_classes={output_shape[0]}, or end the model with a "
+                          f"Linear to {num_classes} classes")

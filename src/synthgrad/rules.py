@@ -28,7 +28,7 @@ from synthgrad.interfaces import (
     adam,
     optimizer_to,
 )
-from synthgrad.labels import context
+from synthgrad.labels import check_num_classes, context
 from synthgrad.stage import LossFn, StageRule, check_output, stage_factory, stage_optimizer
 
 METHODS = ("backprop", "dni", "cdni")
@@ -272,6 +272,7 @@ class DNI(StepRule):
             kwargs["lower_optimizer"] = adam(lower_lr)
         specs = activation_specs(stages, sample)
         shapes = [shape for shape, _ in specs]
+        check_num_classes(shapes[-1], num_classes, kwargs.get("loss_fn", F.cross_entropy))
         make = DefaultInterfaces(conditioned, num_classes, synth_hidden, synth_width, synth_lr, synth_scale,
                                  synth_warmup, synth_rank, synth_every, synth_center, synth_classifier, synth_trust,
                                  synth_local, synth_mean_token)

@@ -119,10 +119,14 @@ def stop_all(procs: list) -> None:
             p.join(timeout=3)
 
 
-def failure(procs: list, reports: list[tuple], world: int) -> errors.SynthgradError:
+def failure(exitcodes: list[int | None], reports: list[tuple], world: int) -> errors.SynthgradError:
     """The error naming the stage that failed first: a death by signal, else a raise, else a lost link.
-    A synthgrad error (a divergence, a bad argument) keeps its class, so it keeps its exit code."""
-    died = [(k, p.exitcode) for k, p in enumerate(procs) if p.exitcode is not None and p.exitcode < 0]
+    A synthgrad error (a divergence, a bad argument) keeps its class, so it keeps its exit code.
+
+    exitcodes: each stage process's exit code (None: running) as it was before the others were stopped, so
+    that the stages stop_all terminated are not taken for ones that died.
+    """
+    died = [(k, code) for k, code in enumerate(exitcodes) if code is not None and code < 0]
     if died:
         k, code = died[0]
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
@@ -138,7 +142,7 @@ def failure(procs: list, reports: list[tuple], world: int) -> errors.SynthgradEr
         detail = "; ".join(line.strip() for line in last[:-1])
         return StageFailure(f"stage {k + 1} of {world} failed: {msg}" + (f" (at {detail})" if detail else "")
                             + "; the other stages were stopped")
-    codes = {k + 1: p.exitcode for k, p in enumerate(procs) if p.exitcode}
+    codes = {k + 1: code for k, code in enumerate(exitcodes) if code}
     k = min(codes) if codes else 1
     return StageFailure(f"stage {k} of {world} exited with status {codes.get(k)}; the other stages were stopped")
 
@@ -182,8 +186,9 @@ def launch(spec: PipelineSpec, job: Job) -> tuple[list[dict], object]:
                 with contextlib.suppress(queue.Empty):
                     while True:
                         reports.append(reports_q.get_nowait())
+                exitcodes = [p.exitcode for p in procs]  # before stop_all's own SIGTERMs
                 stop_all(procs)
-                raise failure(procs, reports, world)
+                raise failure(exitcodes, reports, world)
             alive = [p for p in procs if p.exitcode is None]
             if not alive:
                 break

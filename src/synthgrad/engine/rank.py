@@ -32,7 +32,7 @@ from synthgrad.engine.spec import PipelineSpec
 from synthgrad.engine.worker import StageWorker
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import optimizer_to
-from synthgrad.labels import is_soft
+from synthgrad.labels import check_num_classes, is_soft
 from synthgrad.rules import activation_specs
 from synthgrad.stage import StageRule, stage_factory, stage_optimizer
 
@@ -64,6 +64,8 @@ def build_rule(spec: PipelineSpec, rank: int, world: int, input_shape: tuple[int
         raise ConfigError(f"its output is {str(out_dtype).removeprefix('torch.')}, but the pipeline "
                           "carries activations between processes as float32: keep the stages in float32 (sg.DNI "
                           "in one process takes any dtype)")
+    if rank == world - 1 and spec.method in ("cdni", "dgl"):
+        check_num_classes(out_shape, spec.num_classes, spec.loss_fn)
     interface = forward = None
     if spec.method in ("dni", "cdni", "dgl") and rank < world - 1:
         default = (DefaultAuxiliaryClassifiers(spec.num_classes or 0) if spec.method == "dgl"
