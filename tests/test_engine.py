@@ -207,6 +207,16 @@ def test_a_loader_of_dicts_is_refused_with_how_to_adapt_it() -> None:
         sg.Pipeline(um.stage2, 2, method="dni", threads=1).fit(_dict_batches, epochs=1)
 
 
+def _short_label_batches(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = um.data(64)
+    return [(x[:32], y[:31])]
+
+
+def test_a_loader_batch_with_fewer_labels_than_inputs_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"a batch holds 32 inputs but 31 labels"):
+        sg.Pipeline(um.stage2, 2, method="dni", threads=1).fit(_short_label_batches, epochs=1)
+
+
 def _assert_backprop_epoch(states: list[dict], x: torch.Tensor, y: torch.Tensor) -> None:
     """The oracle: a 3-stage pipeline's stages after one epoch (batches of 32, seed 0) equal single-process
     backprop's, up to rounding."""

@@ -122,3 +122,11 @@ def test_num_classes_that_the_model_does_not_output_is_refused_at_build(num_clas
     # A loss of the user's own may read the outputs otherwise: the check is the default cross-entropy's.
     sg.DNI.build(_stages(), sample=x, conditioned=True, num_classes=num_classes,
                  loss_fn=lambda out, y: F.cross_entropy(out[:, :2], y.clamp(max=1)))
+
+
+def test_a_batch_with_fewer_labels_than_inputs_is_refused_by_every_rule() -> None:
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2])
+    for rule in (sg.Backprop(_stages()), sg.DNI.build(_stages(), sample=x[:2]),
+                 sg.DGL.build(_stages(), sample=x[:2], num_classes=3)):
+        with pytest.raises(ConfigError, match="the batch holds 4 inputs but 3 labels"):
+            rule.step(x, y)

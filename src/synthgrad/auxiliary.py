@@ -85,7 +85,7 @@ class DGL(StepRule):
 
     def step(self, x: torch.Tensor, y: torch.Tensor, diagnose: bool | None = None) -> dict:
         """One DGL step; returns {"train_loss": the last stage's loss, "synth_loss": [each local classifier's loss]}."""
-        self._begin_step()
+        self._begin_step(x, y)
         ctx = context(y, self.num_classes)
         h, local = x, []
         for rule in self.stage_rules:

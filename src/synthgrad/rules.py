@@ -107,7 +107,9 @@ class StepRule:
         """One training step on the batch (x [B, ...], y [B] or soft [B, K]); its statistics (see the subclass)."""
         raise NotImplementedError
 
-    def _begin_step(self) -> None:
+    def _begin_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if len(x) != len(y):
+            raise ConfigError(f"the batch holds {len(x)} inputs but {len(y)} labels: pass one label per example")
         if self.schedule is not None:
             self.set_lr_factor(self.schedule(self.steps))
 
@@ -170,7 +172,7 @@ class Backprop(StepRule):
     def step(self, x: torch.Tensor, y: torch.Tensor, diagnose: bool = False) -> dict:
         """One backprop step; returns {"train_loss": float}. With update_prob < 1 the backward pass still
         reaches every stage, and each stage applies its update only with probability update_prob."""
-        self._begin_step()
+        self._begin_step(x, y)
         out = x
         for s in self.stages:
             out = s(out)
@@ -311,7 +313,7 @@ class DNI(StepRule):
             stage's local-loss mix (None without one): [per interface]}.
         """
         diagnose = self.health.due(self.steps) if diagnose is None else diagnose
-        self._begin_step()
+        self._begin_step(x, y)
         ctx = self.context(y)
         rules, last, t = self.stage_rules, len(self.stage_rules) - 1, self.steps
         complete = bool(self.forward_interfaces)

@@ -72,6 +72,9 @@ class Feed:
 def batch_pair(item: object) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) of one batch that a loader gave; ConfigError that says how to adapt any other form."""
     if isinstance(item, list | tuple) and len(item) >= 2 and all(isinstance(t, torch.Tensor) for t in item[:2]):
+        if len(item[0]) != len(item[1]):
+            raise ConfigError(f"a batch holds {len(item[0])} inputs but {len(item[1])} labels: the data must give "
+                              "one label per example")
         return item[0], item[1]
     got = (f"a dict with keys {sorted(map(str, item))}" if isinstance(item, dict)
            else f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, list | tuple) else ""))
