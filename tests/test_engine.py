@@ -99,14 +99,17 @@ def test_lockstep_pipeline_equals_dni_step_bit_for_bit(num_stages: int, method: 
     assert len(piped.network) == num_stages and not piped.network.training
 
 
-@pytest.mark.parametrize("data", ["tokens", "mixup"])
+@pytest.mark.parametrize("case", ["tokens", "mixup", "inplace"])
 @pytest.mark.parametrize("unlock", ["update", "complete"])
-def test_lockstep_pipeline_takes_the_data_as_dni_step_reads_it(data: str, unlock: str, one_thread: None) -> None:
+def test_lockstep_pipeline_takes_data_and_stages_as_dni_step_does(case: str, unlock: str, one_thread: None) -> None:
     # tokens: the data's dtype reaches rank 0's stage, so an nn.Embedding reads int64 token indices, not floats.
     # mixup: soft labels [B, 3] travel up the chain (and, for the complete unlock, to every rank) as they are.
-    if data == "tokens":
+    # inplace: stages that begin with nn.ReLU(inplace=True) read their own copy of the message from below.
+    if case == "tokens":
         (x, y), factory, num_stages = um.token_data(), um.token_stage, 2
         assert x.dtype == torch.int64
+    elif case == "inplace":
+        (x, y), factory, num_stages = um.data(), um.inplace_stage, 3
     else:
         (x, y), factory, num_stages = um.mixup_data(), um.stage3, 3
         assert y.shape == (len(x), um.NUM_CLASSES) and y.dtype == torch.float32

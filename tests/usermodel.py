@@ -73,6 +73,18 @@ def mixup_data(n: int = 512, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]
     return a * x + (1 - a) * x[j], a * onehot + (1 - a) * onehot[j]
 
 
+def inplace_stages(inplace: bool = True) -> list[nn.Module]:
+    """3 stages whose upper two begin with an nn.ReLU(inplace=...), as a model cut after a BatchNorm is."""
+    torch.manual_seed(30)
+    return [nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32)),
+            nn.Sequential(nn.ReLU(inplace=inplace), nn.Linear(32, 32)),
+            nn.Sequential(nn.ReLU(inplace=inplace), nn.Linear(32, NUM_CLASSES))]
+
+
+def inplace_stage(k: int) -> nn.Module:
+    return inplace_stages()[k]
+
+
 def token_data(n: int = 512, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Token indices [n, 12] in 0..49 (int64), the class how many of the first two are below 25."""
     g = torch.Generator().manual_seed(seed)

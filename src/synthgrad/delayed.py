@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from synthgrad.boundary import run_stage
 from synthgrad.diagnostics import check_finite, frozen_batchnorm_stats
 from synthgrad.stage import GradientFn, StageResult, StageRule, backward_from_output
 
@@ -46,7 +47,7 @@ class DelayedStageRule(StageRule):
         inp = inp.detach()
         self.stored.append(_Stored(step, inp, torch.get_rng_state()))
         with torch.no_grad():
-            out = self.stage(inp)
+            out = run_stage(self.stage, inp)
         if on_output is not None:
             on_output(out)
         return StageResult(out, None, None, updated=False)
@@ -65,7 +66,7 @@ class DelayedStageRule(StageRule):
         inp = s.inp.requires_grad_(input_grad)
         with torch.random.fork_rng(devices=[]), frozen_batchnorm_stats([self.stage]):
             torch.set_rng_state(s.rng)  # the same dropout masks as the first pass
-            out = self.stage(inp)
+            out = run_stage(self.stage, inp)
         backward_from_output(out, grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthgrad.boundary import run_stage
 from synthgrad.errors import DivergenceError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,8 +50,8 @@ def true_gradient(upper: Sequence[nn.Module], h: torch.Tensor, labels: torch.Ten
     h = h.detach().requires_grad_(True)
     with frozen_batchnorm_stats(upper):
         out = h
-        for stage in upper:
-            out = stage(out)
+        for i, stage in enumerate(upper):
+            out = run_stage(stage, out) if i == 0 else stage(out)  # the first on a copy: it may work on h in place
         (grad,) = torch.autograd.grad(loss_fn(out, labels), h)
     return grad
 
@@ -80,7 +81,7 @@ def parameter_agreement(stage: nn.Module, inp: torch.Tensor, applied: torch.Tens
         return None
     # Its own random stream (dropout): diagnosing a step leaves the run's draws, and so its training, alone.
     with frozen_batchnorm_stats([stage]), torch.enable_grad(), torch.random.fork_rng(devices=[]):
-        out = stage(inp.detach())
+        out = run_stage(stage, inp.detach())
         ga = torch.autograd.grad(out, params, applied.detach().to(out.dtype), retain_graph=True, allow_unused=True)
         gt = torch.autograd.grad(out, params, true_grad.detach().to(out.dtype), allow_unused=True)
     pairs = [(a, t) for a, t in zip(ga, gt, strict=True) if a is not None and t is not None]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthgrad.boundary import run_stage
 from synthgrad.cutting import uncut
 from synthgrad.defaults import DNI_SYNTH_LR, DefaultForwardInterfaces, DefaultInterfaces
 from synthgrad.diagnostics import check_finite, gradient_agreement, parameter_agreement, true_gradient
@@ -397,7 +398,7 @@ def activation_specs(stages: Sequence[nn.Module], sample: torch.Tensor) -> list[
         for k, s in enumerate(stages):
             was = s.training
             s.eval()
-            h = check_output(s(h), k)
+            h = check_output(run_stage(s, h), k)  # a copy: `sample` is the caller's
             s.train(was)
             specs.append((tuple(h.shape[1:]), h.dtype))
     return specs

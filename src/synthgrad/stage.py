@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthgrad.boundary import run_stage
 from synthgrad.diagnostics import check_finite, frozen_batchnorm_stats
 from synthgrad.errors import ConfigError
 from synthgrad.interfaces import BackwardInterface, ForwardInterface, OptimizerFactory, set_lr_factor
@@ -63,13 +64,13 @@ def stage_step(stage: nn.Module, optimizer: torch.optim.Optimizer, inp: torch.Te
     """
     if not update:
         with torch.no_grad():
-            out = check_output(stage(inp), index)
+            out = check_output(run_stage(stage, inp), index)
             loss = loss_fn(out, labels) if output_grad is None else None
         if on_output is not None:
             on_output(out)
         return StageResult(out, None, loss, updated=False)
     inp = inp.detach().requires_grad_(input_grad)
-    out = check_output(stage(inp), index)
+    out = check_output(run_stage(stage, inp), index)
     if on_output is not None:
         on_output(out.detach())
     loss = None
@@ -308,7 +309,7 @@ class StageRule:
             for later in self.synthetic_inputs.values():  # the forward interface just moved
                 later.prediction = None
         with torch.no_grad():
-            out = self.stage(real)
+            out = run_stage(self.stage, real)
         return out, loss
 
     # -- bookkeeping -----------------------------------------------------------------------------
