@@ -166,3 +166,23 @@ def test_cut_stages_train_with_dni() -> None:
     dni = sg.DNI.build(sg.cut(model, 3, sample=x[:2]), sample=x[:2], conditioned=True, num_classes=10)
     stats = dni.step(x, y)
     assert len(stats["synth_loss"]) == 2
+
+
+def test_a_layer_used_twice_is_never_split_across_stages_by_cut_and_refused_by_every_rule() -> None:
+    shared = nn.Linear(8, 8)  # used twice: tied weights, which decoupled stages would step twice or copy apart
+    layers = [nn.Linear(4, 8), nn.ReLU(), shared, nn.ReLU(), shared, nn.Linear(8, 3)]
+    message = r"stages 1 and 2 share a parameter \('2.weight' in stage 1, '\d.weight' in stage 2\).*untie"
+    with pytest.raises(ConfigError, match=message):
+        sg.cut(nn.Sequential(*layers), 2, balance="count")
+    stages = [nn.Sequential(*layers[:4]), nn.Sequential(*layers[4:])]
+    x = torch.randn(2, 4)
+    for build in (lambda: sg.Backprop(stages), lambda: sg.DNI.build(stages, sample=x),
+                  lambda: sg.DGL.build(stages, sample=x, num_classes=3)):
+        with pytest.raises(ConfigError, match=message):
+            build()
+    for k in (2, 3):  # cut by cost, sg.cut never splits the two uses
+        stages = sg.cut(nn.Sequential(*layers), k, sample=x)
+        assert sum(any(m is shared for m in s.modules()) for s in stages) == 1
+        assert torch.equal(sg.uncut(stages)(x), nn.Sequential(*layers)(x))
+    with pytest.raises(ConfigError, match="cannot cut into 4 stages without splitting a layer that is used twice"):
+        sg.cut(nn.Sequential(*layers), 4, sample=x)

@@ -373,3 +373,22 @@ def test_build_lower_lr_refuses_what_it_cannot_honour(bad: dict) -> None:
     x, _ = _batch()
     with pytest.raises(ConfigError, match="lower_lr"):
         DNI.build(build_stages("mlp", (1, 28, 28), 10), x[:2], **bad)
+
+
+class _SequenceFirst(nn.Module):
+    """A GRU without batch_first: given [T, B, D] (the input transposed inside), it returns [T, B, H]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(4, 8)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gru(h.transpose(0, 1))[0]
+
+
+def test_a_stage_whose_output_is_not_batch_first_is_refused_at_build() -> None:
+    from synthgrad.errors import ConfigError
+
+    stages = [_SequenceFirst(), nn.Sequential(nn.Flatten(), nn.Linear(24, 3))]
+    with pytest.raises(ConfigError, match=r"stage 1 maps a batch of 2 to an output of shape \[3, 2, 8\].*batch_first"):
+        DNI.build(stages, torch.randn(2, 3, 4))

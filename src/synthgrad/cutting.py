@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from synthgrad.errors import ConfigError
+from synthgrad.stage import check_unshared
 
 BALANCES = ("cost", "count")
 
@@ -74,8 +75,8 @@ def _check_count(num_layers: int, num_stages: int) -> None:
                           f"num_stages must be between 1 and {num_layers}")
 
 
-def cut_bounds(costs: Sequence[float], num_stages: int,
-               trainable: Sequence[bool] | None = None) -> tuple[int, ...]:
+def cut_bounds(costs: Sequence[float], num_stages: int, trainable: Sequence[bool] | None = None,
+               joined: Sequence[int] = ()) -> tuple[int, ...]:
     """Where to cut layers of these costs into `num_stages` contiguous stages: (0, first layer of stage 2,
     ..., len(costs)).
 
@@ -83,7 +84,8 @@ def cut_bounds(costs: Sequence[float], num_stages: int,
     costs sorted from the largest, compared in order): among cuts with the same busiest stage, the rest
     are as even as they can be. Remaining ties go to the earliest cut. trainable: which layers hold
     parameters; when given, every stage holds at least one of them (a stage with nothing to train has
-    no use for a synthetic gradient), or ConfigError when there are fewer of them than stages.
+    no use for a synthetic gradient), or ConfigError when there are fewer of them than stages. joined: bounds
+    never cut at (j: between layers j - 1 and j), where one layer is used on both sides (`shared_bounds`).
     """
     _check_count(len(costs), num_stages)
     n = len(costs)
@@ -93,6 +95,7 @@ def cut_bounds(costs: Sequence[float], num_stages: int,
     if sum(can) < num_stages:
         raise ConfigError(f"only {sum(can)} of the {n} layers have parameters, too few for {num_stages} stages "
                           f"(each stage needs something to train): cut into at most {max(sum(can), 1)}")
+    no_cut = set(joined)
     prefix = [0.0, *itertools.accumulate(costs)]
     owns = [0, *itertools.accumulate(int(c) for c in can)]  # owns[j] - owns[i]: trainable layers in [i, j)
 
@@ -107,7 +110,7 @@ def cut_bounds(costs: Sequence[float], num_stages: int,
         found = None
         for j in range(i + 1, n - k + 2):  # stage [i, j), then k - 1 stages over j..
             rest = best(j, k - 1)
-            if rest is None or owns[j] == owns[i]:
+            if rest is None or owns[j] == owns[i] or j in no_cut:
                 continue
             key = tuple(sorted((prefix[j] - prefix[i], *rest[0]), reverse=True))
             if found is None or key < found[0]:  # strict: the earliest cut keeps a tie
@@ -117,7 +120,9 @@ def cut_bounds(costs: Sequence[float], num_stages: int,
     bounds, i = [0], 0
     for k in range(num_stages, 0, -1):
         step = best(i, k)
-        assert step is not None  # at least num_stages trainable layers: some cut exists
+        if step is None:  # enough trainable layers, but the layers used twice leave too few places to cut
+            raise ConfigError(f"cannot cut into {num_stages} stages without splitting a layer that is used twice "
+                              "(tied weights) across stages: cut into fewer stages, or untie the weights")
         i = step[1]
         bounds.append(i)
     return tuple(bounds)
@@ -154,13 +159,26 @@ def uncut(stages: Sequence[nn.Module]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def shared_bounds(layers: Sequence[nn.Module]) -> list[int]:
+    """The bounds that would put one parameter into two stages: j for every cut between layers j - 1 and j
+    that lies between two layers holding the same parameter (a module used twice, tied weights)."""
+    first: dict[int, int] = {}
+    joined: set[int] = set()
+    for j, layer in enumerate(layers):
+        for p in layer.parameters():
+            i = first.setdefault(id(p), j)
+            joined.update(range(i + 1, j + 1))
+    return sorted(joined)
+
+
 def partition(layers: Sequence[nn.Module], num_stages: int,
               sample: torch.Tensor | tuple[int, ...]) -> list[nn.Module]:
     """Group layers into `num_stages` contiguous stages, minimising the most expensive stage's training step."""
     trainable = [any(True for _ in layer.parameters()) for layer in layers]
     if num_stages == len(layers) and all(trainable):
         return list(layers)  # one layer a stage: no costs to measure
-    return group(layers, cut_bounds(step_costs(layers, sample), num_stages, trainable))  # refuses impossible counts
+    bounds = cut_bounds(step_costs(layers, sample), num_stages, trainable, shared_bounds(layers))
+    return group(layers, bounds)  # cut_bounds refuses impossible counts
 
 
 def cut(model: nn.Sequential | Sequence[nn.Module], num_stages: int, sample: torch.Tensor | None = None,
@@ -193,11 +211,14 @@ def cut(model: nn.Sequential | Sequence[nn.Module], num_stages: int, sample: tor
     if balance not in BALANCES:
         raise ConfigError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     if balance == "count":
-        return group(layers, even_bounds(len(layers), num_stages))
-    if sample is None:
+        stages = group(layers, even_bounds(len(layers), num_stages))
+    elif sample is not None:
+        stages = partition(layers, num_stages, sample)
+    else:
         _check_count(len(layers), num_stages)
-        if num_stages == len(layers):
-            return layers
-        raise ConfigError("balance='cost' measures each layer on an input: pass sample=x[:2] (a small batch), "
-                          "or use balance='count'")
-    return partition(layers, num_stages, sample)
+        if num_stages != len(layers):
+            raise ConfigError("balance='cost' measures each layer on an input: pass sample=x[:2] (a small batch), "
+                              "or use balance='count'")
+        stages = layers
+    check_unshared(stages)  # a layer used twice must not end up in two stages
+    return stages

@@ -30,7 +30,7 @@ from synthgrad.interfaces import (
     optimizer_to,
 )
 from synthgrad.labels import check_num_classes, context
-from synthgrad.stage import LossFn, StageRule, check_output, stage_factory, stage_optimizer
+from synthgrad.stage import LossFn, StageRule, check_output, check_unshared, stage_factory, stage_optimizer
 
 METHODS = ("backprop", "dni", "cdni")
 TARGETS = ("bootstrap", "backprop")
@@ -61,6 +61,7 @@ class StepRule:
             raise ConfigError(f"update_prob must lie in [0, 1], got {update_prob}")
         if not stages:
             raise ConfigError("a rule needs at least one stage")
+        check_unshared(stages)
         make = optimizer or adam(lr)
         n = len(stages)
         above = list(interfaces or [None] * (n - 1)) + [None]  # the last stage has the loss above it
@@ -400,5 +401,10 @@ def activation_specs(stages: Sequence[nn.Module], sample: torch.Tensor) -> list[
             s.eval()
             h = check_output(run_stage(s, h), k)  # a copy: `sample` is the caller's
             s.train(was)
+            if h.dim() == 0 or len(h) != len(sample):
+                raise ConfigError(f"stage {k + 1} maps a batch of {len(sample)} to an output of shape {list(h.shape)}: "
+                                  f"a boundary's first dimension must be the batch. A sequence-first layer "
+                                  "(nn.LSTM, nn.GRU, nn.TransformerEncoderLayer without batch_first=True) gives "
+                                  "[T, B, ...]: pass batch_first=True or transpose inside the stage")
             specs.append((tuple(h.shape[1:]), h.dtype))
     return specs

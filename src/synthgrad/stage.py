@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +100,21 @@ def check_output(out: object, index: int) -> torch.Tensor:
                           f"activation [B, ...]. Wrap the stage so that it returns the tensor the next stage reads "
                           f"(an nn.LSTM returns (output, (h, c)): keep output); see sg.cut for a list of layers")
     return out
+
+
+def check_unshared(stages: Sequence[nn.Module]) -> None:
+    """ConfigError when two stages hold the same parameter (a layer used in both, tied weights): each stage
+    updates its parameters with its own optimizer, and in a pipeline in its own process, so a shared one would
+    be stepped twice per step from different gradients, or silently become two copies."""
+    owner: dict[int, tuple[int, str]] = {}
+    for k, stage in enumerate(stages):
+        for name, p in stage.named_parameters():
+            first, first_name = owner.setdefault(id(p), (k, name))
+            if first != k:
+                raise ConfigError(f"stages {first + 1} and {k + 1} share a parameter ({first_name!r} in stage "
+                                  f"{first + 1}, {name!r} in stage {k + 1}): a layer used in two stages, or tied "
+                                  "weights. Decoupled stages update their own parameters; keep the shared layer "
+                                  "within one stage (cut elsewhere) or untie the weights")
 
 
 def stage_factory(optimizer: OptimizerFactory, lower_optimizer: OptimizerFactory | None, index: int,
