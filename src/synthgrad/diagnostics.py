@@ -50,8 +50,8 @@ def true_gradient(upper: Sequence[nn.Module], h: torch.Tensor, labels: torch.Ten
     h = h.detach().requires_grad_(True)
     with frozen_batchnorm_stats(upper):
         out = h
-        for i, stage in enumerate(upper):
-            out = run_stage(stage, out) if i == 0 else stage(out)  # the first on a copy: it may work on h in place
+        for stage in upper:
+            out = run_stage(stage, out)  # on a copy: a stage may work on its input in place
         (grad,) = torch.autograd.grad(loss_fn(out, labels), h)
     return grad
 

@@ -141,16 +141,19 @@ def build_layers(name: str, input_shape: tuple[int, ...], num_classes: int,
                  width: int | None = None) -> list[nn.Module]:
     """Build a model's layers (the finest cut). Initialise under torch.manual_seed for reproducibility."""
     spec = get_spec(name)
-    images = ConfigError(f"model {name} needs image inputs [C, H, W], got shape {tuple(input_shape)}; for feature "
-                         "vectors [D] choose mlp, fcn-N or resmlp")
     if len(input_shape) != 3 and "cnn" in name:
-        raise images
+        raise _needs_images(name, input_shape)
     try:
         return spec.build(tuple(input_shape), num_classes, width or spec.defaults["width"])
     except (IndexError, ValueError):  # a builder that unpacks an image's [C, H, W] from another shape
         if len(input_shape) != 3:
-            raise images from None
+            raise _needs_images(name, input_shape) from None
         raise
+
+
+def _needs_images(name: str, input_shape: tuple[int, ...]) -> ConfigError:
+    return ConfigError(f"model {name} needs image inputs [C, H, W], got shape {tuple(input_shape)}; for feature "
+                       "vectors [D] choose mlp, fcn-N or resmlp")
 
 
 def check_input(name: str, input_shape: tuple[int, ...], num_classes: int, width: int | None = None) -> int:

@@ -106,7 +106,7 @@ def _broadcast_training_set(spec: PipelineSpec, rank: int, meta: dict, job: Job,
     n = meta["num_train"]
     tx = torch.empty(n, *meta["input_shape"], dtype=meta["input_dtype"], device=device)
     width = meta["label_width"]  # soft labels [n, K], or class indices [n]
-    ty = (torch.empty(n, width, device=device) if width else torch.empty(n, dtype=torch.int64, device=device))
+    ty = torch.empty(n, width, device=device) if width else torch.empty(n, dtype=torch.int64, device=device)
     if rank == 0:
         assert job.feed is not None and job.feed.tensors is not None
         tx.copy_(job.feed.tensors[0])

@@ -34,8 +34,9 @@ class StageWorker:
         self.draining = False  # inside drain_targets (DDG sends gradients down from there: no re-entry)
         self.in_shape, self.out_shape, self.batch = in_shape, out_shape, batch
         self.stats = StatsLayout(world - 1, world - 1 if self.complete else 0)
-        self.fwd_in_layout = ForwardLayout(batch, in_shape, self.stats, label_width)  # label_width: K, or 0
-        self.fwd_out_layout = ForwardLayout(batch, out_shape, self.stats, label_width)  # for class indices
+        # label_width: K for soft labels [B, K], 0 for class indices [B]
+        self.fwd_in_layout = ForwardLayout(batch, in_shape, self.stats, label_width)
+        self.fwd_out_layout = ForwardLayout(batch, out_shape, self.stats, label_width)
         self.bwd_in_layout = BackwardLayout(batch, out_shape)  # gradients at this stage's output
         self.bwd_out_layout = BackwardLayout(batch, in_shape)  # gradients at its input, sent below
         self.fwd_in: Inbox | None = None
